@@ -1,0 +1,1 @@
+"""Benchmarks and reports (``python -m resfuse_kernels.bench``)."""

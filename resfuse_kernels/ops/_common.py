@@ -1,0 +1,138 @@
+"""Checks and conventions shared by the fused ops.
+
+Conventions every backend follows:
+
+* Activations (the 4-D inputs) share one floating dtype; the output has it
+  too. Under autocast, mixed activation dtypes are promoted to their common
+  type first (what the reference's elementwise ops would do).
+* Arithmetic and statistics are in float32 (float64 for float64 inputs),
+  whatever the storage dtype: :func:`stat_dtype`.
+* The output is channels_last when the first activation is (and is not also
+  plain contiguous), contiguous otherwise: :func:`memory_format`. The fake
+  (meta) implementations allocate with the same rule, so compiled graphs
+  see the strides eager gives.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    """The memory format of an op's output for first activation ``t``."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_output(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised output shaped like ``t`` in :func:`memory_format` order."""
+    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device,
+                       memory_format=memory_format(t))
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and statistics dtype for activations of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_activation(name: str, t: object, like: Optional[Tensor] = None,
+                     same_hw: bool = False) -> None:
+    """A 4-D floating tensor; with ``like``: same device, dtype and shape.
+
+    ``same_hw`` relaxes the shape check to batch and spatial sizes only
+    (for tensors whose channel count may differ, such as the carry input).
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if like is None:
+        return
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the op's first input is on {like.device}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the op's first input has {like.dtype}; "
+                        "cast them to one dtype (autocast promotes them for you)")
+    if same_hw:
+        if (t.shape[0], *t.shape[2:]) != (like.shape[0], *like.shape[2:]):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; its batch and spatial sizes "
+                             f"must match the op's first input {tuple(like.shape)}")
+    elif t.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but must match the op's first "
+                         f"input {tuple(like.shape)}")
+
+
+def check_channel_param(name: str, t: object, channels: int, device: torch.device) -> None:
+    """A 1-D floating tensor of ``channels`` values on ``device``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
+
+
+def check_batch_norm(prefix: str, first: Tensor, channels: int, weight: Tensor, bias: Tensor,
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     training: bool, eps: float) -> None:
+    """The parameters of one BatchNorm, checked against activation ``first``."""
+    for suffix, t in (("weight", weight), ("bias", bias)):
+        check_channel_param(f"{suffix}_{prefix}", t, channels, first.device)
+    if training:
+        values = first.numel() // channels if channels else 0
+        if values == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"of size {tuple(first.shape)} for BatchNorm {prefix!r}")
+    else:
+        for suffix, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise ValueError(f"{suffix}_{prefix} is required in eval mode (training=False)")
+            check_channel_param(f"{suffix}_{prefix}", t, channels, first.device)
+    if not eps > 0:
+        raise ValueError(f"eps_{prefix} must be positive, got {eps}")
+
+
+def promote_under_autocast(tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    """Cast floating activations to their common dtype when autocast is on.
+
+    Outside autocast the tensors are returned as they are, and a dtype
+    mismatch is left for the checks to report.
+    """
+    present = [t for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+    if not present or not torch.is_autocast_enabled(present[0].device.type):
+        return list(tensors)
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in tensors]
+
+
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         mean: Tensor, var: Tensor, count: int,
+                         momentum: float | Tensor) -> None:
+    """Fold one batch's statistics into the running ones, as nn.BatchNorm2d does.
+
+    ``running = (1 - momentum) * running + momentum * batch`` with the
+    unbiased variance ``var * count / (count - 1)``; ``var`` is the biased
+    batch variance the ops return. An empty batch leaves them unchanged.
+    """
+    if running_mean is None or running_var is None or count == 0:
+        return
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(running_mean.dtype)
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        unbiased = var * (count / (count - 1))
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)

@@ -1,0 +1,156 @@
+"""The ``torch`` backend: each fused op written as a composite of PyTorch ops.
+
+This is the formula of the op docstrings made executable, forward and the
+hand-derived backward, computed in float32 (float64 for float64 inputs).
+It runs wherever PyTorch does and is what every faster backend must match.
+It is not fast: it makes one pass over memory per PyTorch op.
+
+Function signatures are the backend interface (see
+:mod:`resfuse_kernels.backends`); argument checking is done before a backend
+is called.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import memory_format, stat_dtype
+
+_DIMS = (0, 2, 3)  # the reduction dimensions of a per-channel statistic
+
+
+def _c(t: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast against (N, C, H, W)."""
+    return t.view(1, -1, 1, 1)
+
+
+def _stats(z: Tensor, training: bool, running_mean: Optional[Tensor],
+           running_var: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of the batch in training, copies of the running ones in eval."""
+    if not training:
+        assert running_mean is not None and running_var is not None
+        return running_mean.to(z.dtype, copy=True), running_var.to(z.dtype, copy=True)
+    if z.numel() == 0:
+        zeros = z.new_zeros(z.shape[1])
+        return zeros, zeros.clone()
+    var, mean = torch.var_mean(z, dim=_DIMS, correction=0)
+    return mean, var
+
+
+def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(z_hat, rstd): z standardised per channel, and 1/sqrt(var + eps)."""
+    rstd = torch.rsqrt(var + eps)
+    return (z - _c(mean)) * _c(rstd), rstd
+
+
+def _bn_backward(g: Tensor, z_hat: Tensor, weight: Tensor, rstd: Tensor,
+                 training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of BN's input, weight and bias given g = dL/dBN(z).
+
+    training: dz = weight * rstd * (g - mean(g) - z_hat * mean(g * z_hat));
+    eval:     dz = weight * rstd * g.
+    """
+    dbias = g.sum(_DIMS)
+    dweight = (g * z_hat).sum(_DIMS)
+    scale = _c(weight * rstd)
+    if not training:
+        return g * scale, dweight, dbias
+    count = max(g.numel() // max(g.shape[1], 1), 1)
+    dz = (g - _c(dbias / count) - z_hat * _c(dweight / count)) * scale
+    return dz, dweight, dbias
+
+
+def _out(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(like.dtype).contiguous(memory_format=memory_format(like))
+
+
+# --------------------------------------------------------------------------
+# highway gate
+
+def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+                         weight_t, bias_t, running_mean_t, running_var_t,
+                         training: bool, eps_h: float, eps_t: float):
+    ct = stat_dtype(a.dtype)
+    a, b, x = a.to(ct), b.to(ct), x.to(ct)
+    mean_h, var_h = _stats(a, training, running_mean_h, running_var_h)
+    mean_t, var_t = _stats(b, training, running_mean_t, running_var_t)
+    a_hat, _ = _normalise(a, mean_h, var_h, eps_h)
+    b_hat, _ = _normalise(b, mean_t, var_t, eps_t)
+    gate_h = torch.relu(a_hat * _c(weight_h.to(ct)) + _c(bias_h.to(ct)))
+    gate_t = torch.sigmoid(b_hat * _c(weight_t.to(ct)) + _c(bias_t.to(ct)))
+    y = gate_h * gate_t + x * (1 - gate_t)
+    return _out(y, a), mean_h, var_h, mean_t, var_t
+
+
+def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
+                          weight_t, bias_t, mean_t, var_t,
+                          training: bool, eps_h: float, eps_t: float):
+    ct = stat_dtype(a.dtype)
+    g, a_, b_, x_ = grad_y.to(ct), a.to(ct), b.to(ct), x.to(ct)
+    a_hat, rstd_h = _normalise(a_, mean_h, var_h, eps_h)
+    b_hat, rstd_t = _normalise(b_, mean_t, var_t, eps_t)
+    gate_h = torch.relu(a_hat * _c(weight_h.to(ct)) + _c(bias_h.to(ct)))
+    gate_t = torch.sigmoid(b_hat * _c(weight_t.to(ct)) + _c(bias_t.to(ct)))
+    dx = g * (1 - gate_t)
+    g_h = g * gate_t * (gate_h > 0)
+    g_t = g * (gate_h - x_) * gate_t * (1 - gate_t)
+    da, dweight_h, dbias_h = _bn_backward(g_h, a_hat, weight_h.to(ct), rstd_h, training)
+    db, dweight_t, dbias_t = _bn_backward(g_t, b_hat, weight_t.to(ct), rstd_t, training)
+    return (_out(da, a), _out(db, b), _out(dx, x),
+            dweight_h.to(weight_h.dtype), dbias_h.to(bias_h.dtype),
+            dweight_t.to(weight_t.dtype), dbias_t.to(bias_t.dtype))
+
+
+# --------------------------------------------------------------------------
+# ResFuse tail
+
+def _carry(x: Tensor, w: Tensor) -> Tensor:
+    """The 1x1 carry convolution W x, for w of shape (K, C) or (K, C, 1, 1)."""
+    return F.conv2d(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
+
+
+def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
+                         x, w, weight_k, bias_k, running_mean_k, running_var_k,
+                         training: bool, eps_d: float, eps_k: float):
+    ct = stat_dtype(u.dtype)
+    u, h = u.to(ct), h.to(ct)
+    mean_d, var_d = _stats(u, training, running_mean_d, running_var_d)
+    u_hat, _ = _normalise(u, mean_d, var_d, eps_d)
+    z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h
+    if x is None:
+        mean_k, var_k = u.new_empty(0), u.new_empty(0)
+    else:
+        v = _carry(x.to(ct), w.to(ct))
+        mean_k, var_k = _stats(v, training, running_mean_k, running_var_k)
+        v_hat, _ = _normalise(v, mean_k, var_k, eps_k)
+        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
+    return _out(torch.relu(z), u), mean_d, var_d, mean_k, var_k
+
+
+def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
+                          x, w, weight_k, bias_k, mean_k, var_k,
+                          training: bool, eps_d: float, eps_k: float):
+    ct = stat_dtype(u.dtype)
+    g, u_ = grad_y.to(ct), u.to(ct)
+    u_hat, rstd_d = _normalise(u_, mean_d, var_d, eps_d)
+    z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
+    if x is not None:
+        x_, w_ = x.to(ct), w.to(ct)
+        v_hat, rstd_k = _normalise(_carry(x_, w_), mean_k, var_k, eps_k)
+        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
+    g = g * (z > 0)
+    du, dweight_d, dbias_d = _bn_backward(g, u_hat, weight_d.to(ct), rstd_d, training)
+    grads = [_out(du, u), _out(g, h), dweight_d.to(weight_d.dtype), dbias_d.to(bias_d.dtype)]
+    if x is None:  # no carry: its four gradients are empty tensors
+        none = u.new_empty(0)
+        return (*grads, none, none.clone(), none.clone(), none.clone())
+    dv, dweight_k, dbias_k = _bn_backward(g, v_hat, weight_k.to(ct), rstd_k, training)
+    w2 = w_.reshape(w.shape[0], w.shape[1])
+    dx = torch.einsum("kc,nkhw->nchw", w2, dv)
+    dw = torch.einsum("nkhw,nchw->kc", dv, x_)
+    return (*grads, _out(dx, x), dw.reshape(w.shape).to(w.dtype),
+            dweight_k.to(weight_k.dtype), dbias_k.to(bias_k.dtype))

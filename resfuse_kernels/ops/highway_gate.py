@@ -1,0 +1,166 @@
+r"""The highway gate: ``torch.ops.resfuse.highway_gate``.
+
+Forward (paper eq. 3), per channel ``c``, with ``a`` and ``b`` the raw
+outputs of the block's two 3x3 convolutions and ``x`` the block input::
+
+    a_hat = (a - mean_a) * rstd_a          rstd = 1 / sqrt(var + eps)
+    b_hat = (b - mean_b) * rstd_b
+    H = relu(weight_h * a_hat + bias_h)
+    T = sigmoid(weight_t * b_hat + bias_t)
+    y = H * T + x * (1 - T)
+
+In training the mean and (biased) variance are the batch's, over N, H, W;
+in eval they are the running statistics. ``bias_t`` is the gate bias.
+
+Backward. With ``g = dL/dy`` and sums over N, H, W (``M`` values per
+channel)::
+
+    dx      = g * (1 - T)
+    g_h     = g * T * [H > 0]                 dL/d(pre-relu)
+    g_t     = g * (H - x) * T * (1 - T)       dL/d(pre-sigmoid)
+    dbias_h = sum(g_h),  dweight_h = sum(g_h * a_hat)     (same for _t, b_hat)
+    da      = weight_h * rstd_a * (g_h - dbias_h / M - a_hat * dweight_h / M)
+    db      = weight_t * rstd_b * (g_t - dbias_t / M - b_hat * dweight_t / M)
+
+The two ``/ M`` terms are the gradient through the batch statistics; in eval
+they vanish and ``da = weight_h * rstd_a * g_h``. Nothing but the inputs and
+the four per-channel statistics is saved: ``H``, ``T``, ``a_hat`` and
+``b_hat`` are recomputed in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._common import (check_activation, check_batch_norm, empty_output, memory_format,
+                      promote_under_autocast, stat_dtype, update_running_stats)
+
+__all__ = ["highway_gate"]
+
+_Stats = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+_Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+           weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t) -> None:
+    check_activation("a", a)
+    check_activation("b", b, like=a)
+    check_activation("x", x, like=a)
+    channels = a.shape[1]
+    check_batch_norm("h", a, channels, weight_h, bias_h, running_mean_h, running_var_h,
+                     training, eps_h)
+    check_batch_norm("t", a, channels, weight_t, bias_t, running_mean_t, running_var_t,
+                     training, eps_t)
+
+
+@torch.library.custom_op("resfuse::highway_gate", mutates_args=())
+def highway_gate_op(a: Tensor, b: Tensor, x: Tensor,
+                    weight_h: Tensor, bias_h: Tensor,
+                    running_mean_h: Optional[Tensor], running_var_h: Optional[Tensor],
+                    weight_t: Tensor, bias_t: Tensor,
+                    running_mean_t: Optional[Tensor], running_var_t: Optional[Tensor],
+                    training: bool, eps_h: float, eps_t: float) -> _Stats:
+    """Returns ``(y, mean_h, var_h, mean_t, var_t)``: the output and the
+    statistics used (the batch's biased ones in training, the running ones in
+    eval). Running statistics are read, never written: see
+    :func:`highway_gate` for the update."""
+    args = (a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+            weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
+    _check(*args)
+    return backends.kernels(a.device).highway_gate_forward(*args)
+
+
+@highway_gate_op.register_fake
+def _(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+      weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t) -> _Stats:
+    _check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+           weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
+    stats = [a.new_empty(a.shape[1], dtype=stat_dtype(a.dtype)) for _ in range(4)]
+    return (empty_output(a), *stats)
+
+
+@torch.library.custom_op("resfuse::highway_gate_backward", mutates_args=())
+def highway_gate_backward_op(grad_y: Tensor, a: Tensor, b: Tensor, x: Tensor,
+                             weight_h: Tensor, bias_h: Tensor, mean_h: Tensor, var_h: Tensor,
+                             weight_t: Tensor, bias_t: Tensor, mean_t: Tensor, var_t: Tensor,
+                             training: bool, eps_h: float, eps_t: float) -> _Grads:
+    """Returns ``(da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t)``."""
+    return backends.kernels(a.device).highway_gate_backward(
+        grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
+        training, eps_h, eps_t)
+
+
+@highway_gate_backward_op.register_fake
+def _(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
+      training, eps_h, eps_t) -> _Grads:
+    return (empty_output(a), empty_output(b), empty_output(x),
+            torch.empty_like(weight_h), torch.empty_like(bias_h),
+            torch.empty_like(weight_t), torch.empty_like(bias_t))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (a, b, x, weight_h, bias_h, _, _, weight_t, bias_t, _, _, training, eps_h, eps_t) = inputs
+    _, mean_h, var_h, mean_t, var_t = output
+    ctx.mark_non_differentiable(mean_h, var_h, mean_t, var_t)
+    ctx.save_for_backward(a, b, x, weight_h, bias_h, mean_h, var_h,
+                          weight_t, bias_t, mean_t, var_t)
+    ctx.training, ctx.eps_h, ctx.eps_t = training, eps_h, eps_t
+
+
+def _backward(ctx, grad_y, *_stat_grads):
+    a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t = ctx.saved_tensors
+    # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
+    grad_y = grad_y.contiguous(memory_format=memory_format(a))
+    da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t = highway_gate_backward_op(
+        grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
+        ctx.training, ctx.eps_h, ctx.eps_t)
+    return (da, db, dx, dweight_h, dbias_h, None, None, dweight_t, dbias_t, None, None,
+            None, None, None)
+
+
+highway_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def highway_gate(a: Tensor, b: Tensor, x: Tensor,
+                 weight_h: Tensor, bias_h: Tensor,
+                 running_mean_h: Optional[Tensor], running_var_h: Optional[Tensor],
+                 weight_t: Tensor, bias_t: Tensor,
+                 running_mean_t: Optional[Tensor], running_var_t: Optional[Tensor],
+                 *, training: bool = False,
+                 momentum_h: float | Tensor = 0.1, momentum_t: float | Tensor = 0.1,
+                 eps_h: float = 1e-5, eps_t: float = 1e-5) -> Tensor:
+    r"""Fused ``relu(BN_h(a)) * T + x * (1 - T)`` with ``T = sigmoid(BN_t(b))``.
+
+    Args:
+        a, b: raw outputs of the H and T convolutions, (N, C, H, W).
+        x: the block input, same shape, device and dtype.
+        weight_h, bias_h, running_mean_h, running_var_h: BN_h's affine
+            parameters and running statistics, each of shape (C,).
+        weight_t, bias_t, running_mean_t, running_var_t: likewise for BN_t;
+            ``bias_t`` is the gate bias.
+        training: batch statistics (True) or running statistics (False),
+            as ``F.batch_norm``.
+        momentum_h, momentum_t: weight of the batch statistics in the running
+            update (``F.batch_norm``'s momentum; a 0-dim tensor works too).
+            The running statistics are updated in place when ``training``.
+        eps_h, eps_t: added to the variances.
+
+    Returns:
+        y, shaped like ``a``; channels_last if ``a`` is.
+
+    Gradients flow to ``a``, ``b``, ``x`` and the four affine parameters.
+    The math, forward and backward, is in this module's docstring.
+    """
+    a, b, x = promote_under_autocast([a, b, x])
+    y, mean_h, var_h, mean_t, var_t = highway_gate_op(
+        a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+        weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
+    if training:
+        count = a.numel() // a.shape[1]
+        update_running_stats(running_mean_h, running_var_h, mean_h, var_h, count, momentum_h)
+        update_running_stats(running_mean_t, running_var_t, mean_t, var_t, count, momentum_t)
+    return y
