@@ -17,21 +17,30 @@ import resfuse_kernels as rk
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# (rtol, atol) of a fused result against the float64 oracle, per storage
-# dtype, for O(1) data. The low-precision rows follow STYLE.md's rule: a
-# fused op may err about twice as much as PyTorch's own ops at that dtype
-# (tests/test_ops.py measures that error too and checks the ratio).
+# Largest error allowed against the float64 oracle, relative to the largest
+# magnitude of the expected tensor (at least 1), per storage dtype. Normwise,
+# not elementwise: a gradient is a sum of cancelling terms, so a tiny element
+# carries the absolute error of its large neighbours. bf16/fp16 are also held
+# to STYLE.md's rule (at most ~2x PyTorch's own error at that precision) in
+# tests/test_ops.py.
 TOLERANCES = {
-    torch.float64: (1e-9, 1e-9),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (5e-2, 5e-2),
-    torch.float16: (1e-2, 1e-2),
+    torch.float64: 1e-9,
+    torch.float32: 2e-5,
+    torch.bfloat16: 3e-2,
+    torch.float16: 4e-3,
 }
 
 
-def tol(dtype: torch.dtype) -> dict:
-    rtol, atol = TOLERANCES[dtype]
-    return {"rtol": rtol, "atol": atol}
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                 what: str = "tensor") -> None:
+    """``actual`` matches ``expected`` (any dtype, compared in float64) within
+    TOLERANCES[dtype] of expected's scale; shapes must match."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    expected = expected.detach().double()
+    err = (actual.detach().double() - expected).abs().max().item() if expected.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
+    assert err <= TOLERANCES[dtype] * scale, (
+        f"{what}: max error {err:.3g} exceeds {TOLERANCES[dtype]:.1g} x scale {scale:.3g}")
 
 
 def _backends_under_test() -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -37,8 +38,8 @@ def batch_norm_args(bn: nn.BatchNorm2d) -> dict:
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / bn.num_batches_tracked
+        if bn.momentum is None:  # in float64, as nn.BatchNorm2d's Python float
+            momentum = 1.0 / bn.num_batches_tracked.to(torch.float64)
     uses_running = not bn.training or bn.track_running_stats
     return dict(weight=bn.weight, bias=bn.bias,
                 running_mean=bn.running_mean if uses_running else None,

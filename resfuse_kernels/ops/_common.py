@@ -94,11 +94,11 @@ def check_batch_norm(prefix: str, first: Tensor, channels: int, weight: Tensor, 
         if values == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
                              f"of size {tuple(first.shape)} for BatchNorm {prefix!r}")
-    else:
-        for suffix, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t is None:
-                raise ValueError(f"{suffix}_{prefix} is required in eval mode (training=False)")
+    for suffix, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
             check_channel_param(f"{suffix}_{prefix}", t, channels, first.device)
+        elif not training:
+            raise ValueError(f"{suffix}_{prefix} is required in eval mode (training=False)")
     if not eps > 0:
         raise ValueError(f"eps_{prefix} must be positive, got {eps}")
 

@@ -75,14 +75,14 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
                          weight_t, bias_t, running_mean_t, running_var_t,
                          training: bool, eps_h: float, eps_t: float):
     ct = stat_dtype(a.dtype)
-    a, b, x = a.to(ct), b.to(ct), x.to(ct)
-    mean_h, var_h = _stats(a, training, running_mean_h, running_var_h)
-    mean_t, var_t = _stats(b, training, running_mean_t, running_var_t)
-    a_hat, _ = _normalise(a, mean_h, var_h, eps_h)
-    b_hat, _ = _normalise(b, mean_t, var_t, eps_t)
+    a_, b_, x_ = a.to(ct), b.to(ct), x.to(ct)
+    mean_h, var_h = _stats(a_, training, running_mean_h, running_var_h)
+    mean_t, var_t = _stats(b_, training, running_mean_t, running_var_t)
+    a_hat, _ = _normalise(a_, mean_h, var_h, eps_h)
+    b_hat, _ = _normalise(b_, mean_t, var_t, eps_t)
     gate_h = torch.relu(a_hat * _c(weight_h.to(ct)) + _c(bias_h.to(ct)))
     gate_t = torch.sigmoid(b_hat * _c(weight_t.to(ct)) + _c(bias_t.to(ct)))
-    y = gate_h * gate_t + x * (1 - gate_t)
+    y = gate_h * gate_t + x_ * (1 - gate_t)
     return _out(y, a), mean_h, var_h, mean_t, var_t
 
 
@@ -117,12 +117,12 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
                          x, w, weight_k, bias_k, running_mean_k, running_var_k,
                          training: bool, eps_d: float, eps_k: float):
     ct = stat_dtype(u.dtype)
-    u, h = u.to(ct), h.to(ct)
-    mean_d, var_d = _stats(u, training, running_mean_d, running_var_d)
-    u_hat, _ = _normalise(u, mean_d, var_d, eps_d)
-    z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h
+    u_ = u.to(ct)
+    mean_d, var_d = _stats(u_, training, running_mean_d, running_var_d)
+    u_hat, _ = _normalise(u_, mean_d, var_d, eps_d)
+    z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
     if x is None:
-        mean_k, var_k = u.new_empty(0), u.new_empty(0)
+        mean_k, var_k = u_.new_empty(0), u_.new_empty(0)
     else:
         v = _carry(x.to(ct), w.to(ct))
         mean_k, var_k = _stats(v, training, running_mean_k, running_var_k)

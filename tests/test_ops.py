@@ -1,0 +1,225 @@
+"""The fused ops against the float64 oracle (resfuse_kernels.reference).
+
+Every test takes the ``backend`` fixture, so it runs once per backend usable
+on the test device. Each compares forward output, every gradient and the
+running statistics with the reference formula on fresh random data.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resfuse_kernels as rk
+from _cases import HighwayCase, TailCase
+from conftest import DEVICE, assert_close
+
+# Odd sizes: 3, 33 and 100 channels; 1x1, 5x5, 7x7 and 33x33 images; batch 1.
+SHAPES = [(2, 3, 5, 5), (1, 33, 7, 7), (3, 100, 1, 1), (2, 4, 33, 33)]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+def _loss_grad(y: torch.Tensor) -> torch.Tensor:
+    return torch.randn(y.shape, device=y.device, dtype=torch.float32)
+
+
+def _run_both(case):
+    """(y, grads, y_ref, ref_grads, ref_bns); the oracle is built first,
+    from the running statistics as they were before the fused call."""
+    y_ref, ref_inputs, ref_bns = case.reference()
+    y = case.run()
+    gy = _loss_grad(y)
+    grads = torch.autograd.grad(y, case.inputs(), gy.to(y.dtype))
+    ref_grads = torch.autograd.grad(y_ref, ref_inputs, gy.to(torch.float64))
+    return y, grads, y_ref, ref_grads, ref_bns
+
+
+def _check_against_oracle(case, dtype, first):
+    y, grads, y_ref, ref_grads, ref_bns = _run_both(case)
+    assert y.dtype == dtype and y.shape == first.shape
+    if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, dtype, "y")
+    for index, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, r, dtype, f"gradient of input {index}")
+    for bn, ref in zip(case.bns(), ref_bns):
+        assert_close(bn.running_mean, ref.running_mean, torch.float32, "running_mean")
+        assert_close(bn.running_var, ref.running_var, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_highway_gate_matches_oracle(backend, shape, layout, training):
+    case = HighwayCase.random(shape, torch.float32, layout, training)
+    _check_against_oracle(case, torch.float32, case.a)
+
+
+@pytest.mark.parametrize("carry", [None, "same", "wider"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_resfuse_tail_matches_oracle(backend, shape, layout, training, carry):
+    channels = {None: None, "same": shape[1], "wider": shape[1] + 5}[carry]
+    case = TailCase.random(shape, torch.float32, layout, training, carry_channels=channels)
+    _check_against_oracle(case, torch.float32, case.u)
+
+
+def test_resfuse_tail_carry_stats_at_large_means(backend):
+    """BN_k's statistics stay accurate when x has a mean far from zero: the
+    error stays within 2x that of PyTorch's fp32 reference (a naive
+    E[v^2] - E[v]^2 in fp32 would lose every digit here)."""
+    case = TailCase.random((4, 16, 6, 6), torch.float32, "nchw", True, carry_channels=24,
+                           x_mean=300.0)
+    _check_error_within_twice_pytorchs(case, torch.float32)
+
+
+def test_eval_with_one_value_per_channel(backend):
+    """Batch 1, 1x1 images: legal in eval (running statistics)."""
+    _check_against_oracle(HighwayCase.random((1, 3, 1, 1), training=False), torch.float32,
+                          torch.empty(1, 3, 1, 1))
+    case = TailCase.random((1, 3, 1, 1), training=False, carry_channels=3)
+    _check_against_oracle(case, torch.float32, case.u)
+
+
+def _max_err(t, ref):
+    return (t.double() - ref).abs().max().item()
+
+
+def _check_error_within_twice_pytorchs(case, dtype):
+    """STYLE.md's rule: the fused op may err at most ~2x what the reference
+    formula run by PyTorch at the same precision errs, output and every
+    gradient, both measured against the float64 oracle."""
+    y_ref, ref_inputs, _ = case.reference()
+    low, low_inputs, _ = case.reference(dtype)
+    y = case.run()
+    assert y.dtype == dtype
+    gy = torch.randn(y.shape, device=y.device)
+    grads = torch.autograd.grad(y, case.inputs(), gy.to(dtype))
+    ref_grads = torch.autograd.grad(y_ref, ref_inputs, gy.double())
+    low_grads = torch.autograd.grad(low, low_inputs, gy.to(dtype))
+    eps = torch.finfo(dtype).eps
+    for name, t, r, lo in [("y", y, y_ref, low), *zip(range(len(grads)), grads, ref_grads,
+                                                      low_grads)]:
+        scale = r.abs().max().item()
+        bound = 2 * max(_max_err(lo, r), eps * scale)
+        assert _max_err(t, r) <= bound, f"{name}: fused error {_max_err(t, r):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("op", ["highway", "tail"])
+def test_low_precision_error_at_most_twice_pytorchs(backend, op, dtype, layout):
+    shape = (2, 33, 7, 7)
+    if op == "highway":
+        case = HighwayCase.random(shape, dtype, layout, True)
+    else:
+        case = TailCase.random(shape, dtype, layout, True, carry_channels=40)
+    _check_error_within_twice_pytorchs(case, dtype)
+
+
+# --------------------------------------------------------------------------
+# gradcheck, opcheck, autocast
+
+def _gradcheck_highway(case):
+    h, t = case.bn_h, case.bn_t
+
+    def fn(a, b, x, weight_h, bias_h, weight_t, bias_t):
+        return rk.ops.highway_gate(a, b, x, weight_h, bias_h, h.running_mean, h.running_var,
+                                   weight_t, bias_t, t.running_mean, t.running_var,
+                                   training=case.training, momentum_h=0.0, momentum_t=0.0)
+    return fn
+
+
+def _gradcheck_tail(case):
+    d, k = case.bn_d, case.bn_k
+
+    def fn(u, h, weight_d, bias_d, *carry):
+        extra = () if not carry else (carry[0], carry[1], carry[2], carry[3],
+                                      k.running_mean, k.running_var)
+        return rk.ops.resfuse_tail(u, h, weight_d, bias_d, d.running_mean, d.running_var,
+                                   *extra, training=case.training, momentum_d=0.0,
+                                   momentum_k=0.0)
+    return fn
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_highway_gate(backend, training, layout):
+    case = HighwayCase.random((2, 3, 3, 3), torch.float64, layout, training)
+    assert torch.autograd.gradcheck(_gradcheck_highway(case), case.inputs())
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["no-carry", "carry"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_resfuse_tail(backend, training, carry):
+    case = TailCase.random((2, 3, 3, 3), torch.float64, "nchw", training,
+                           carry_channels=4 if carry else None)
+    assert torch.autograd.gradcheck(_gradcheck_tail(case), case.inputs())
+
+
+def _highway_op_args(case):
+    h, t = case.bn_h, case.bn_t
+    return (case.a, case.b, case.x, *h.args(), *t.args(), case.training, h.eps, t.eps)
+
+
+def _tail_op_args(case):
+    d, k = case.bn_d, case.bn_k
+    carry = (None,) * 6 if k is None else (case.x, case.w, *k.args())
+    return (case.u, case.h, *d.args(), *carry, case.training, d.eps, 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_highway_gate(backend, training, layout):
+    case = HighwayCase.random((2, 5, 3, 3), torch.float32, layout, training)
+    args = _highway_op_args(case)
+    torch.library.opcheck(torch.ops.resfuse.highway_gate.default, args)
+    y, *stats = torch.ops.resfuse.highway_gate(*args)
+    grad_args = (torch.randn_like(y), case.a, case.b, case.x, case.bn_h.weight, case.bn_h.bias,
+                 stats[0], stats[1], case.bn_t.weight, case.bn_t.bias, stats[2], stats[3],
+                 training, 1e-5, 1e-5)
+    torch.library.opcheck(torch.ops.resfuse.highway_gate_backward.default,
+                          [t.detach() if isinstance(t, torch.Tensor) else t for t in grad_args])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("carry", [False, True], ids=["no-carry", "carry"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_resfuse_tail(backend, training, carry, layout):
+    case = TailCase.random((2, 5, 3, 3), torch.float32, layout, training,
+                           carry_channels=6 if carry else None)
+    args = _tail_op_args(case)
+    torch.library.opcheck(torch.ops.resfuse.resfuse_tail.default, args)
+    y, mean_d, var_d, mean_k, var_k = torch.ops.resfuse.resfuse_tail(*args)
+    d, k = case.bn_d, case.bn_k
+    grad_args = (torch.randn_like(y), case.u, case.h, d.weight, d.bias, mean_d, var_d,
+                 case.x, case.w, None if k is None else k.weight, None if k is None else k.bias,
+                 mean_k, var_k, training, 1e-5, 1e-5)
+    torch.library.opcheck(torch.ops.resfuse.resfuse_tail_backward.default,
+                          [t.detach() if isinstance(t, torch.Tensor) else t for t in grad_args])
+
+
+def test_zero_stride_output_gradient(backend):
+    """y.sum() gives backward an expanded (stride 0) gradient."""
+    case = TailCase.random((2, 6, 4, 4), torch.float32, "channels_last", True, carry_channels=6)
+    y_ref, ref_inputs, _ = case.reference()
+    grads = torch.autograd.grad(case.run().sum(), case.inputs())
+    ref_grads = torch.autograd.grad(y_ref.sum(), ref_inputs)
+    for index, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, r, torch.float32, f"gradient of input {index}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU autocast (the GPU run covers cuda)")
+def test_autocast_promotes_mixed_activations(backend):
+    """Under autocast, bf16 conv outputs meet an fp32 identity: the op
+    promotes, as the reference's add does, instead of failing."""
+    case = TailCase.random((2, 8, 5, 5), torch.float32, "nchw", True)
+    u_low = case.u.detach().bfloat16().requires_grad_()
+    y_ref, ref_inputs, _ = case.reference()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rk.ops.resfuse_tail(u_low, case.h, *case.bn_d.args(), training=True)
+    assert y.dtype == torch.float32
+    assert_close(y, y_ref, torch.bfloat16, "y")
+    with pytest.raises(TypeError, match="autocast"):
+        rk.ops.resfuse_tail(u_low, case.h, *case.bn_d.args(), training=True)
