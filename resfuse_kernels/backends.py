@@ -121,7 +121,10 @@ def kernels(device: torch.device) -> ModuleType:
 
 @contextlib.contextmanager
 def use(name: str | None) -> Iterator[None]:
-    """Force backend ``name`` inside the ``with`` block (None: choose by device).
+    """Force backend ``name`` inside the ``with`` block.
+
+    ``None`` lifts an outer :func:`use`: ``RESFUSE_BACKEND``, if set, or the
+    device's default applies again.
 
     Raises :class:`BackendUnavailable` at once if the backend cannot load.
     """
