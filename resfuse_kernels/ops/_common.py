@@ -119,6 +119,15 @@ def promote_under_autocast(tensors: Sequence[Optional[Tensor]]) -> list[Optional
             for t in tensors]
 
 
+def no_autocast(t: Tensor):
+    """A context in which autocast is off for ``t``'s device.
+
+    Backends run inside it: their internal products (the carry's 1x1
+    convolution) must stay in the precision the op chose, not autocast's.
+    """
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          mean: Tensor, var: Tensor, count: int,
                          momentum: float | Tensor) -> None:

@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (check_activation, check_batch_norm, empty_output, memory_format,
-                      promote_under_autocast, stat_dtype, update_running_stats)
+                      no_autocast, promote_under_autocast, stat_dtype,
+                      update_running_stats)
 
 __all__ = ["highway_gate"]
 
@@ -71,7 +72,8 @@ def highway_gate_op(a: Tensor, b: Tensor, x: Tensor,
     args = (a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
             weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
     _check(*args)
-    return backends.kernels(a.device).highway_gate_forward(*args)
+    with no_autocast(a):
+        return backends.kernels(a.device).highway_gate_forward(*args)
 
 
 @highway_gate_op.register_fake
@@ -89,9 +91,10 @@ def highway_gate_backward_op(grad_y: Tensor, a: Tensor, b: Tensor, x: Tensor,
                              weight_t: Tensor, bias_t: Tensor, mean_t: Tensor, var_t: Tensor,
                              training: bool, eps_h: float, eps_t: float) -> _Grads:
     """Returns ``(da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t)``."""
-    return backends.kernels(a.device).highway_gate_backward(
-        grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
-        training, eps_h, eps_t)
+    with no_autocast(a):
+        return backends.kernels(a.device).highway_gate_backward(
+            grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
+            training, eps_h, eps_t)
 
 
 @highway_gate_backward_op.register_fake

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (check_activation, check_batch_norm, empty_output, memory_format,
-                      promote_under_autocast, stat_dtype, update_running_stats)
+                      no_autocast, promote_under_autocast, stat_dtype,
+                      update_running_stats)
 
 __all__ = ["resfuse_tail"]
 
@@ -91,7 +92,8 @@ def resfuse_tail_op(u: Tensor, h: Tensor,
     args = (u, h, weight_d, bias_d, running_mean_d, running_var_d,
             x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
     _check(*args)
-    return backends.kernels(u.device).resfuse_tail_forward(*args)
+    with no_autocast(u):
+        return backends.kernels(u.device).resfuse_tail_forward(*args)
 
 
 @resfuse_tail_op.register_fake
@@ -115,9 +117,10 @@ def resfuse_tail_backward_op(grad_y: Tensor, u: Tensor, h: Tensor,
                              training: bool, eps_d: float, eps_k: float) -> _Grads:
     """Returns ``(du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k)``;
     the last four are empty without the carry."""
-    return backends.kernels(u.device).resfuse_tail_backward(
-        grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k, var_k,
-        training, eps_d, eps_k)
+    with no_autocast(u):
+        return backends.kernels(u.device).resfuse_tail_backward(
+            grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
+            var_k, training, eps_d, eps_k)
 
 
 @resfuse_tail_backward_op.register_fake
