@@ -1,8 +1,10 @@
 """Builds resfuse_kernels and, where it can, its compiled backends from csrc/.
 
-* C++ sources (csrc/*.cpp) become the ``cpu`` extension whenever a compiler
-  is there; CUDA sources (csrc/*.cu) are added when torch has CUDA and nvcc
-  is found. A failed or impossible build warns and installs the pure-Python
+* C++ sources (csrc/cpu/*.cpp) become the ``cpu`` backend's library
+  ``resfuse_kernels._C_cpu`` whenever a compiler is there (built for AVX2,
+  as ATen's own vectorised kernels; the loader checks the CPU); CUDA sources
+  (csrc/cuda/*) become ``resfuse_kernels._C_cuda`` when torch has CUDA and
+  nvcc is found. A failed or impossible build warns and installs the pure-Python
   package: the ``torch`` (and ``triton``) backends still work.
 * ``RESFUSE_SKIP_EXT=1`` skips the extension altogether.
 
@@ -16,12 +18,14 @@ import warnings
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# ATen's Vectorized<T> compiles to AVX2 with these, as ATen's own AVX2 kernels.
+CPU_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
 def _extensions():
     if os.environ.get("RESFUSE_SKIP_EXT") == "1":
         return [], {}
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cpp = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpp:
         return [], {}
     try:
@@ -41,11 +45,11 @@ def _extensions():
             except Exception as exc:  # noqa: BLE001 - any toolchain failure
                 warnings.warn(f"building {ext.name} failed ({exc}); it will be unavailable")
 
-    exts = [CppExtension("resfuse_kernels._ext_cpu", cpp, extra_compile_args=["-O3"])]
+    exts = [CppExtension("resfuse_kernels._C_cpu", cpp, extra_compile_args=CPU_FLAGS)]
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if cu and torch.version.cuda and CUDA_HOME:
         from torch.utils.cpp_extension import CUDAExtension
-        exts.append(CUDAExtension("resfuse_kernels._ext_cuda",
+        exts.append(CUDAExtension("resfuse_kernels._C_cuda",
                                   sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + cu,
                                   extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
     return exts, {"build_ext": TolerantBuild}

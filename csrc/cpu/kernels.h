@@ -1,0 +1,268 @@
+// Building blocks of the fused CPU kernels: the tensor geometry, vector
+// loads/stores with conversion, per-channel reductions and elementwise
+// passes, both over NCHW and channels_last memory.
+//
+// Arithmetic is in acc_t = at::opmath_type<scalar_t> (float for
+// bf16/fp16/fp32, double for fp64) on at::vec::Vectorized<acc_t>; per-channel
+// sums are carried in double across runs, so statistics are accurate even
+// for large activations (and are taken around a per-channel shift).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+#include <vector>
+
+namespace resfuse_cpu {
+
+using at::Tensor;
+
+// The element order of a dense 4-D activation: NCHW is [N][C][S] and
+// channels_last is [N][S][C], with S = H * W. A "run" is a maximal
+// contiguous stretch: one channel of one image (NCHW, S long) or one pixel
+// across all channels (channels_last, C long).
+struct Geometry {
+  int64_t N, C, S;
+  bool channels_last;
+
+  static Geometry of(const Tensor& t) {
+    bool cl = !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+    return {t.size(0), t.size(1), t.size(2) * t.size(3), cl};
+  }
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+  int64_t runs() const { return channels_last ? N * S : N * C; }
+  int64_t run_length() const { return channels_last ? C : S; }
+  int64_t count() const { return N * S; }  // values per channel
+};
+
+// `t` dense in the geometry's memory format (a copy only if it is not).
+inline Tensor dense(const Tensor& t, const Geometry& g) {
+  return t.contiguous(g.format());
+}
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+template <typename scalar_t>
+using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
+
+// Load `count` (<= Vec::size()) elements, converting to acc_t; missing
+// lanes are zero.
+template <typename scalar_t>
+inline Vec<scalar_t> load(const scalar_t* p, int64_t count) {
+  using A = acc_t<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    return Vec<scalar_t>::loadu(p, count);
+  } else {
+    alignas(64) A tmp[Vec<scalar_t>::size()] = {};
+    for (int64_t i = 0; i < count; ++i) tmp[i] = static_cast<A>(p[i]);
+    return Vec<scalar_t>::loadu(tmp);
+  }
+}
+
+template <typename scalar_t>
+inline void store(scalar_t* p, const Vec<scalar_t>& v, int64_t count) {
+  using A = acc_t<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    v.store(p, count);
+  } else {
+    alignas(64) A tmp[Vec<scalar_t>::size()];
+    v.store(tmp);
+    for (int64_t i = 0; i < count; ++i) p[i] = static_cast<scalar_t>(tmp[i]);
+  }
+}
+
+// Per-channel parameters (acc_t arrays of length C) for the lanes starting
+// at run position `pos`: a broadcast in NCHW, a load in channels_last.
+template <typename A>
+inline at::vec::Vectorized<A> channel_param(const A* p, const Geometry& g, int64_t c,
+                                            int64_t pos, int64_t count) {
+  using V = at::vec::Vectorized<A>;
+  return g.channels_last ? V::loadu(p + pos, count) : V(p[c]);
+}
+
+template <typename V>
+inline V sigmoid(const V& z) {
+  const V one(1);
+  return one / (one + z.neg().exp_u20());
+}
+
+template <typename V>
+inline double horizontal_sum(const V& v) {
+  alignas(64) typename V::value_type tmp[V::size()];
+  v.store(tmp);
+  double s = 0;
+  for (int64_t i = 0; i < V::size(); ++i) s += tmp[i];
+  return s;
+}
+
+// Elementwise pass: f(offset, pos, c, count) for every group of up to
+// Vec::size() consecutive elements; `offset` indexes the dense buffers,
+// `pos` is the position within the run and `c` the run's channel (NCHW).
+template <typename scalar_t, typename F>
+void for_each_vector(const Geometry& g, const F& f) {
+  const int64_t len = g.run_length(), width = Vec<scalar_t>::size();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
+  at::parallel_for(0, g.runs(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = g.channels_last ? 0 : r % g.C;
+      for (int64_t pos = 0; pos < len; pos += width)
+        f(r * len + pos, pos, c, std::min(width, len - pos));
+    }
+  });
+}
+
+// Per-channel sums of K quantities over N and S. f(offset, pos, c, count,
+// out) writes the K contributions of a group of lanes into out[0..K);
+// lanes at and beyond `count` must be zero (use Vec::set). Returns K
+// vectors of C doubles.
+template <int K, typename scalar_t, typename F>
+std::array<std::vector<double>, K> channel_sums(const Geometry& g, const F& f) {
+  using V = Vec<scalar_t>;
+  using A = acc_t<scalar_t>;
+  const int64_t width = V::size();
+  std::array<std::vector<double>, K> total;
+  for (auto& t : total) t.assign(g.C, 0.0);
+  if (g.count() == 0 || g.C == 0) return total;
+
+  // The runs are split into one contiguous chunk per thread, read in memory
+  // order (the hardware prefetchers lose a stream at every 4 KiB page, so
+  // hopping between the runs of one channel would be latency bound). Each
+  // chunk keeps double sums per channel, merged at the end.
+  const int64_t runs = g.runs(), chunks = std::min<int64_t>(at::get_num_threads(), runs);
+  std::vector<std::array<std::vector<double>, K>> partial(chunks);
+  for (auto& mine : partial)
+    for (auto& m : mine) m.assign(g.C, 0.0);
+
+  if (!g.channels_last) {
+    // NCHW: a run is one channel of one image; its vector partials are
+    // flushed to double at its end.
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        auto& mine = partial[chunk];
+        const int64_t r0 = runs * chunk / chunks, r1 = runs * (chunk + 1) / chunks;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t c = r % g.C;
+          V part[K];
+          for (auto& p : part) p = V(0);
+          for (int64_t pos = 0; pos < g.S; pos += width) {
+            V out[K];
+            f(r * g.S + pos, pos, c, std::min(width, g.S - pos), out);
+            for (int k = 0; k < K; ++k) part[k] = part[k] + out[k];
+          }
+          for (int k = 0; k < K; ++k) mine[k][c] += horizontal_sum(part[k]);
+        }
+      }
+    });
+  } else {
+    // channels_last: a run is one pixel across the channels; acc_t partials
+    // per channel are flushed to double every `flush` runs.
+    const int64_t flush = 32;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> run_sum(static_cast<size_t>(K * g.C));
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        auto& mine = partial[chunk];
+        std::fill(run_sum.begin(), run_sum.end(), A(0));
+        const int64_t r0 = runs * chunk / chunks, r1 = runs * (chunk + 1) / chunks;
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t pos = 0; pos < g.C; pos += width) {
+            const int64_t count = std::min(width, g.C - pos);
+            V out[K];
+            f(r * g.C + pos, pos, 0, count, out);
+            for (int k = 0; k < K; ++k) {
+              A* s = run_sum.data() + k * g.C + pos;
+              (V::loadu(s, count) + out[k]).store(s, count);
+            }
+          }
+          if ((r - r0 + 1) % flush == 0 || r + 1 == r1) {
+            for (int k = 0; k < K; ++k)
+              for (int64_t c = 0; c < g.C; ++c) {
+                mine[k][c] += run_sum[k * g.C + c];
+                run_sum[k * g.C + c] = A(0);
+              }
+          }
+        }
+      }
+    });
+  }
+  for (const auto& mine : partial)
+    for (int k = 0; k < K; ++k)
+      for (int64_t c = 0; c < g.C; ++c) total[k][c] += mine[k][c];
+  return total;
+}
+
+// The first value of every channel: the shift that keeps sums of squares
+// well conditioned when the mean is large compared with the spread.
+template <typename scalar_t>
+std::vector<acc_t<scalar_t>> channel_shift(const scalar_t* p, const Geometry& g) {
+  std::vector<acc_t<scalar_t>> shift(g.C, 0);
+  if (g.count() == 0) return shift;
+  for (int64_t c = 0; c < g.C; ++c)
+    shift[c] = static_cast<acc_t<scalar_t>>(g.channels_last ? p[c] : p[c * g.S]);
+  return shift;
+}
+
+// Batch mean and biased variance of one activation, per channel, in the
+// statistics dtype (float64 for float64 input, else float32).
+template <typename scalar_t>
+std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  const scalar_t* p = t.const_data_ptr<scalar_t>();
+  const auto shift = channel_shift<scalar_t>(p, g);
+  auto sums = channel_sums<2, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c,
+                                                 int64_t count, V* out) {
+    V d = load(p + off, count) - channel_param(shift.data(), g, c, pos, count);
+    d = V::set(V(0), d, count);
+    out[0] = d;
+    out[1] = d * d;
+  });
+  auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
+  Tensor mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
+  A* m = mean.mutable_data_ptr<A>();
+  A* v = var.mutable_data_ptr<A>();
+  const double n = static_cast<double>(g.count());
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double d = n > 0 ? sums[0][c] / n : 0.0;
+    m[c] = static_cast<A>(shift[c] + d);
+    v[c] = static_cast<A>(n > 0 ? std::max(sums[1][c] / n - d * d, 0.0) : 0.0);
+  }
+  return {mean, var};
+}
+
+// Per-channel acc_t vector from a (C,) tensor of any floating dtype.
+template <typename A>
+std::vector<A> channel_vector(const Tensor& t) {
+  Tensor c = t.detach().to(at::kDouble).contiguous();
+  const double* p = c.const_data_ptr<double>();
+  return std::vector<A>(p, p + c.numel());
+}
+
+// BatchNorm as scale * z + shift, with rstd = 1 / sqrt(var + eps).
+template <typename A>
+struct Affine {
+  std::vector<A> scale, shift, mean, rstd;
+
+  Affine(const Tensor& weight, const Tensor& bias, const Tensor& mean_t, const Tensor& var_t,
+         double eps) {
+    auto w = channel_vector<double>(weight), b = channel_vector<double>(bias);
+    auto m = channel_vector<double>(mean_t), v = channel_vector<double>(var_t);
+    const size_t C = w.size();
+    scale.resize(C), shift.resize(C), mean.resize(C), rstd.resize(C);
+    for (size_t c = 0; c < C; ++c) {
+      const double r = 1.0 / std::sqrt(v[c] + eps);
+      rstd[c] = static_cast<A>(r);
+      mean[c] = static_cast<A>(m[c]);
+      scale[c] = static_cast<A>(w[c] * r);
+      shift[c] = static_cast<A>(b[c] - m[c] * w[c] * r);
+    }
+  }
+};
+
+}  // namespace resfuse_cpu

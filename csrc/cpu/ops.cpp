@@ -1,0 +1,344 @@
+// The `cpu` backend: fused CPU kernels of resfuse::highway_gate and
+// resfuse::resfuse_tail, forward and backward, registered as the internal
+// ops resfuse_cpu::* (the Python layer in resfuse_kernels/_ext_cpu.py
+// puts them behind the public ops' schema, autograd and checks).
+//
+// Passes over memory (M = N*H*W values per channel):
+//   highway forward, training: stats(a, b) | y = H*T + x*(1-T)        2 passes
+//   highway backward:          sums(g_h, g_h*a_hat, g_t, g_t*b_hat) | da, db, dx
+//   tail forward, training:    stats(u [, v]) | y = relu(...)         2 passes
+//   tail backward:             sums(g, g*u_hat [, g*v_hat]) | du, dh [, dv]
+// In eval the statistics pass disappears. The carry's 1x1 product v = W x
+// (and dx = W^T dv, dW = dv x^T) goes through ATen's matmul in fp32, which
+// the fused passes then read; the math is in the Python ops' docstrings.
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace resfuse_cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+// Training statistics or copies of the running ones, in the stats dtype.
+template <typename scalar_t>
+std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, bool training,
+                                           const std::optional<Tensor>& running_mean,
+                                           const std::optional<Tensor>& running_var) {
+  if (training) return batch_stats<scalar_t>(t, g);
+  auto dtype = c10::CppTypeToScalarType<acc_t<scalar_t>>::value;
+  return {running_mean->to(dtype, false, /*copy=*/true), running_var->to(dtype, false, true)};
+}
+
+// Coefficients of a BN input gradient dz = k1 * g + k2 * (z - m) + k3 (per
+// channel) from sum_g = sum(g) and sum_gz = sum(g * z_hat):
+//   training: dz = w r (g - sum_g / M - z_hat sum_gz / M), z_hat = (z - m) r
+//   eval:     dz = w r g
+// (z - m) is formed first: folding m into k3 would cancel catastrophically
+// when the mean is large against the spread.
+template <typename A>
+struct InputGrad {
+  std::vector<A> k1, k2, k3;
+  InputGrad(const Tensor& weight, const Affine<A>& bn, const std::vector<double>& sum_g,
+            const std::vector<double>& sum_gz, double count, bool training) {
+    auto w = channel_vector<double>(weight);
+    const size_t C = w.size();
+    k1.resize(C), k2.assign(C, 0), k3.assign(C, 0);
+    for (size_t c = 0; c < C; ++c) {
+      const double r = bn.rstd[c], wr = w[c] * r;
+      k1[c] = static_cast<A>(wr);
+      if (training && count > 0) {
+        k2[c] = static_cast<A>(-wr * r * sum_gz[c] / count);
+        k3[c] = static_cast<A>(-wr * sum_g[c] / count);
+      }
+    }
+  }
+  // dz for a group of lanes, given g and the centred input z - m.
+  at::vec::Vectorized<A> apply(const Geometry& geo, int64_t c, int64_t pos, int64_t n,
+                               const at::vec::Vectorized<A>& g,
+                               const at::vec::Vectorized<A>& centred) const {
+    return at::vec::fmadd(channel_param(k1.data(), geo, c, pos, n), g,
+                          at::vec::fmadd(channel_param(k2.data(), geo, c, pos, n), centred,
+                                         channel_param(k3.data(), geo, c, pos, n)));
+  }
+};
+
+Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type());
+}
+
+// ---------------------------------------------------------------- highway
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
+    const Tensor& a_in, const Tensor& b_in, const Tensor& x_in, const Tensor& weight_h,
+    const Tensor& bias_h, const std::optional<Tensor>& running_mean_h,
+    const std::optional<Tensor>& running_var_h, const Tensor& weight_t, const Tensor& bias_t,
+    const std::optional<Tensor>& running_mean_t, const std::optional<Tensor>& running_var_t,
+    bool training, double eps_h, double eps_t) {
+  const Geometry g = Geometry::of(a_in);
+  Tensor a = dense(a_in, g), b = dense(b_in, g), x = dense(x_in, g);
+  Tensor y = at::empty_like(a, a.options().memory_format(g.format()));
+  Tensor mean_h, var_h, mean_t, var_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "highway_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<scalar_t>;
+    std::tie(mean_h, var_h) = stats_or_running<scalar_t>(a, g, training, running_mean_h, running_var_h);
+    std::tie(mean_t, var_t) = stats_or_running<scalar_t>(b, g, training, running_mean_t, running_var_t);
+    const Affine<A> bn_h(weight_h, bias_h, mean_h, var_h, eps_h);
+    const Affine<A> bn_t(weight_t, bias_t, mean_t, var_t, eps_t);
+    const scalar_t *pa = a.const_data_ptr<scalar_t>(), *pb = b.const_data_ptr<scalar_t>(),
+                   *px = x.const_data_ptr<scalar_t>();
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
+      const V h = at::vec::maximum(
+          at::vec::fmadd(load(pa + off, n), channel_param(bn_h.scale.data(), g, c, pos, n),
+                   channel_param(bn_h.shift.data(), g, c, pos, n)), V(0));
+      const V t = sigmoid(at::vec::fmadd(load(pb + off, n), channel_param(bn_t.scale.data(), g, c, pos, n),
+                                   channel_param(bn_t.shift.data(), g, c, pos, n)));
+      const V xv = load(px + off, n);
+      store(py + off, at::vec::fmadd(t, h - xv, xv), n);  // H T + x (1 - T)
+    });
+  });
+  return {y, mean_h, var_h, mean_t, var_t};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_backward(
+    const Tensor& grad_in, const Tensor& a_in, const Tensor& b_in, const Tensor& x_in,
+    const Tensor& weight_h, const Tensor& bias_h, const Tensor& mean_h, const Tensor& var_h,
+    const Tensor& weight_t, const Tensor& bias_t, const Tensor& mean_t, const Tensor& var_t,
+    bool training, double eps_h, double eps_t) {
+  const Geometry g = Geometry::of(a_in);
+  Tensor a = dense(a_in, g), b = dense(b_in, g), x = dense(x_in, g), gy = dense(grad_in, g);
+  Tensor da = at::empty_like(a), db = at::empty_like(a), dx = at::empty_like(a);
+  Tensor dweight_h, dbias_h, dweight_t, dbias_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "highway_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<scalar_t>;
+    const Affine<A> bn_h(weight_h, bias_h, mean_h, var_h, eps_h);
+    const Affine<A> bn_t(weight_t, bias_t, mean_t, var_t, eps_t);
+    const scalar_t *pa = a.const_data_ptr<scalar_t>(), *pb = b.const_data_ptr<scalar_t>(),
+                   *px = x.const_data_ptr<scalar_t>(), *pg = gy.const_data_ptr<scalar_t>();
+    // Recomputes H, T and the gradients g_h, g_t at the pre-activations.
+    auto gates = [&](int64_t off, int64_t pos, int64_t c, int64_t n, V& av, V& bv, V& gh, V& gt,
+                     V& dxv) {
+      av = load(pa + off, n);
+      bv = load(pb + off, n);
+      const V pre_h = at::vec::fmadd(av, channel_param(bn_h.scale.data(), g, c, pos, n),
+                               channel_param(bn_h.shift.data(), g, c, pos, n));
+      const V h = at::vec::maximum(pre_h, V(0));
+      const V t = sigmoid(at::vec::fmadd(bv, channel_param(bn_t.scale.data(), g, c, pos, n),
+                                   channel_param(bn_t.shift.data(), g, c, pos, n)));
+      const V gv = load(pg + off, n), xv = load(px + off, n);
+      const V gt_ = gv * t;
+      gh = V::blendv(V(0), gt_, pre_h > V(0));
+      gt = gt_ * (h - xv) * (V(1) - t);
+      dxv = gv - gt_;
+    };
+    auto sums = channel_sums<4, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
+      V av, bv, gh, gt, dxv;
+      gates(off, pos, c, n, av, bv, gh, gt, dxv);
+      const V ah = (av - channel_param(bn_h.mean.data(), g, c, pos, n)) * channel_param(bn_h.rstd.data(), g, c, pos, n);
+      const V bh = (bv - channel_param(bn_t.mean.data(), g, c, pos, n)) * channel_param(bn_t.rstd.data(), g, c, pos, n);
+      out[0] = V::set(V(0), gh, n);
+      out[1] = V::set(V(0), gh * ah, n);
+      out[2] = V::set(V(0), gt, n);
+      out[3] = V::set(V(0), gt * bh, n);
+    });
+    const double M = static_cast<double>(g.count());
+    const InputGrad<A> in_h(weight_h, bn_h, sums[0], sums[1], M, training);
+    const InputGrad<A> in_t(weight_t, bn_t, sums[2], sums[3], M, training);
+    scalar_t *pda = da.mutable_data_ptr<scalar_t>(), *pdb = db.mutable_data_ptr<scalar_t>(),
+             *pdx = dx.mutable_data_ptr<scalar_t>();
+    for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
+      V av, bv, gh, gt, dxv;
+      gates(off, pos, c, n, av, bv, gh, gt, dxv);
+      store(pda + off, in_h.apply(g, c, pos, n, gh, av - channel_param(bn_h.mean.data(), g, c, pos, n)), n);
+      store(pdb + off, in_t.apply(g, c, pos, n, gt, bv - channel_param(bn_t.mean.data(), g, c, pos, n)), n);
+      store(pdx + off, dxv, n);
+    });
+    dbias_h = channel_tensor(sums[0], bias_h);
+    dweight_h = channel_tensor(sums[1], weight_h);
+    dbias_t = channel_tensor(sums[2], bias_t);
+    dweight_t = channel_tensor(sums[3], weight_t);
+  });
+  return {da.contiguous(Geometry::of(a_in).format()), db.contiguous(Geometry::of(b_in).format()),
+          dx.contiguous(Geometry::of(x_in).format()), dweight_h, dbias_h, dweight_t, dbias_t};
+}
+
+// ---------------------------------------------------------------- ResFuse tail
+
+// v = W x for the 1x1 carry, in the stats dtype and x's geometry.
+Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx, at::ScalarType acc) {
+  const int64_t K = w.size(0), C = w.size(1);
+  Tensor w2 = w.reshape({K, C}).to(acc);
+  Tensor xa = x.to(acc);
+  if (gx.channels_last) {  // [N*S, C] @ [C, K] is [N*S, K]: channels_last order
+    Tensor v = at::matmul(xa.permute({0, 2, 3, 1}).reshape({gx.N * gx.S, C}), w2.t());
+    return v.view({gx.N, x.size(2), x.size(3), K}).permute({0, 3, 1, 2});
+  }
+  return at::matmul(w2, xa.reshape({gx.N, C, gx.S})).view({gx.N, K, x.size(2), x.size(3)});
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
+    const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d, const Tensor& bias_d,
+    const std::optional<Tensor>& running_mean_d, const std::optional<Tensor>& running_var_d,
+    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
+    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
+    const std::optional<Tensor>& running_mean_k, const std::optional<Tensor>& running_var_k,
+    bool training, double eps_d, double eps_k) {
+  const Geometry g = Geometry::of(u_in);
+  const bool carry = x_in.has_value();
+  Tensor u = dense(u_in, g), h = dense(h_in, g);
+  Tensor y = at::empty_like(u, u.options().memory_format(g.format()));
+  Tensor mean_d, var_d, mean_k, var_k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    Tensor v;
+    if (carry) {
+      v = dense(carry_product(dense(*x_in, g), *w, g, acc), g);
+      std::tie(mean_k, var_k) = stats_or_running<A>(v, g, training, running_mean_k, running_var_k);
+    } else {
+      mean_k = at::empty({0}, u.options().dtype(acc));
+      var_k = at::empty({0}, u.options().dtype(acc));
+    }
+    std::tie(mean_d, var_d) = stats_or_running<scalar_t>(u, g, training, running_mean_d, running_var_d);
+    const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
+    const Affine<A> bn_k = carry ? Affine<A>(*weight_k, *bias_k, mean_k, var_k, eps_k) : bn_d;
+    const scalar_t *pu = u.const_data_ptr<scalar_t>(), *ph = h.const_data_ptr<scalar_t>();
+    const A* pv = carry ? v.const_data_ptr<A>() : nullptr;
+    scalar_t* py = y.mutable_data_ptr<scalar_t>();
+    for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
+      V z = at::vec::fmadd(load(pu + off, n), channel_param(bn_d.scale.data(), g, c, pos, n),
+                     channel_param(bn_d.shift.data(), g, c, pos, n)) + load(ph + off, n);
+      if (pv != nullptr)
+        z = z + at::vec::fmadd(load(pv + off, n), channel_param(bn_k.scale.data(), g, c, pos, n),
+                         channel_param(bn_k.shift.data(), g, c, pos, n));
+      store(py + off, at::vec::maximum(z, V(0)), n);
+    });
+  });
+  return {y, mean_d, var_d, mean_k, var_k};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_backward(
+    const Tensor& grad_in, const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d,
+    const Tensor& bias_d, const Tensor& mean_d, const Tensor& var_d,
+    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
+    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
+    const Tensor& mean_k, const Tensor& var_k, bool training, double eps_d, double eps_k) {
+  const Geometry g = Geometry::of(u_in);
+  const bool carry = x_in.has_value();
+  Tensor u = dense(u_in, g), h = dense(h_in, g), gy = dense(grad_in, g);
+  Tensor du = at::empty_like(u), dh = at::empty_like(u);
+  Tensor dweight_d, dbias_d, dx, dw, dweight_k, dbias_k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    using V = Vec<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    Tensor x, v, dv;
+    if (carry) {
+      x = dense(*x_in, g);
+      v = dense(carry_product(x, *w, g, acc), g);
+      dv = at::empty_like(v);
+    }
+    const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
+    const Affine<A> bn_k = carry ? Affine<A>(*weight_k, *bias_k, mean_k, var_k, eps_k) : bn_d;
+    const scalar_t *pu = u.const_data_ptr<scalar_t>(), *ph = h.const_data_ptr<scalar_t>(),
+                   *pg = gy.const_data_ptr<scalar_t>();
+    const A* pv = carry ? v.const_data_ptr<A>() : nullptr;
+    // g = dy [z > 0], recomputing z.
+    auto masked = [&](int64_t off, int64_t pos, int64_t c, int64_t n, V& uv, V& vv) {
+      uv = load(pu + off, n);
+      V z = at::vec::fmadd(uv, channel_param(bn_d.scale.data(), g, c, pos, n),
+                     channel_param(bn_d.shift.data(), g, c, pos, n)) + load(ph + off, n);
+      if (pv != nullptr) {
+        vv = load(pv + off, n);
+        z = z + at::vec::fmadd(vv, channel_param(bn_k.scale.data(), g, c, pos, n),
+                         channel_param(bn_k.shift.data(), g, c, pos, n));
+      }
+      return V::blendv(V(0), load(pg + off, n), z > V(0));
+    };
+    auto sums = channel_sums<3, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
+      V uv, vv(0);
+      const V gm = V::set(V(0), masked(off, pos, c, n, uv, vv), n);
+      out[0] = gm;
+      out[1] = gm * (uv - channel_param(bn_d.mean.data(), g, c, pos, n)) *
+               channel_param(bn_d.rstd.data(), g, c, pos, n);
+      out[2] = pv == nullptr ? V(0)
+                             : gm * (vv - channel_param(bn_k.mean.data(), g, c, pos, n)) *
+                                   channel_param(bn_k.rstd.data(), g, c, pos, n);
+    });
+    const double M = static_cast<double>(g.count());
+    const InputGrad<A> in_d(weight_d, bn_d, sums[0], sums[1], M, training);
+    const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sums[2], M, training);
+    scalar_t *pdu = du.mutable_data_ptr<scalar_t>(), *pdh = dh.mutable_data_ptr<scalar_t>();
+    A* pdv = carry ? dv.mutable_data_ptr<A>() : nullptr;
+    for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
+      V uv, vv(0);
+      const V gm = masked(off, pos, c, n, uv, vv);
+      store(pdu + off, in_d.apply(g, c, pos, n, gm, uv - channel_param(bn_d.mean.data(), g, c, pos, n)), n);
+      store(pdh + off, gm, n);
+      if (pdv != nullptr)
+        store(pdv + off, in_k.apply(g, c, pos, n, gm, vv - channel_param(bn_k.mean.data(), g, c, pos, n)), n);
+    });
+    dbias_d = channel_tensor(sums[0], bias_d);
+    dweight_d = channel_tensor(sums[1], weight_d);
+    if (carry) {
+      const int64_t K = w->size(0), C = w->size(1);
+      Tensor w2 = w->reshape({K, C}).to(acc);
+      Tensor xa = x.to(acc);
+      if (g.channels_last) {
+        Tensor dv2 = dv.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
+        Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, C});
+        dx = at::matmul(dv2, w2).view({g.N, x.size(2), x.size(3), C}).permute({0, 3, 1, 2});
+        dw = at::matmul(dv2.t(), x2);
+      } else {
+        Tensor dv3 = dv.reshape({g.N, K, g.S}), x3 = xa.reshape({g.N, C, g.S});
+        dx = at::matmul(w2.t(), dv3).view({g.N, C, x.size(2), x.size(3)});
+        dw = at::matmul(dv3, x3.transpose(1, 2)).sum(0);
+      }
+      dx = dx.to(x_in->scalar_type()).contiguous(Geometry::of(*x_in).format());
+      dw = dw.reshape(w->sizes()).to(w->scalar_type());
+      dbias_k = channel_tensor(sums[0], *bias_k);
+      dweight_k = channel_tensor(sums[2], *weight_k);
+    } else {
+      dx = at::empty({0}, u.options());
+      dw = at::empty({0}, u.options());
+      dweight_k = at::empty({0}, u.options());
+      dbias_k = at::empty({0}, u.options());
+    }
+  });
+  return {du.contiguous(Geometry::of(u_in).format()), dh.contiguous(Geometry::of(h_in).format()),
+          dweight_d, dbias_d, dx, dw, dweight_k, dbias_k};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(resfuse_cpu, m) {
+  m.def("highway_gate_forward(Tensor a, Tensor b, Tensor x, Tensor weight_h, Tensor bias_h, "
+        "Tensor? running_mean_h, Tensor? running_var_h, Tensor weight_t, Tensor bias_t, "
+        "Tensor? running_mean_t, Tensor? running_var_t, bool training, float eps_h, "
+        "float eps_t) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("highway_gate_backward(Tensor grad_y, Tensor a, Tensor b, Tensor x, Tensor weight_h, "
+        "Tensor bias_h, Tensor mean_h, Tensor var_h, Tensor weight_t, Tensor bias_t, "
+        "Tensor mean_t, Tensor var_t, bool training, float eps_h, float eps_t) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("resfuse_tail_forward(Tensor u, Tensor h, Tensor weight_d, Tensor bias_d, "
+        "Tensor? running_mean_d, Tensor? running_var_d, Tensor? x, Tensor? w, Tensor? weight_k, "
+        "Tensor? bias_k, Tensor? running_mean_k, Tensor? running_var_k, bool training, "
+        "float eps_d, float eps_k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("resfuse_tail_backward(Tensor grad_y, Tensor u, Tensor h, Tensor weight_d, "
+        "Tensor bias_d, Tensor mean_d, Tensor var_d, Tensor? x, Tensor? w, Tensor? weight_k, "
+        "Tensor? bias_k, Tensor mean_k, Tensor var_k, bool training, float eps_d, float eps_k) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(resfuse_cpu, CPU, m) {
+  m.impl("highway_gate_forward", &highway_gate_forward);
+  m.impl("highway_gate_backward", &highway_gate_backward);
+  m.impl("resfuse_tail_forward", &resfuse_tail_forward);
+  m.impl("resfuse_tail_backward", &resfuse_tail_backward);
+}
+
+}  // namespace resfuse_cpu
