@@ -1,5 +1,6 @@
-# make test   -- set up .venv and run the test suite
+# make test   -- set up .venv, build, run the C++ tests (ctest) and the pytest suite
 # make bench  -- set up .venv and run the main job (the Table 3 report)
+# make ctest  -- build csrc/ with CMake against the venv's libtorch and run ctest
 #
 # The venv sees the system's packages, so a machine that already has torch
 # (a GPU machine with a CUDA build) keeps it; elsewhere the CPU build is
@@ -10,18 +11,23 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: test bench venv clean
+.PHONY: test bench venv ctest clean
 
 venv: $(VENV)/.ready
 
-$(VENV)/.ready: pyproject.toml setup.py
+$(VENV)/.ready: pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
-test: venv
+test: venv ctest
 	$(PY) -m pytest -q tests
+
+ctest: venv
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/cmake -j 2
+	ctest --test-dir build/cmake --output-on-failure
 
 bench: venv
 	$(PY) -m resfuse_kernels.bench table3

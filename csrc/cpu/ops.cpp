@@ -11,14 +11,14 @@
 // In eval the statistics pass disappears. The carry's 1x1 product v = W x
 // (and dx = W^T dv, dW = dv x^T) goes through ATen's matmul in fp32, which
 // the fused passes then read; the math is in the Python ops' docstrings.
+#include "ops.h"
+
 #include <torch/library.h>
 
 #include "kernels.h"
 
 namespace resfuse_cpu {
 namespace {
-
-using at::vec::Vectorized;
 
 // Training statistics or copies of the running ones, in the stats dtype.
 template <typename scalar_t>
@@ -66,6 +66,8 @@ struct InputGrad {
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type());
 }
+
+}  // namespace
 
 // ---------------------------------------------------------------- highway
 
@@ -167,6 +169,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
 
 // ---------------------------------------------------------------- ResFuse tail
 
+namespace {
+
 // v = W x for the 1x1 carry, in the stats dtype and x's geometry.
 Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx, at::ScalarType acc) {
   const int64_t K = w.size(0), C = w.size(1);
@@ -178,6 +182,8 @@ Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx, at::S
   }
   return at::matmul(w2, xa.reshape({gx.N, C, gx.S})).view({gx.N, K, x.size(2), x.size(3)});
 }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
     const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d, const Tensor& bias_d,
@@ -312,8 +318,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
   return {du.contiguous(Geometry::of(u_in).format()), dh.contiguous(Geometry::of(h_in).format()),
           dweight_d, dbias_d, dx, dw, dweight_k, dbias_k};
 }
-
-}  // namespace
 
 TORCH_LIBRARY(resfuse_cpu, m) {
   m.def("highway_gate_forward(Tensor a, Tensor b, Tensor x, Tensor weight_h, Tensor bias_h, "
