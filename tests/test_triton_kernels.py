@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: the triton backend is untested")
 
-from conftest import DEVICE, tol  # noqa: E402
+from conftest import DEVICE  # noqa: E402
 
 if DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no GPU and TRITON_INTERPRET is not set: Triton cannot run here",
@@ -51,14 +51,41 @@ def _f64(args):
             else a for a in args]
 
 
-def _check(got, expected, dtype, what):
-    """Each result against the float64 oracle: shape and values."""
+# Largest error against the float64 oracle, relative to the largest magnitude
+# of the expected tensor (at least 1): normwise, as tests/conftest.py on main
+# (a gradient is a sum of cancelling terms; a tiny element carries the
+# absolute error of its large neighbours).
+TOLERANCES = {
+    torch.float64: 1e-9,
+    torch.float32: 2e-5,
+    torch.bfloat16: 3e-2,
+    torch.float16: 4e-3,
+}
+
+
+def _err(got, expected):
+    """(max abs error, scale) of ``got`` against ``expected`` in float64."""
+    if not expected.numel():
+        return 0.0, 1.0
+    e = expected.double()
+    return (got.double() - e).abs().max().item(), max(e.abs().max().item(), 1.0)
+
+
+def _check(got, expected, dtype, what, baseline=None):
+    """Each result against the float64 oracle: shape and values, normwise.
+
+    With ``baseline`` (the torch backend's results at the same precision) the
+    bound is also at least twice the baseline's error (STYLE.md's rule), for
+    ill-conditioned cases such as BatchNorm over two values.
+    """
     assert len(got) == len(expected), what
     for i, (g, e) in enumerate(zip(got, expected)):
         assert g.shape == e.shape, (what, i)
-        if g.numel():
-            torch.testing.assert_close(g.to(torch.float64), e.to(torch.float64),
-                                       **tol(dtype), msg=lambda m: f"{what}[{i}]: {m}")
+        err, scale = _err(g, e)
+        bound = TOLERANCES[dtype] * scale
+        if baseline is not None:
+            bound = max(bound, 2 * _err(baseline[i], e)[0])
+        assert err <= bound, f"{what}[{i}]: max error {err:.3g} > {bound:.3g} (scale {scale:.3g})"
 
 
 def _expected_dtypes(got, ref):
@@ -89,18 +116,21 @@ def _highway_case(n, c, h, dtype, channels_last, training):
     return [a, b, x, *_bn(c, pdt), *_bn(c, pdt), training, 1e-5, 1e-3]
 
 
-def _highway(args, dtype):
+def _highway(args, dtype, against_torch=False):
     got = tk.highway_gate_forward(*args)
     _forward_dtypes(got, dtype, args[0])
     ref = composite.highway_gate_forward(*_f64(args))
-    _check(got, ref, dtype, "highway forward")
+    base = composite.highway_gate_forward(*args) if against_torch else None
+    _check(got, ref, dtype, "highway forward", base)
     a = args[0]
     grad = _act(*a.shape[:3], dtype, not a.is_contiguous())
     mh, vh, mt, vt = (t.to(stat_dtype(dtype)) for t in ref[1:])  # as the forward hands them
     bargs = [grad, *args[:3], args[3], args[4], mh, vh, args[7], args[8], mt, vt, *args[11:]]
     got = tk.highway_gate_backward(*bargs)
-    _expected_dtypes(got, composite.highway_gate_backward(*bargs))
-    _check(got, composite.highway_gate_backward(*_f64(bargs)), dtype, "highway backward")
+    base = composite.highway_gate_backward(*bargs)
+    _expected_dtypes(got, base)
+    _check(got, composite.highway_gate_backward(*_f64(bargs)), dtype, "highway backward",
+           base if against_torch else None)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -129,18 +159,21 @@ def _tail_case(n, k, h, dtype, channels_last, training, carry, cx=None, shift=0.
     return args + [training, 1e-5, 1e-3]
 
 
-def _tail(args, dtype):
+def _tail(args, dtype, against_torch=False):
     got = tk.resfuse_tail_forward(*args)
     _forward_dtypes(got, dtype, args[0])
     ref = composite.resfuse_tail_forward(*_f64(args))
-    _check(got, ref, dtype, "tail forward")
+    base = composite.resfuse_tail_forward(*args) if against_torch else None
+    _check(got, ref, dtype, "tail forward", base)
     u = args[0]
     grad = _act(*u.shape[:3], dtype, not u.is_contiguous())
     md, vd, mk, vk = (t.to(stat_dtype(dtype)) for t in ref[1:])  # as the forward hands them
     bargs = [grad, *args[:4], md, vd, *args[6:10], mk, vk, *args[12:]]
     got = tk.resfuse_tail_backward(*bargs)
-    _expected_dtypes(got, composite.resfuse_tail_backward(*bargs))
-    _check(got, composite.resfuse_tail_backward(*_f64(bargs)), dtype, "tail backward")
+    base = composite.resfuse_tail_backward(*bargs)
+    _expected_dtypes(got, base)
+    _check(got, composite.resfuse_tail_backward(*_f64(bargs)), dtype, "tail backward",
+           base if against_torch else None)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -159,9 +192,12 @@ def test_resfuse_tail(carry, shape, channels_last, dtype, training):
 @pytest.mark.parametrize("h", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_wide_channels(h, channels_last):
-    _highway(_highway_case(2, 257, h, torch.float32, channels_last, True), torch.float32)
+    """257 channels (a partial last block); BatchNorm over 2 or 8 values per
+    channel is ill-conditioned, so the torch backend's fp32 error is the bound too."""
+    _highway(_highway_case(2, 257, h, torch.float32, channels_last, True), torch.float32,
+             against_torch=True)
     _tail(_tail_case(2, 257, h, torch.float32, channels_last, True, carry=True, cx=257),
-          torch.float32)
+          torch.float32, against_torch=True)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -64,16 +64,6 @@ def _tail_configs() -> list:
             for s, c, x in shapes for w in (4, 8) for st in (2, 3)]
 
 
-def _cov_configs() -> list:
-    """[BLOCK_I, BLOCK_J] blocks of the covariance, BLOCK_S pixels a step."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_S": 16, "BLOCK_I": 32, "BLOCK_J": 32}, num_warps=4)]
-    shapes = [(64, 64, 64), (32, 64, 64), (64, 32, 32), (128, 32, 32), (32, 128, 64)]
-    return [triton.Config({"BLOCK_S": s, "BLOCK_I": i, "BLOCK_J": j}, num_warps=w,
-                          num_stages=st)
-            for s, i, j in shapes for w in (4, 8) for st in (2, 3)]
-
-
 def compute_type(dtype: torch.dtype):
     """The tl dtype of in-kernel arithmetic for storage ``dtype``."""
     return tl.float64 if stat_dtype(dtype) == torch.float64 else tl.float32

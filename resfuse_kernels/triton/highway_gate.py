@@ -26,6 +26,14 @@ from ._launch import (_tile_configs, channel_vector, chunk_range, compute_type,
 
 
 @triton.jit
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) without overflow: exp of -|z| only."""
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    return tl.where(z >= 0, r, e * r)
+
+
+@triton.jit
 def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
            eps_h, eps_t, CT: tl.constexpr):
     """(a_hat, b_hat, H, T, weight_h * rstd_h, weight_t * rstd_t) of a tile."""
@@ -37,7 +45,7 @@ def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_pt
     b_hat = (b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * rstd_t[None, :]
     gh = tl.maximum(a_hat * wh[None, :] + channel_vector(bh_ptr, c, cmask, CT)[None, :], 0.0)
     zt = b_hat * wt[None, :] + channel_vector(bt_ptr, c, cmask, CT)[None, :]
-    gt = 1.0 / (1.0 + tl.exp(-zt))
+    gt = _sigmoid(zt)
     return a_hat, b_hat, gh, gt, wh * rstd_h, wt * rstd_t
 
 
@@ -64,7 +72,7 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
     zt = ((b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * scale_t[None, :]
           + channel_vector(bt_ptr, c, cmask, CT)[None, :])
     gh = tl.maximum(zh, 0.0)
-    gt = 1.0 / (1.0 + tl.exp(-zt))
+    gt = _sigmoid(zt)
     y = x + gt * (gh - x)
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
 
