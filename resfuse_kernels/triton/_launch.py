@@ -230,7 +230,8 @@ def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr
         cnt = tl.load(cnt_ptr + p + c * 0).to(CT)
         d = tl.load(mean_ptr + p * W + c, mask=mask, other=0.0) - mean
         m2 += tl.load(m2_ptr + p * W + c, mask=mask, other=0.0) + cnt * d * d
-    var = tl.maximum(m2 / tl.maximum(total, 1.0), 0.0)
+    var = m2 / tl.maximum(total, 1.0)
+    var = tl.where(var < 0.0, 0.0, var)  # never negative; NaN stays NaN
     first = mask & (c < C)
     second = mask & (c >= C)
     tl.store(mean_x_ptr + c, mean, mask=first)

@@ -43,7 +43,8 @@ def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_pt
     wt = channel_vector(wt_ptr, c, cmask, CT)
     a_hat = (a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * rstd_h[None, :]
     b_hat = (b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * rstd_t[None, :]
-    gh = tl.maximum(a_hat * wh[None, :] + channel_vector(bh_ptr, c, cmask, CT)[None, :], 0.0)
+    zh = a_hat * wh[None, :] + channel_vector(bh_ptr, c, cmask, CT)[None, :]
+    gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
     zt = b_hat * wt[None, :] + channel_vector(bt_ptr, c, cmask, CT)[None, :]
     gt = _sigmoid(zt)
     return a_hat, b_hat, gh, gt, wh * rstd_h, wt * rstd_t
@@ -71,7 +72,7 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
           + channel_vector(bh_ptr, c, cmask, CT)[None, :])
     zt = ((b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * scale_t[None, :]
           + channel_vector(bt_ptr, c, cmask, CT)[None, :])
-    gh = tl.maximum(zh, 0.0)
+    gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
     gt = _sigmoid(zt)
     y = x + gt * (gh - x)
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -103,7 +104,7 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
         x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
         a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr,
                                             mt_ptr, vt_ptr, wt_ptr, bt_ptr, eps_h, eps_t, CT)
-        g_h = tl.where(gh > 0.0, g * gt, 0.0)   # g is 0 on masked lanes
+        g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
         g_t = g * (gh - x) * gt * (1.0 - gt)
         sum_gh += tl.sum(g_h, axis=0)
         sum_gha += tl.sum(g_h * a_hat, axis=0)
@@ -137,7 +138,7 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
         a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
         eps_h, eps_t, CT)
     dx = g * (1.0 - gt)
-    g_h = tl.where(gh > 0.0, g * gt, 0.0)
+    g_h = g * gt * (gh > 0.0).to(CT)
     g_t = g * (gh - x) * gt * (1.0 - gt)
     if TRAINING:
         m_gh = channel_vector(means_ptr, c, cmask, CT)

@@ -108,7 +108,7 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, w_ptr, y_ptr,
                             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                             eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
                             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
-    y = tl.maximum(z, 0.0)
+    y = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -140,7 +140,7 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, part_ptr,
             eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
-        g = tl.where(z > 0.0, dy, 0.0)  # dy is 0 on masked lanes
+        g = dy * (z > 0.0).to(CT)  # as composite: dy * [z > 0]; dy is 0 on masked lanes
         sum_g += tl.sum(g, axis=0)
         sum_gu += tl.sum(g * u_hat, axis=0)
         if HAS_CARRY:
@@ -171,7 +171,7 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, du_ptr, dh_ptr, dv
         eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
         HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
-    g = tl.where(z > 0.0, dy, 0.0)
+    g = dy * (z > 0.0).to(CT)
     tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), g.to(dh_ptr.dtype.element_ty), mask=mask)
     gd = g
     gk = g
