@@ -1,0 +1,273 @@
+"""Launch machinery shared by the Triton kernels: layouts, configs, statistics.
+
+Layouts. Every 4-D activation is addressed as ``(N, C, S)`` with ``S = H*W``
+through its real strides ``(sn, sc, ss)``: NCHW gives ``(C*S, S, 1)``,
+channels_last ``(S*C, 1, C)``; both are read in place. Triton specialises a
+stride equal to 1, so the unit-stride axis is known at compile time and the
+loads are coalesced along it. A tensor whose H and W cannot be merged into
+one strided axis (a non-dense view, e.g. a spatial slice) is copied with
+``.contiguous()`` first; that is the only copy made.
+
+Tiles. Pointwise kernels run a grid ``(N * cdiv(S, BLOCK_S), cdiv(C, BLOCK_C))``
+of ``[BLOCK_S, BLOCK_C]`` tiles inside one image. Reduction kernels run a
+grid ``(chunks, cdiv(C, BLOCK_C))``: program ``(i, j)`` walks the i-th
+``1/chunks`` of the image-major tile sequence for channel block j and
+writes one row of per-chunk partials; ``chunks`` does not depend on the
+autotuned block sizes, so partial buffers are sized before tuning.
+Offsets are int64.
+
+Statistics. Each tile gives an exact two-pass (count, mean, M2) in
+registers, merged into the program's running triple with Chan's formula;
+the per-chunk triples are merged the same way by :func:`_stats_finalize`.
+Nothing subtracts two large sums, so the variance is accurate at large
+means and never negative.
+
+Arithmetic is in the compute dtype ``CT`` (a constexpr): float32, or
+float64 for float64 storage; loads upcast to it, stores cast back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops._common import memory_format, stat_dtype
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# ---------------------------------------------------------------------------
+# configurations
+
+
+def _tile_configs() -> list:
+    """[BLOCK_S, BLOCK_C] tiles: tall ones suit NCHW (unit stride along S),
+    wide ones channels_last (unit stride along C)."""
+    if INTERPRET:  # one config: the interpreter must not benchmark
+        return [triton.Config({"BLOCK_S": 16, "BLOCK_C": 32}, num_warps=4)]
+    shapes = [(256, 4), (128, 8), (64, 16), (32, 64), (16, 128), (64, 32)]
+    return [triton.Config({"BLOCK_S": s, "BLOCK_C": c}, num_warps=w, num_stages=st)
+            for s, c in shapes for w in (4, 8) for st in (2, 3)]
+
+
+def _tail_configs() -> list:
+    """[BLOCK_S, BLOCK_C] tiles of the ResFuse tail, all >= 16 so the carry's
+    tl.dot (reducing over BLOCK_X input channels) can use them."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_S": 16, "BLOCK_C": 32, "BLOCK_X": 32}, num_warps=4)]
+    shapes = [(256, 16, 32), (128, 32, 32), (64, 64, 32), (128, 64, 32), (64, 128, 32),
+              (32, 128, 32), (32, 64, 64)]
+    return [triton.Config({"BLOCK_S": s, "BLOCK_C": c, "BLOCK_X": x}, num_warps=w,
+                          num_stages=st)
+            for s, c, x in shapes for w in (4, 8) for st in (2, 3)]
+
+
+def compute_type(dtype: torch.dtype):
+    """The tl dtype of in-kernel arithmetic for storage ``dtype``."""
+    return tl.float64 if stat_dtype(dtype) == torch.float64 else tl.float32
+
+
+def num_chunks(device: torch.device, tiles: int, cap: int | None = None) -> int:
+    """How many programs split the pixel axis of a reduction."""
+    if INTERPRET or device.type != "cuda":
+        target = 4
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if cap is not None:
+        target = min(target, cap)
+    return max(1, min(target, tiles))
+
+
+# ---------------------------------------------------------------------------
+# layouts
+
+
+def view3(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``(t', (sn, sc, ss))``: ``t'`` is ``t`` (or a dense copy when H and W do
+    not merge into one strided axis) and its strides as an (N, C, H*W) tensor."""
+    _, _, height, width = t.shape
+    sn, sc, sh, sw = t.stride()
+    if height == 1:
+        return t, (sn, sc, sw)
+    if width == 1:
+        return t, (sn, sc, sh)
+    if sh == sw * width:
+        return t, (sn, sc, sw)
+    t = t.contiguous()
+    return t, (t.stride(0), t.stride(1), t.stride(3))
+
+
+def layout_flag(strides: tuple[int, int, int]) -> int:
+    """1 when channels are the unit-stride axis (channels_last), else 0."""
+    return int(strides[1] == 1 and strides[2] != 1)
+
+
+def empty_like_format(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An output for first activation ``like`` in the composite's memory format."""
+    return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device,
+                       memory_format=memory_format(like))
+
+
+def grid_tiles(n: int, c: int, s: int):
+    """Grid of the pointwise kernels."""
+    return lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+
+# ---------------------------------------------------------------------------
+# in-kernel helpers
+
+
+@triton.jit
+def tile_coords(pid, S, BLOCK_S: tl.constexpr):
+    """(n, s, s_mask) of pointwise tile ``pid``."""
+    nsb = tl.cdiv(S, BLOCK_S)
+    n = pid // nsb
+    s = (pid - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
+    return n.to(tl.int64), s, s < S
+
+
+@triton.jit
+def offsets(n, s, c, sn, sc, ss):
+    """int64 offsets of the [len(s), len(c)] tile of image n."""
+    return n * sn + s.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc
+
+
+@triton.jit
+def channel_vector(ptr, c, mask, CT: tl.constexpr):
+    return tl.load(ptr + c, mask=mask, other=0.0).to(CT)
+
+
+@triton.jit
+def chunk_range(N, S, BLOCK_S: tl.constexpr):
+    """[t0, t1): the tiles of this reduction program (axis 0 = chunk)."""
+    tiles = N * tl.cdiv(S, BLOCK_S)
+    per = tl.cdiv(tiles, tl.num_programs(0))
+    t0 = tl.program_id(0) * per
+    return t0, tl.minimum(t0 + per, tiles)
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_t, mean_t, m2_t):
+    """Chan et al.: merge two (count, mean, M2) triples (count may be 0)."""
+    n = n_a + n_t
+    frac = n_t / tl.maximum(n, 1.0)
+    delta = mean_t - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_t + delta * delta * n_a * frac
+
+
+@triton.jit
+def tile_moments(v, mask, nt):
+    """Exact two-pass (mean, M2) per column of a masked tile of ``nt`` rows."""
+    mean = tl.sum(v, axis=0) / nt
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    return mean, tl.sum(d * d, axis=0)
+
+
+# ---------------------------------------------------------------------------
+# per-channel batch statistics of one or two activations
+
+
+@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@triton.jit
+def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr,
+                  N, C, S, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
+                  TWO: tl.constexpr, CT: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    nsb = tl.cdiv(S, BLOCK_S)
+    t0, t1 = chunk_range(N, S, BLOCK_S)
+    n_a = tl.zeros([BLOCK_C], CT)
+    mx = tl.zeros([BLOCK_C], CT)
+    qx = tl.zeros([BLOCK_C], CT)
+    my = tl.zeros([BLOCK_C], CT)
+    qy = tl.zeros([BLOCK_C], CT)
+    for t in range(t0, t1):
+        n = t // nsb
+        s0 = (t - n * nsb) * BLOCK_S
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & cmask[None, :]
+        nt = tl.minimum(S - s0, BLOCK_S).to(CT)
+        n64 = n.to(tl.int64)
+        v = tl.load(x_ptr + offsets(n64, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
+        mt, qt = tile_moments(v, mask, nt)
+        _, mx, qx = chan_merge(n_a, mx, qx, nt, mt, qt)
+        if TWO:
+            v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask,
+                        other=0.0).to(CT)
+            mt, qt = tile_moments(v, mask, nt)
+            _, my, qy = chan_merge(n_a, my, qy, nt, mt, qt)
+        n_a = n_a + nt
+    chunk = tl.program_id(0)
+    width = 2 * C if TWO else C
+    row = chunk.to(tl.int64) * width
+    tl.store(cnt_ptr + chunk + c * 0, n_a, mask=c == 0)
+    tl.store(mean_ptr + row + c, mx, mask=cmask)
+    tl.store(m2_ptr + row + c, qx, mask=cmask)
+    if TWO:
+        tl.store(mean_ptr + row + C + c, my, mask=cmask)
+        tl.store(m2_ptr + row + C + c, qy, mask=cmask)
+
+
+@triton.jit
+def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr, var_y_ptr,
+                    P, W, C, CT: tl.constexpr, BLOCK: tl.constexpr):
+    """Merge P per-chunk (count, mean, M2) rows of width W into (mean, biased var);
+    columns [0, C) go to the x outputs, [C, W) to the y outputs."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < W
+    total = tl.zeros([BLOCK], CT)
+    weighted = tl.zeros([BLOCK], CT)
+    for p in range(P):
+        cnt = tl.load(cnt_ptr + p + c * 0).to(CT)
+        total += cnt
+        weighted += cnt * tl.load(mean_ptr + p * W + c, mask=mask, other=0.0)
+    mean = weighted / tl.maximum(total, 1.0)
+    m2 = tl.zeros([BLOCK], CT)
+    for p in range(P):
+        cnt = tl.load(cnt_ptr + p + c * 0).to(CT)
+        d = tl.load(mean_ptr + p * W + c, mask=mask, other=0.0) - mean
+        m2 += tl.load(m2_ptr + p * W + c, mask=mask, other=0.0) + cnt * d * d
+    var = m2 / tl.maximum(total, 1.0)
+    var = tl.where(var < 0.0, 0.0, var)  # never negative; NaN stays NaN
+    first = mask & (c < C)
+    second = mask & (c >= C)
+    tl.store(mean_x_ptr + c, mean, mask=first)
+    tl.store(var_x_ptr + c, var, mask=first)
+    tl.store(mean_y_ptr + (c - C), mean, mask=second)
+    tl.store(var_y_ptr + (c - C), var, mask=second)
+
+
+def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
+    """Per-channel (mean, biased var) of ``x`` (and of ``y``, same shape).
+
+    ``x``/``y`` come from :func:`view3` with strides ``sx``/``sy``. Returns
+    ``[mean_x, var_x]`` or ``[mean_x, var_x, mean_y, var_y]`` in the stat dtype.
+    """
+    n, c, h, w = x.shape
+    s = h * w
+    sdt = stat_dtype(x.dtype)
+    two = y is not None
+    width = 2 * c if two else c
+    if x.numel() == 0:
+        zeros = [x.new_zeros(c, dtype=sdt) for _ in range(4 if two else 2)]
+        return zeros
+    # chunks from the smallest tile height any config uses
+    chunks = num_chunks(x.device, n * triton.cdiv(s, 16))
+    cnt = torch.empty(chunks, dtype=sdt, device=x.device)
+    mean_p = torch.empty(chunks, width, dtype=sdt, device=x.device)
+    m2_p = torch.empty_like(mean_p)
+    ct = compute_type(x.dtype)
+    if y is None:
+        y, sy = x, sx
+    _stats_kernel[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
+        x, y, cnt, mean_p, m2_p, n, c, s, *sx, *sy, layout_flag(sx),
+        TWO=two, CT=ct)
+    out = [torch.empty(c, dtype=sdt, device=x.device) for _ in range(4 if two else 2)]
+    ys = out[2:] if two else out  # never written when not two
+    block = 128
+    _stats_finalize[(triton.cdiv(width, block),)](cnt, mean_p, m2_p, out[0], out[1], *ys,
+                                                  chunks, width, c, CT=ct, BLOCK=block)
+    return out

@@ -1,0 +1,217 @@
+"""Triton kernels of the highway gate (math: :mod:`resfuse_kernels.ops.highway_gate`).
+
+Forward, training: one statistics pass reading ``a`` and ``b`` together
+(:func:`~._launch.batch_stats`, Chan-merged per-tile moments, plus a tiny
+merge kernel over the per-chunk partials), then one apply pass reading
+``a, b, x`` and writing ``y``. Eval: the apply pass alone, on the running
+statistics. The apply pass folds each BatchNorm into a per-channel
+``scale = weight * rstd`` and computes ``(a - mean) * scale + bias``.
+
+Backward: one reduction pass (per-chunk partial sums of ``g_h``,
+``g_h * a_hat``, ``g_t``, ``g_t * b_hat``, recomputing ``H`` and ``T``;
+one ``torch.sum`` over the chunks) and one apply pass writing ``da, db, dx``.
+Every kernel is fused; only the per-channel finishing touches use torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops._common import stat_dtype
+from ._launch import (_tile_configs, channel_vector, chunk_range, compute_type,
+                      empty_like_format, grid_tiles, layout_flag, num_chunks, offsets,
+                      tile_coords, view3, batch_stats)
+
+
+@triton.jit
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) without overflow: exp of -|z| only."""
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    return tl.where(z >= 0, r, e * r)
+
+
+@triton.jit
+def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
+           eps_h, eps_t, CT: tl.constexpr):
+    """(a_hat, b_hat, H, T, weight_h * rstd_h, weight_t * rstd_t) of a tile."""
+    rstd_h = 1.0 / tl.sqrt(channel_vector(vh_ptr, c, cmask, CT) + eps_h)
+    rstd_t = 1.0 / tl.sqrt(channel_vector(vt_ptr, c, cmask, CT) + eps_t)
+    wh = channel_vector(wh_ptr, c, cmask, CT)
+    wt = channel_vector(wt_ptr, c, cmask, CT)
+    a_hat = (a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * rstd_h[None, :]
+    b_hat = (b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * rstd_t[None, :]
+    zh = a_hat * wh[None, :] + channel_vector(bh_ptr, c, cmask, CT)[None, :]
+    gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
+    zt = b_hat * wt[None, :] + channel_vector(bt_ptr, c, cmask, CT)[None, :]
+    gt = _sigmoid(zt)
+    return a_hat, b_hat, gh, gt, wh * rstd_h, wt * rstd_t
+
+
+@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@triton.jit
+def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
+                    mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
+                    eps_h, eps_t, N, C, S,
+                    san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
+                    CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = smask[:, None] & cmask[None, :]
+    a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
+    b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
+    x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
+    rstd_h = 1.0 / tl.sqrt(channel_vector(vh_ptr, c, cmask, CT) + eps_h)
+    rstd_t = 1.0 / tl.sqrt(channel_vector(vt_ptr, c, cmask, CT) + eps_t)
+    scale_h = channel_vector(wh_ptr, c, cmask, CT) * rstd_h
+    scale_t = channel_vector(wt_ptr, c, cmask, CT) * rstd_t
+    zh = ((a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * scale_h[None, :]
+          + channel_vector(bh_ptr, c, cmask, CT)[None, :])
+    zt = ((b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * scale_t[None, :]
+          + channel_vector(bt_ptr, c, cmask, CT)[None, :])
+    gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
+    gt = _sigmoid(zt)
+    y = x + gt * (gh - x)
+    tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@triton.jit
+def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
+                            mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
+                            eps_h, eps_t, N, C, S,
+                            sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, LAYOUT,
+                            CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    nsb = tl.cdiv(S, BLOCK_S)
+    t0, t1 = chunk_range(N, S, BLOCK_S)
+    sum_gh = tl.zeros([BLOCK_C], CT)
+    sum_gha = tl.zeros([BLOCK_C], CT)
+    sum_gt = tl.zeros([BLOCK_C], CT)
+    sum_gtb = tl.zeros([BLOCK_C], CT)
+    for t in range(t0, t1):
+        n = t // nsb
+        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
+        n = n.to(tl.int64)
+        mask = (s < S)[:, None] & cmask[None, :]
+        g = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
+        a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
+        b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
+        x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
+        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr,
+                                            mt_ptr, vt_ptr, wt_ptr, bt_ptr, eps_h, eps_t, CT)
+        g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
+        g_t = g * (gh - x) * gt * (1.0 - gt)
+        sum_gh += tl.sum(g_h, axis=0)
+        sum_gha += tl.sum(g_h * a_hat, axis=0)
+        sum_gt += tl.sum(g_t, axis=0)
+        sum_gtb += tl.sum(g_t * b_hat, axis=0)
+    row = part_ptr + tl.program_id(0).to(tl.int64) * 4 * C
+    tl.store(row + c, sum_gh, mask=cmask)
+    tl.store(row + C + c, sum_gha, mask=cmask)
+    tl.store(row + 2 * C + c, sum_gt, mask=cmask)
+    tl.store(row + 3 * C + c, sum_gtb, mask=cmask)
+
+
+@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@triton.jit
+def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, means_ptr,
+                           mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
+                           eps_h, eps_t, N, C, S,
+                           sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
+                           s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
+                           TRAINING: tl.constexpr, CT: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = smask[:, None] & cmask[None, :]
+    g = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
+    a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
+    b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
+    x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
+    a_hat, b_hat, gh, gt, scale_h, scale_t = _gates(
+        a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
+        eps_h, eps_t, CT)
+    dx = g * (1.0 - gt)
+    g_h = g * gt * (gh > 0.0).to(CT)
+    g_t = g * (gh - x) * gt * (1.0 - gt)
+    if TRAINING:
+        m_gh = channel_vector(means_ptr, c, cmask, CT)
+        m_gha = channel_vector(means_ptr + C, c, cmask, CT)
+        m_gt = channel_vector(means_ptr + 2 * C, c, cmask, CT)
+        m_gtb = channel_vector(means_ptr + 3 * C, c, cmask, CT)
+        g_h = g_h - m_gh[None, :] - a_hat * m_gha[None, :]
+        g_t = g_t - m_gt[None, :] - b_hat * m_gtb[None, :]
+    da = g_h * scale_h[None, :]
+    db = g_t * scale_t[None, :]
+    tl.store(da_ptr + offsets(n, s, c, s1n, s1c, s1s), da.to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + offsets(n, s, c, s2n, s2c, s2s), db.to(db_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offsets(n, s, c, s3n, s3c, s3s), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _params(*ts):
+    """Per-channel parameters as dense vectors (they are (C,) already; this
+    only guards against a strided view)."""
+    return [t.contiguous() for t in ts]
+
+
+def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+                         weight_t, bias_t, running_mean_t, running_var_t,
+                         training: bool, eps_h: float, eps_t: float):
+    sdt = stat_dtype(a.dtype)
+    n, c, h, w = a.shape
+    a3, sa = view3(a)
+    b3, sb = view3(b)
+    x3, sx = view3(x)
+    if training:
+        mean_h, var_h, mean_t, var_t = batch_stats(a3, sa, b3, sb)
+    else:
+        mean_h, var_h = running_mean_h.to(sdt, copy=True), running_var_h.to(sdt, copy=True)
+        mean_t, var_t = running_mean_t.to(sdt, copy=True), running_var_t.to(sdt, copy=True)
+    y = empty_like_format(a)
+    if a.numel() == 0:
+        return y, mean_h, var_h, mean_t, var_t
+    _, sy = view3(y)
+    params = _params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
+    _forward_kernel[grid_tiles(n, c, h * w)](
+        a3, b3, x3, y, *params, float(eps_h), float(eps_t), n, c, h * w,
+        *sa, *sb, *sx, *sy, layout_flag(sa), CT=compute_type(a.dtype))
+    return y, mean_h, var_h, mean_t, var_t
+
+
+def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
+                          weight_t, bias_t, mean_t, var_t,
+                          training: bool, eps_h: float, eps_t: float):
+    sdt = stat_dtype(a.dtype)
+    n, c, h, w = a.shape
+    s = h * w
+    da, db, dx = empty_like_format(a), empty_like_format(b), empty_like_format(x)
+    if a.numel() == 0:
+        zeros = [torch.zeros_like(p) for p in (weight_h, bias_h, weight_t, bias_t)]
+        return (da, db, dx, *zeros)
+    g3, sg = view3(grad_y)
+    a3, sa = view3(a)
+    b3, sb = view3(b)
+    x3, sx = view3(x)
+    ct = compute_type(a.dtype)
+    params = _params(mean_h.to(sdt), var_h.to(sdt), weight_h, bias_h,
+                     mean_t.to(sdt), var_t.to(sdt), weight_t, bias_t)
+    chunks = num_chunks(a.device, n * triton.cdiv(s, 16))
+    part = torch.empty(chunks, 4 * c, dtype=sdt, device=a.device)
+    _backward_reduce_kernel[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
+        g3, a3, b3, x3, part, *params, float(eps_h), float(eps_t), n, c, s,
+        *sg, *sa, *sb, *sx, layout_flag(sa), CT=ct)
+    sums = part.sum(0)
+    means = sums / (n * s)  # in the stat dtype: fp64 stays exact
+    _backward_apply_kernel[grid_tiles(n, c, s)](
+        g3, a3, b3, x3, da, db, dx, means, *params, float(eps_h), float(eps_t), n, c, s, *sg, *sa, *sb, *sx,
+        *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
+        TRAINING=bool(training), CT=ct)
+    dbias_h, dweight_h, dbias_t, dweight_t = sums.view(4, c).unbind(0)
+    return (da, db, dx, dweight_h.to(weight_h.dtype, copy=True), dbias_h.to(bias_h.dtype, copy=True),
+            dweight_t.to(weight_t.dtype, copy=True), dbias_t.to(bias_t.dtype, copy=True))

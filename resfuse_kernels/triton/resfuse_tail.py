@@ -1,0 +1,344 @@
+"""Triton kernels of the ResFuse tail (math: :mod:`resfuse_kernels.ops.resfuse_tail`).
+
+``y = relu(BN_d(u) + h [+ BN_k(W x)])``.
+
+Forward, training: the statistics of ``u`` come from one statistics pass
+(:func:`~._launch.batch_stats`). With the carry, ``v = W x`` is never
+written: :func:`_carry_stats_kernel` reads ``x`` once, computes ``v`` tile by
+tile with ``tl.dot`` in registers and Chan-merges exact per-tile moments of
+``v`` (accurate at large means). The apply pass then recomputes ``W x`` the
+same way as the prologue of the fused BN + add + BN + add + ReLU epilogue.
+Eval: the apply pass alone.
+
+(The statistics are not taken from x's covariance, ``var(v_k) = w_k^T
+Cov(x) w_k``: that quadratic form loses ~1e-4 relative accuracy in float32
+whenever ``var(v_k)`` is small against ``|w_k|^2 var(x)``, e.g. small
+batches, where the direct route keeps the error of PyTorch's own fp32 BN.
+It costs the same: one read of x and one C x K product per pixel.)
+
+Backward: one reduction pass (recomputing ``z``, with ``W x`` for the
+carry, and summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk; one
+``torch.sum`` over chunks) and one apply pass writing ``du``, ``dh`` and,
+with the carry, ``dv``. **dx and dW are torch matmuls** on that
+materialised ``dv`` (float32, or float64 for float64 inputs):
+``dx = dv W`` and ``dW = dv^T x`` over the N*H*W pixels (the latter with
+x shifted by one of its pixels, so that large means do not cancel). That is one extra
+write and two reads of a K-channel tensor compared with a fully fused
+backward.
+
+The carry's ``tl.dot`` runs with ``input_precision="ieee"`` (true float32
+products; no TF32, whose 10-bit mantissa costs ~3 digits when the inputs
+have large means). float64 inputs use a broadcast-multiply-sum instead of
+``tl.dot``, which not every Triton release supports for float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops._common import stat_dtype
+from ._launch import (_stats_finalize, _tail_configs, batch_stats, chan_merge, channel_vector,
+                      chunk_range, compute_type, empty_like_format, layout_flag, num_chunks,
+                      offsets, tile_coords, tile_moments, view3)
+
+
+@triton.jit
+def _carry_tile(x_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
+                CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_X: tl.constexpr):
+    """v = W x on a [BLOCK_S pixels, BLOCK_C output channels] tile; W is (K, CX) dense."""
+    acc = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    for x0 in range(0, CX, BLOCK_X):
+        cx = x0 + tl.arange(0, BLOCK_X)
+        xm = cx < CX
+        xt = tl.load(x_ptr + offsets(n, s, cx, sxn, sxc, sxs),
+                     mask=smask[:, None] & xm[None, :], other=0.0).to(CT)
+        wt = tl.load(w_ptr + k.to(tl.int64)[None, :] * CX + cx[:, None],
+                     mask=xm[:, None] & kmask[None, :], other=0.0).to(CT)
+        if CT == tl.float64:
+            acc += tl.sum(xt[:, :, None] * wt[None, :, :], axis=1)
+        else:
+            acc += tl.dot(xt, wt, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _tail_z(u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr, eps_d, eps_k,
+            CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+            HAS_CARRY: tl.constexpr, CT: tl.constexpr, BLOCK_S: tl.constexpr,
+            BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
+    """(z, u_hat, weight_d * rstd_d, v_hat, weight_k * rstd_k) of a tile
+    (the last two are dummies without the carry)."""
+    u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
+    h = tl.load(h_ptr + offsets(n, s, c, shn, shc, shs), mask=mask, other=0.0).to(CT)
+    rstd_d = 1.0 / tl.sqrt(channel_vector(vd_ptr, c, cmask, CT) + eps_d)
+    scale_d = channel_vector(wd_ptr, c, cmask, CT) * rstd_d
+    u_hat = (u - channel_vector(md_ptr, c, cmask, CT)[None, :]) * rstd_d[None, :]
+    z = u_hat * channel_vector(wd_ptr, c, cmask, CT)[None, :] + \
+        channel_vector(bd_ptr, c, cmask, CT)[None, :] + h
+    v_hat = u_hat
+    scale_k = scale_d
+    if HAS_CARRY:
+        v = _carry_tile(x_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
+                        CT, BLOCK_S, BLOCK_C, BLOCK_X)
+        rstd_k = 1.0 / tl.sqrt(channel_vector(vk_ptr, c, cmask, CT) + eps_k)
+        wk = channel_vector(wk_ptr, c, cmask, CT)
+        scale_k = wk * rstd_k
+        v_hat = (v - channel_vector(mk_ptr, c, cmask, CT)[None, :]) * rstd_k[None, :]
+        z += v_hat * wk[None, :] + channel_vector(bk_ptr, c, cmask, CT)[None, :]
+    return z, u_hat, scale_d, v_hat, scale_k
+
+
+@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@triton.jit
+def _forward_kernel(u_ptr, h_ptr, x_ptr, w_ptr, y_ptr,
+                    md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+                    eps_d, eps_k, N, C, S, CX,
+                    sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
+                    HAS_CARRY: tl.constexpr, CT: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
+    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = smask[:, None] & cmask[None, :]
+    z, _, _, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+                            eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+                            HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+    y = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu
+    tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@triton.jit
+def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, part_ptr,
+                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+                            eps_d, eps_k, N, C, S, CX,
+                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, LAYOUT,
+                            HAS_CARRY: tl.constexpr, CT: tl.constexpr,
+                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_X: tl.constexpr):
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    nsb = tl.cdiv(S, BLOCK_S)
+    t0, t1 = chunk_range(N, S, BLOCK_S)
+    sum_g = tl.zeros([BLOCK_C], CT)
+    sum_gu = tl.zeros([BLOCK_C], CT)
+    sum_gv = tl.zeros([BLOCK_C], CT)
+    for t in range(t0, t1):
+        n = t // nsb
+        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
+        n = n.to(tl.int64)
+        smask = s < S
+        mask = smask[:, None] & cmask[None, :]
+        z, u_hat, _, v_hat, _ = _tail_z(
+            u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+            eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+            HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+        dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
+        g = dy * (z > 0.0).to(CT)  # as composite: dy * [z > 0]; dy is 0 on masked lanes
+        sum_g += tl.sum(g, axis=0)
+        sum_gu += tl.sum(g * u_hat, axis=0)
+        if HAS_CARRY:
+            sum_gv += tl.sum(g * v_hat, axis=0)
+    row = part_ptr + tl.program_id(0).to(tl.int64) * 3 * C
+    tl.store(row + c, sum_g, mask=cmask)
+    tl.store(row + C + c, sum_gu, mask=cmask)
+    tl.store(row + 2 * C + c, sum_gv, mask=cmask)
+
+
+@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@triton.jit
+def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr, means_ptr,
+                           md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+                           eps_d, eps_k, N, C, S, CX,
+                           sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+                           s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
+                           HAS_CARRY: tl.constexpr, TRAINING: tl.constexpr, CT: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_X: tl.constexpr):
+    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = smask[:, None] & cmask[None, :]
+    z, u_hat, scale_d, v_hat, scale_k = _tail_z(
+        u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+        md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+        eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+        HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+    dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
+    g = dy * (z > 0.0).to(CT)
+    tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), g.to(dh_ptr.dtype.element_ty), mask=mask)
+    gd = g
+    gk = g
+    if TRAINING:
+        m_g = channel_vector(means_ptr, c, cmask, CT)[None, :]
+        gd = g - m_g - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
+        gk = g - m_g - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :]
+    du = gd * scale_d[None, :]
+    tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), du.to(du_ptr.dtype.element_ty), mask=mask)
+    if HAS_CARRY:
+        dv = gk * scale_k[None, :]
+        tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), dv.to(dv_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@triton.jit
+def _carry_stats_kernel(x_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
+                        sxn, sxc, sxs, LAYOUT, CT: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Per-chunk (count, mean, M2) of v = W x, v computed tile by tile in registers."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    nsb = tl.cdiv(S, BLOCK_S)
+    t0, t1 = chunk_range(N, S, BLOCK_S)
+    n_a = tl.zeros([BLOCK_C], CT)
+    mean = tl.zeros([BLOCK_C], CT)
+    m2 = tl.zeros([BLOCK_C], CT)
+    for t in range(t0, t1):
+        n = t // nsb
+        s0 = (t - n * nsb) * BLOCK_S
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < S
+        v = _carry_tile(x_ptr, w_ptr, n.to(tl.int64), s, smask, c, cmask, CX, sxn, sxc, sxs,
+                        CT, BLOCK_S, BLOCK_C, BLOCK_X)
+        nt = tl.minimum(S - s0, BLOCK_S).to(CT)
+        mt, qt = tile_moments(v, smask[:, None] & cmask[None, :], nt)
+        n_a, mean, m2 = chan_merge(n_a, mean, m2, nt, mt, qt)
+    chunk = tl.program_id(0)
+    row = chunk.to(tl.int64) * C
+    tl.store(cnt_ptr + chunk + c * 0, n_a, mask=c == 0)
+    tl.store(mean_ptr + row + c, mean, mask=cmask)
+    tl.store(m2_ptr + row + c, m2, mask=cmask)
+
+
+def _carry_stats(x3, sx, w2):
+    """(mean, biased var) of v = W x per output channel; W x is never stored."""
+    n, _, h, wdt = x3.shape
+    k, cx = w2.shape
+    s = h * wdt
+    sdt = stat_dtype(x3.dtype)
+    chunks = num_chunks(x3.device, n * triton.cdiv(s, 16))
+    cnt = torch.empty(chunks, dtype=sdt, device=x3.device)
+    mean_p = torch.empty(chunks, k, dtype=sdt, device=x3.device)
+    m2_p = torch.empty_like(mean_p)
+    ct = compute_type(x3.dtype)
+    _carry_stats_kernel[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
+        x3, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
+    mean, var = (torch.empty(k, dtype=sdt, device=x3.device) for _ in range(2))
+    block = 128
+    _stats_finalize[(triton.cdiv(k, block),)](cnt, mean_p, m2_p, mean, var, mean, var,
+                                              chunks, k, k, CT=ct, BLOCK=block)
+    return mean, var
+
+
+def _params(*ts):
+    return [t.contiguous() for t in ts]
+
+
+def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
+                         x, w, weight_k, bias_k, running_mean_k, running_var_k,
+                         training: bool, eps_d: float, eps_k: float):
+    sdt = stat_dtype(u.dtype)
+    n, k, hh, ww = u.shape
+    s = hh * ww
+    carry = x is not None
+    u3, su = view3(u)
+    h3, sh = view3(h)
+    if carry:
+        x3, sx = view3(x)
+        w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
+        cx = w2.shape[1]
+    else:
+        x3, sx, w2, cx = u3, su, u3, 0
+    if training:
+        mean_d, var_d = batch_stats(u3, su)
+        if not carry:
+            mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
+        elif u.numel() == 0:
+            mean_k, var_k = u.new_zeros(k, dtype=sdt), u.new_zeros(k, dtype=sdt)
+        else:
+            mean_k, var_k = _carry_stats(x3, sx, w2)
+    else:
+        mean_d, var_d = running_mean_d.to(sdt, copy=True), running_var_d.to(sdt, copy=True)
+        if carry:
+            mean_k = running_mean_k.to(sdt, copy=True)
+            var_k = running_var_k.to(sdt, copy=True)
+        else:
+            mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
+    y = empty_like_format(u)
+    if u.numel() == 0:
+        return y, mean_d, var_d, mean_k, var_k
+    pd = _params(mean_d, var_d, weight_d, bias_d)
+    pk = _params(mean_k, var_k, weight_k, bias_k) if carry else pd
+    _forward_kernel[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
+                                  triton.cdiv(k, meta["BLOCK_C"]))](
+        u3, h3, x3, w2, y, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
+        *su, *sh, *sx, *view3(y)[1], layout_flag(su),
+        HAS_CARRY=carry, CT=compute_type(u.dtype))
+    return y, mean_d, var_d, mean_k, var_k
+
+
+def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
+                          x, w, weight_k, bias_k, mean_k, var_k,
+                          training: bool, eps_d: float, eps_k: float):
+    sdt = stat_dtype(u.dtype)
+    ct = compute_type(u.dtype)
+    n, k, hh, ww = u.shape
+    s = hh * ww
+    carry = x is not None
+    du, dh = empty_like_format(u), empty_like_format(h, dtype=u.dtype)
+    if u.numel() == 0:
+        grads = [du, dh, torch.zeros_like(weight_d), torch.zeros_like(bias_d)]
+        if not carry:
+            return (*grads, *(u.new_empty(0) for _ in range(4)))
+        return (*grads, empty_like_format(x), torch.zeros_like(w), torch.zeros_like(weight_k),
+                torch.zeros_like(bias_k))
+    g3, sg = view3(grad_y)
+    u3, su = view3(u)
+    h3, sh = view3(h)
+    if carry:
+        x3, sx = view3(x)
+        w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
+        cx = w2.shape[1]
+        # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW matmuls
+        dv = torch.empty(n, s, k, dtype=sdt, device=u.device)
+        sdv = (s * k, 1, k)
+    else:
+        x3, sx, w2, cx = u3, su, u3, 0
+        dv, sdv = du, view3(du)[1]  # never written
+    pd = _params(mean_d.to(sdt), var_d.to(sdt), weight_d, bias_d)
+    pk = _params(mean_k.to(sdt), var_k.to(sdt), weight_k, bias_k) if carry else pd
+    chunks = num_chunks(u.device, n * triton.cdiv(s, 16))
+    part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
+    _backward_reduce_kernel[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
+        g3, u3, h3, x3, w2, part, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
+        *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, CT=ct)
+    sums = part.sum(0)
+    means = sums / (n * s)
+    _backward_apply_kernel[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
+                                         triton.cdiv(k, meta["BLOCK_C"]))](
+        g3, u3, h3, x3, w2, du, dh, dv, means, *pd, *pk, float(eps_d), float(eps_k),
+        n, k, s, cx, *sg, *su, *sh, *sx, *view3(du)[1], *view3(dh)[1], *sdv,
+        layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
+    sum_g, sum_gu, sum_gv = sums.view(3, k).unbind(0)
+    grads = (du, dh, sum_gu.to(weight_d.dtype, copy=True), sum_g.to(bias_d.dtype, copy=True))
+    if not carry:
+        none = u.new_empty(0)
+        return (*grads, none, none.clone(), none.clone(), none.clone())
+    # torch matmuls on the materialised dv (see the module docstring)
+    dv2 = dv.view(n * s, k)
+    dx = (dv2 @ w2.to(sdt)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
+    x2 = x.to(sdt).permute(0, 2, 3, 1).reshape(n * s, cx)
+    # dW = dv^T (x - x0) + (sum dv) x0^T, shifted by one pixel x0 of x: the
+    # products stay O(std(x)) when x has a large mean (sum dv ~ 0 in training)
+    x0 = x2[:1].clone()
+    dw = dv2.t() @ (x2 - x0) + dv2.sum(0)[:, None] * x0
+    dx = empty_like_format(x).copy_(dx)
+    return (*grads, dx, dw.reshape(w.shape).to(w.dtype),
+            sum_gv.to(weight_k.dtype, copy=True), sum_g.to(bias_k.dtype, copy=True))
