@@ -10,6 +10,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# Triton 3.9 runs its interpreter with numpy >= 2.3 (3.6 needs numpy < 2.3).
+TRITON ?= triton==3.9.0
 
 .PHONY: test bench venv ctest clean
 
@@ -18,6 +20,7 @@ venv: $(VENV)/.ready
 $(VENV)/.ready: pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 

@@ -13,6 +13,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton backend is tested through Triton's interpreter on
+# CPU tensors. Set before the backend first imports Triton (it is lazy).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import resfuse_kernels as rk
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
