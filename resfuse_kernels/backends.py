@@ -18,6 +18,11 @@ By default the first usable backend of the tensor's device is taken
 :func:`use`, forces one, and forcing one that cannot run is an error that
 says why. A backend is a module exposing ``<op>_forward`` and
 ``<op>_backward`` for every op name in :data:`OPS`.
+
+The ``resfuse::*`` ops are opaque to torch.compile. On CUDA tensors with
+the Triton backend, the public entry points call the ops' ``triton_op``
+twins ``resfuse_triton::*`` instead (:func:`traceable_op`), whose kernels
+torch.compile traces into.
 """
 
 from __future__ import annotations
@@ -117,6 +122,32 @@ def kernels(device: torch.device) -> ModuleType:
     module = _load(resolve(device))
     assert not isinstance(module, str)
     return module
+
+
+@torch.compiler.assume_constant_result
+def _traceable_name(op: str, device_type: str) -> str:
+    """The name of ``op``'s traceable Triton twin for ``device_type`` tensors,
+    or "" (torch.compile calls this once while tracing and keeps the answer:
+    changing the backend later needs ``torch._dynamo.reset()``).
+    ``RESFUSE_TRITON_TRACEABLE=0`` keeps the opaque ops everywhere."""
+    if os.environ.get("RESFUSE_TRITON_TRACEABLE", "1") == "0":
+        return ""
+    if device_type != "cuda" or resolve(torch.device(device_type)) != "triton":
+        return ""
+    module = _load("triton")
+    if isinstance(module, str) or module.INTERPRET:
+        return ""
+    return op
+
+
+def traceable_op(op: str, device_type: str):
+    """The ``torch.library.triton_op`` twin of public op ``op``
+    (``torch.ops.resfuse_triton.<op>``: same schema and autograd, but
+    torch.compile traces into its Triton kernels) when ``device_type`` tensors
+    run on the compiled Triton backend; None otherwise, and the public
+    opaque ``torch.ops.resfuse.<op>`` runs."""
+    name = _traceable_name(op, device_type)
+    return getattr(torch.ops.resfuse_triton, name) if name else None
 
 
 @contextlib.contextmanager

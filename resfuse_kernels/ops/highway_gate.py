@@ -46,8 +46,8 @@ _Stats = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 _Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-           weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t) -> None:
+def check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+          weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t) -> None:
     check_activation("a", a)
     check_activation("b", b, like=a)
     check_activation("x", x, like=a)
@@ -58,43 +58,48 @@ def _check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
                      training, eps_t)
 
 
-@torch.library.custom_op("resfuse::highway_gate", mutates_args=())
-def highway_gate_op(a: Tensor, b: Tensor, x: Tensor,
-                    weight_h: Tensor, bias_h: Tensor,
-                    running_mean_h: Optional[Tensor], running_var_h: Optional[Tensor],
-                    weight_t: Tensor, bias_t: Tensor,
-                    running_mean_t: Optional[Tensor], running_var_t: Optional[Tensor],
-                    training: bool, eps_h: float, eps_t: float) -> _Stats:
+def forward_impl(a: Tensor, b: Tensor, x: Tensor,
+                 weight_h: Tensor, bias_h: Tensor,
+                 running_mean_h: Optional[Tensor], running_var_h: Optional[Tensor],
+                 weight_t: Tensor, bias_t: Tensor,
+                 running_mean_t: Optional[Tensor], running_var_t: Optional[Tensor],
+                 training: bool, eps_h: float, eps_t: float) -> _Stats:
     """Returns ``(y, mean_h, var_h, mean_t, var_t)``: the output and the
     statistics used (the batch's biased ones in training, the running ones in
     eval). Running statistics are read, never written: see
     :func:`highway_gate` for the update."""
     args = (a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
             weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
-    _check(*args)
+    check(*args)
     with no_autocast(a):
         return backends.kernels(a.device).highway_gate_forward(*args)
+
+
+highway_gate_op = torch.library.custom_op("resfuse::highway_gate", forward_impl, mutates_args=())
 
 
 @highway_gate_op.register_fake
 def _(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
       weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t) -> _Stats:
-    _check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-           weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
+    check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+          weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
     stats = [a.new_empty(a.shape[1], dtype=stat_dtype(a.dtype)) for _ in range(4)]
     return (empty_output(a), *stats)
 
 
-@torch.library.custom_op("resfuse::highway_gate_backward", mutates_args=())
-def highway_gate_backward_op(grad_y: Tensor, a: Tensor, b: Tensor, x: Tensor,
-                             weight_h: Tensor, bias_h: Tensor, mean_h: Tensor, var_h: Tensor,
-                             weight_t: Tensor, bias_t: Tensor, mean_t: Tensor, var_t: Tensor,
-                             training: bool, eps_h: float, eps_t: float) -> _Grads:
+def backward_impl(grad_y: Tensor, a: Tensor, b: Tensor, x: Tensor,
+                  weight_h: Tensor, bias_h: Tensor, mean_h: Tensor, var_h: Tensor,
+                  weight_t: Tensor, bias_t: Tensor, mean_t: Tensor, var_t: Tensor,
+                  training: bool, eps_h: float, eps_t: float) -> _Grads:
     """Returns ``(da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t)``."""
     with no_autocast(a):
         return backends.kernels(a.device).highway_gate_backward(
             grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
             training, eps_h, eps_t)
+
+
+highway_gate_backward_op = torch.library.custom_op("resfuse::highway_gate_backward", backward_impl,
+                                                   mutates_args=())
 
 
 @highway_gate_backward_op.register_fake
@@ -114,18 +119,26 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.training, ctx.eps_h, ctx.eps_t = training, eps_h, eps_t
 
 
-def _backward(ctx, grad_y, *_stat_grads):
-    a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t = ctx.saved_tensors
-    # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
-    grad_y = grad_y.contiguous(memory_format=memory_format(a))
-    da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t = highway_gate_backward_op(
-        grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
-        ctx.training, ctx.eps_h, ctx.eps_t)
-    return (da, db, dx, dweight_h, dbias_h, None, None, dweight_t, dbias_t, None, None,
-            None, None, None)
+def register_autograd(forward_op, backward_op) -> None:
+    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
+    module's schemas): used for the opaque ops here and the traceable Triton
+    twins (:mod:`resfuse_kernels.triton.traceable`)."""
+
+    def backward(ctx, grad_y, *_stat_grads):
+        (a, b, x, weight_h, bias_h, mean_h, var_h,
+         weight_t, bias_t, mean_t, var_t) = ctx.saved_tensors
+        # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
+        grad_y = grad_y.contiguous(memory_format=memory_format(a))
+        da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t = backward_op(
+            grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
+            ctx.training, ctx.eps_h, ctx.eps_t)
+        return (da, db, dx, dweight_h, dbias_h, None, None, dweight_t, dbias_t, None, None,
+                None, None, None)
+
+    forward_op.register_autograd(backward, setup_context=_setup_context)
 
 
-highway_gate_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(highway_gate_op, highway_gate_backward_op)
 
 
 def highway_gate(a: Tensor, b: Tensor, x: Tensor,
@@ -159,7 +172,9 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     The math, forward and backward, is in this module's docstring.
     """
     a, b, x = promote_under_autocast([a, b, x])
-    y, mean_h, var_h, mean_t, var_t = highway_gate_op(
+    twin = backends.traceable_op("highway_gate", a.device.type) if isinstance(a, Tensor) else None
+    op = twin or highway_gate_op
+    y, mean_h, var_h, mean_t, var_t = op(
         a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
         weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
     if training:

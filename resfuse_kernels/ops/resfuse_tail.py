@@ -49,8 +49,8 @@ _Stats = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 _Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
-           x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k):
+def check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
+          x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k):
     check_activation("u", u)
     check_activation("h", h, like=u)
     channels = u.shape[1]
@@ -77,30 +77,32 @@ def _check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
                      training, eps_k)
 
 
-@torch.library.custom_op("resfuse::resfuse_tail", mutates_args=())
-def resfuse_tail_op(u: Tensor, h: Tensor,
-                    weight_d: Tensor, bias_d: Tensor,
-                    running_mean_d: Optional[Tensor], running_var_d: Optional[Tensor],
-                    x: Optional[Tensor], w: Optional[Tensor],
-                    weight_k: Optional[Tensor], bias_k: Optional[Tensor],
-                    running_mean_k: Optional[Tensor], running_var_k: Optional[Tensor],
-                    training: bool, eps_d: float, eps_k: float) -> _Stats:
+def forward_impl(u: Tensor, h: Tensor,
+                 weight_d: Tensor, bias_d: Tensor,
+                 running_mean_d: Optional[Tensor], running_var_d: Optional[Tensor],
+                 x: Optional[Tensor], w: Optional[Tensor],
+                 weight_k: Optional[Tensor], bias_k: Optional[Tensor],
+                 running_mean_k: Optional[Tensor], running_var_k: Optional[Tensor],
+                 training: bool, eps_d: float, eps_k: float) -> _Stats:
     """Returns ``(y, mean_d, var_d, mean_k, var_k)``: the output and the
     statistics used (batch, biased, in training; running in eval). Without
     the carry ``mean_k`` and ``var_k`` are empty. Running statistics are read,
     never written: see :func:`resfuse_tail` for the update."""
     args = (u, h, weight_d, bias_d, running_mean_d, running_var_d,
             x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
-    _check(*args)
+    check(*args)
     with no_autocast(u):
         return backends.kernels(u.device).resfuse_tail_forward(*args)
+
+
+resfuse_tail_op = torch.library.custom_op("resfuse::resfuse_tail", forward_impl, mutates_args=())
 
 
 @resfuse_tail_op.register_fake
 def _(u, h, weight_d, bias_d, running_mean_d, running_var_d,
       x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k) -> _Stats:
-    _check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
-           x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
+    check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
+          x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
     dtype = stat_dtype(u.dtype)
     carry_channels = 0 if x is None else u.shape[1]
     return (empty_output(u),
@@ -108,19 +110,22 @@ def _(u, h, weight_d, bias_d, running_mean_d, running_var_d,
             u.new_empty(carry_channels, dtype=dtype), u.new_empty(carry_channels, dtype=dtype))
 
 
-@torch.library.custom_op("resfuse::resfuse_tail_backward", mutates_args=())
-def resfuse_tail_backward_op(grad_y: Tensor, u: Tensor, h: Tensor,
-                             weight_d: Tensor, bias_d: Tensor, mean_d: Tensor, var_d: Tensor,
-                             x: Optional[Tensor], w: Optional[Tensor],
-                             weight_k: Optional[Tensor], bias_k: Optional[Tensor],
-                             mean_k: Tensor, var_k: Tensor,
-                             training: bool, eps_d: float, eps_k: float) -> _Grads:
+def backward_impl(grad_y: Tensor, u: Tensor, h: Tensor,
+                  weight_d: Tensor, bias_d: Tensor, mean_d: Tensor, var_d: Tensor,
+                  x: Optional[Tensor], w: Optional[Tensor],
+                  weight_k: Optional[Tensor], bias_k: Optional[Tensor],
+                  mean_k: Tensor, var_k: Tensor,
+                  training: bool, eps_d: float, eps_k: float) -> _Grads:
     """Returns ``(du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k)``;
     the last four are empty without the carry."""
     with no_autocast(u):
         return backends.kernels(u.device).resfuse_tail_backward(
             grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
             var_k, training, eps_d, eps_k)
+
+
+resfuse_tail_backward_op = torch.library.custom_op("resfuse::resfuse_tail_backward", backward_impl,
+                                                   mutates_args=())
 
 
 @resfuse_tail_backward_op.register_fake
@@ -143,21 +148,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.training, ctx.eps_d, ctx.eps_k = training, eps_d, eps_k
 
 
-def _backward(ctx, grad_y, *_stat_grads):
-    (u, h, weight_d, bias_d, mean_d, var_d,
-     x, w, weight_k, bias_k, mean_k, var_k) = ctx.saved_tensors
-    # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
-    grad_y = grad_y.contiguous(memory_format=memory_format(u))
-    du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k = resfuse_tail_backward_op(
-        grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k, var_k,
-        ctx.training, ctx.eps_d, ctx.eps_k)
-    if x is None:
-        dx = dw = dweight_k = dbias_k = None
-    return (du, dh, dweight_d, dbias_d, None, None, dx, dw, dweight_k, dbias_k, None, None,
-            None, None, None)
+def register_autograd(forward_op, backward_op) -> None:
+    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
+    module's schemas): used for the opaque ops here and the traceable Triton
+    twins (:mod:`resfuse_kernels.triton.traceable`)."""
+
+    def backward(ctx, grad_y, *_stat_grads):
+        (u, h, weight_d, bias_d, mean_d, var_d,
+         x, w, weight_k, bias_k, mean_k, var_k) = ctx.saved_tensors
+        # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
+        grad_y = grad_y.contiguous(memory_format=memory_format(u))
+        du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k = backward_op(
+            grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
+            var_k, ctx.training, ctx.eps_d, ctx.eps_k)
+        if x is None:
+            dx = dw = dweight_k = dbias_k = None
+        return (du, dh, dweight_d, dbias_d, None, None, dx, dw, dweight_k, dbias_k, None, None,
+                None, None, None)
+
+    forward_op.register_autograd(backward, setup_context=_setup_context)
 
 
-resfuse_tail_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(resfuse_tail_op, resfuse_tail_backward_op)
 
 
 def resfuse_tail(u: Tensor, h: Tensor,
@@ -194,7 +206,9 @@ def resfuse_tail(u: Tensor, h: Tensor,
     parameters. The math, forward and backward, is in this module's docstring.
     """
     u, h, x = promote_under_autocast([u, h, x])
-    y, mean_d, var_d, mean_k, var_k = resfuse_tail_op(
+    twin = backends.traceable_op("resfuse_tail", u.device.type) if isinstance(u, Tensor) else None
+    op = twin or resfuse_tail_op
+    y, mean_d, var_d, mean_k, var_k = op(
         u, h, weight_d, bias_d, running_mean_d, running_var_d,
         x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
     if training:

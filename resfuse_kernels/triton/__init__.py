@@ -16,8 +16,10 @@ try:
 except Exception as exc:  # a broken install must read as "unavailable", too
     raise ImportError(f"Triton cannot be imported ({exc})") from exc
 
+from . import traceable  # registers the torch.ops.resfuse_triton.* twins
+from ._launch import INTERPRET
 from .highway_gate import highway_gate_backward, highway_gate_forward
 from .resfuse_tail import resfuse_tail_backward, resfuse_tail_forward
 
-__all__ = ["highway_gate_forward", "highway_gate_backward",
+__all__ = ["INTERPRET", "traceable", "highway_gate_forward", "highway_gate_backward",
            "resfuse_tail_forward", "resfuse_tail_backward"]

@@ -38,6 +38,13 @@ from ..ops._common import memory_format, stat_dtype
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+
+def launch(kernel):
+    """``kernel`` as torch.compile can trace it inside a ``triton_op``
+    (:func:`torch.library.wrap_triton`; a plain launch outside one). The
+    interpreter's kernels cannot be traced and are launched as they are."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
 # ---------------------------------------------------------------------------
 # configurations
 
@@ -262,12 +269,12 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     ct = compute_type(x.dtype)
     if y is None:
         y, sy = x, sx
-    _stats_kernel[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
+    launch(_stats_kernel)[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
         x, y, cnt, mean_p, m2_p, n, c, s, *sx, *sy, layout_flag(sx),
         TWO=two, CT=ct)
     out = [torch.empty(c, dtype=sdt, device=x.device) for _ in range(4 if two else 2)]
     ys = out[2:] if two else out  # never written when not two
     block = 128
-    _stats_finalize[(triton.cdiv(width, block),)](cnt, mean_p, m2_p, out[0], out[1], *ys,
+    launch(_stats_finalize)[(triton.cdiv(width, block),)](cnt, mean_p, m2_p, out[0], out[1], *ys,
                                                   chunks, width, c, CT=ct, BLOCK=block)
     return out

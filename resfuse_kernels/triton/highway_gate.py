@@ -21,8 +21,8 @@ import triton.language as tl
 
 from ..ops._common import stat_dtype
 from ._launch import (_tile_configs, channel_vector, chunk_range, compute_type,
-                      empty_like_format, grid_tiles, layout_flag, num_chunks, offsets,
-                      tile_coords, view3, batch_stats)
+                      empty_like_format, grid_tiles, launch, layout_flag, num_chunks,
+                      offsets, tile_coords, view3, batch_stats)
 
 
 @triton.jit
@@ -178,7 +178,7 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
         return y, mean_h, var_h, mean_t, var_t
     _, sy = view3(y)
     params = _params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
-    _forward_kernel[grid_tiles(n, c, h * w)](
+    launch(_forward_kernel)[grid_tiles(n, c, h * w)](
         a3, b3, x3, y, *params, float(eps_h), float(eps_t), n, c, h * w,
         *sa, *sb, *sx, *sy, layout_flag(sa), CT=compute_type(a.dtype))
     return y, mean_h, var_h, mean_t, var_t
@@ -203,15 +203,16 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
                      mean_t.to(sdt), var_t.to(sdt), weight_t, bias_t)
     chunks = num_chunks(a.device, n * triton.cdiv(s, 16))
     part = torch.empty(chunks, 4 * c, dtype=sdt, device=a.device)
-    _backward_reduce_kernel[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
+    launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, float(eps_h), float(eps_t), n, c, s,
         *sg, *sa, *sb, *sx, layout_flag(sa), CT=ct)
     sums = part.sum(0)
     means = sums / (n * s)  # in the stat dtype: fp64 stays exact
-    _backward_apply_kernel[grid_tiles(n, c, s)](
-        g3, a3, b3, x3, da, db, dx, means, *params, float(eps_h), float(eps_t), n, c, s, *sg, *sa, *sb, *sx,
-        *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
+    launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
+        g3, a3, b3, x3, da, db, dx, means, *params, float(eps_h), float(eps_t), n, c, s,
+        *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
         TRAINING=bool(training), CT=ct)
     dbias_h, dweight_h, dbias_t, dweight_t = sums.view(4, c).unbind(0)
-    return (da, db, dx, dweight_h.to(weight_h.dtype, copy=True), dbias_h.to(bias_h.dtype, copy=True),
+    return (da, db, dx,
+            dweight_h.to(weight_h.dtype, copy=True), dbias_h.to(bias_h.dtype, copy=True),
             dweight_t.to(weight_t.dtype, copy=True), dbias_t.to(bias_t.dtype, copy=True))

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..ops._common import stat_dtype
 from ._launch import (_stats_finalize, _tail_configs, batch_stats, chan_merge, channel_vector,
-                      chunk_range, compute_type, empty_like_format, layout_flag, num_chunks,
+                      chunk_range, compute_type, empty_like_format, launch, layout_flag, num_chunks,
                       offsets, tile_coords, tile_moments, view3)
 
 
@@ -228,11 +228,11 @@ def _carry_stats(x3, sx, w2):
     mean_p = torch.empty(chunks, k, dtype=sdt, device=x3.device)
     m2_p = torch.empty_like(mean_p)
     ct = compute_type(x3.dtype)
-    _carry_stats_kernel[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
+    launch(_carry_stats_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
         x3, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
     mean, var = (torch.empty(k, dtype=sdt, device=x3.device) for _ in range(2))
     block = 128
-    _stats_finalize[(triton.cdiv(k, block),)](cnt, mean_p, m2_p, mean, var, mean, var,
+    launch(_stats_finalize)[(triton.cdiv(k, block),)](cnt, mean_p, m2_p, mean, var, mean, var,
                                               chunks, k, k, CT=ct, BLOCK=block)
     return mean, var
 
@@ -276,7 +276,7 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
         return y, mean_d, var_d, mean_k, var_k
     pd = _params(mean_d, var_d, weight_d, bias_d)
     pk = _params(mean_k, var_k, weight_k, bias_k) if carry else pd
-    _forward_kernel[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
+    launch(_forward_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
                                   triton.cdiv(k, meta["BLOCK_C"]))](
         u3, h3, x3, w2, y, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
         *su, *sh, *sx, *view3(y)[1], layout_flag(su),
@@ -316,12 +316,12 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     pk = _params(mean_k.to(sdt), var_k.to(sdt), weight_k, bias_k) if carry else pd
     chunks = num_chunks(u.device, n * triton.cdiv(s, 16))
     part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
-    _backward_reduce_kernel[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
+    launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, w2, part, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
         *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, CT=ct)
     sums = part.sum(0)
     means = sums / (n * s)
-    _backward_apply_kernel[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
+    launch(_backward_apply_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
                                          triton.cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, w2, du, dh, dv, means, *pd, *pk, float(eps_d), float(eps_k),
         n, k, s, cx, *sg, *su, *sh, *sx, *view3(du)[1], *view3(dh)[1], *sdv,
