@@ -37,15 +37,20 @@ TOLERANCES = {
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
-                 what: str = "tensor") -> None:
+                 what: str = "tensor", floor: float = 0.0) -> None:
     """``actual`` matches ``expected`` (any dtype, compared in float64) within
-    TOLERANCES[dtype] of expected's scale; shapes must match."""
+    TOLERANCES[dtype] of expected's scale, or within ``floor`` (an absolute
+    error allowed anyway: tests pass twice PyTorch's own error at ``dtype``
+    for problems that are ill-conditioned at that precision, such as batch
+    statistics over three values); shapes must match."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     expected = expected.detach().double()
     err = (actual.detach().double() - expected).abs().max().item() if expected.numel() else 0.0
     scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
-    assert err <= TOLERANCES[dtype] * scale, (
-        f"{what}: max error {err:.3g} exceeds {TOLERANCES[dtype]:.1g} x scale {scale:.3g}")
+    bound = max(TOLERANCES[dtype] * scale, floor)
+    assert err <= bound, (
+        f"{what}: max error {err:.3g} exceeds {TOLERANCES[dtype]:.1g} x scale {scale:.3g}"
+        f" (and the floor {floor:.3g})")
 
 
 def _backends_under_test() -> list[str]:

@@ -31,17 +31,30 @@ def _run_both(case):
     gy = _loss_grad(y)
     grads = torch.autograd.grad(y, case.inputs(), gy.to(y.dtype))
     ref_grads = torch.autograd.grad(y_ref, ref_inputs, gy.to(torch.float64))
-    return y, grads, y_ref, ref_grads, ref_bns
+    return y, grads, y_ref, ref_grads, ref_bns, gy
+
+
+def _pytorch_errors(case, dtype, gy, y_ref, ref_grads):
+    """PyTorch's own max errors (output, then each gradient) when it runs
+    the reference formula in ``dtype``, against the float64 oracle."""
+    low, low_inputs, _ = case.reference(dtype)
+    low_grads = torch.autograd.grad(low, low_inputs, gy.to(dtype))
+    return [(t.detach().double() - r).abs().max().item() if r.numel() else 0.0
+            for t, r in zip((low, *low_grads), (y_ref, *ref_grads))]
 
 
 def _check_against_oracle(case, dtype, first):
-    y, grads, y_ref, ref_grads, ref_bns = _run_both(case)
+    """Output, gradients and running statistics within the dtype's tolerance
+    of the oracle, or within twice PyTorch's own error at ``dtype`` where the
+    problem is that ill-conditioned (e.g. three values per channel)."""
+    y, grads, y_ref, ref_grads, ref_bns, gy = _run_both(case)
     assert y.dtype == dtype and y.shape == first.shape
     if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
         assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_close(y, y_ref, dtype, "y")
+    floors = [2 * e for e in _pytorch_errors(case, dtype, gy, y_ref, ref_grads)]
+    assert_close(y, y_ref, dtype, "y", floors[0])
     for index, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert_close(g, r, dtype, f"gradient of input {index}")
+        assert_close(g, r, dtype, f"gradient of input {index}", floors[index + 1])
     for bn, ref in zip(case.bns(), ref_bns):
         assert_close(bn.running_mean, ref.running_mean, torch.float32, "running_mean")
         assert_close(bn.running_var, ref.running_var, torch.float32, "running_var")

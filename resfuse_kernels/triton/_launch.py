@@ -141,6 +141,28 @@ def offsets(n, s, c, sn, sc, ss):
     return n * sn + s.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc
 
 
+if INTERPRET:
+    @triton.jit
+    def to_storage(v, ptr):
+        """``v`` (compute dtype) in ``ptr``'s element type, rounded to nearest even.
+
+        The interpreter truncates float32 -> bfloat16 (a GPU rounds to
+        nearest even), which biases every stored value by half an ulp: round
+        first by adding 0x7FFF plus the lowest kept bit, so its truncation
+        gives the GPU's result (NaN is left alone: the carry could make it Inf).
+        """
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+        return v.to(ptr.dtype.element_ty)
+else:
+    @triton.jit
+    def to_storage(v, ptr):
+        """``v`` (compute dtype) in ``ptr``'s element type, rounded to nearest even."""
+        return v.to(ptr.dtype.element_ty)
+
+
 @triton.jit
 def channel_vector(ptr, c, mask, CT: tl.constexpr):
     return tl.load(ptr + c, mask=mask, other=0.0).to(CT)

@@ -22,7 +22,7 @@ import triton.language as tl
 from ..ops._common import stat_dtype
 from ._launch import (_tile_configs, channel_vector, chunk_range, compute_type,
                       empty_like_format, grid_tiles, launch, layout_flag, num_chunks,
-                      offsets, tile_coords, view3, batch_stats)
+                      offsets, tile_coords, to_storage, view3, batch_stats)
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
     gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
     gt = _sigmoid(zt)
     y = x + gt * (gh - x)
-    tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
 
 @triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
@@ -149,9 +149,9 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
         g_t = g_t - m_gt[None, :] - b_hat * m_gtb[None, :]
     da = g_h * scale_h[None, :]
     db = g_t * scale_t[None, :]
-    tl.store(da_ptr + offsets(n, s, c, s1n, s1c, s1s), da.to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(db_ptr + offsets(n, s, c, s2n, s2c, s2s), db.to(db_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptr + offsets(n, s, c, s3n, s3c, s3s), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(da, da_ptr), mask=mask)
+    tl.store(db_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(db, db_ptr), mask=mask)
+    tl.store(dx_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dx, dx_ptr), mask=mask)
 
 
 def _params(*ts):

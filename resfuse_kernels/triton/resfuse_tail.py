@@ -10,6 +10,12 @@ tile with ``tl.dot`` in registers and Chan-merges exact per-tile moments of
 same way as the prologue of the fused BN + add + BN + add + ReLU epilogue.
 Eval: the apply pass alone.
 
+Every kernel computes the carry as ``v' = W (x - x0)``, with ``x0`` the
+first pixel of ``x`` (:func:`_carry_shift`), and normalises it with the
+shifted mean ``mean(v) - W x0`` (formed in float64): when ``x`` has a large
+mean, ``W x`` in float32 would round away the spread that BatchNorm then
+magnifies; ``v'`` is of the size of that spread.
+
 (The statistics are not taken from x's covariance, ``var(v_k) = w_k^T
 Cov(x) w_k``: that quadratic form loses ~1e-4 relative accuracy in float32
 whenever ``var(v_k)`` is small against ``|w_k|^2 var(x)``, e.g. small
@@ -41,20 +47,22 @@ import triton.language as tl
 from ..ops._common import stat_dtype
 from ._launch import (_stats_finalize, _tail_configs, batch_stats, chan_merge, channel_vector,
                       chunk_range, compute_type, empty_like_format, launch, layout_flag, num_chunks,
-                      offsets, tile_coords, tile_moments, view3)
+                      offsets, tile_coords, tile_moments, to_storage, view3)
 
 
 @triton.jit
-def _carry_tile(x_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
+def _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
                 CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                 BLOCK_X: tl.constexpr):
-    """v = W x on a [BLOCK_S pixels, BLOCK_C output channels] tile; W is (K, CX) dense."""
+    """v' = W (x - x0) on a [BLOCK_S pixels, BLOCK_C output channels] tile
+    (zero on masked pixels); W is (K, CX) dense, x0 the (CX,) shift."""
     acc = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    for x0 in range(0, CX, BLOCK_X):
-        cx = x0 + tl.arange(0, BLOCK_X)
+    for c0 in range(0, CX, BLOCK_X):
+        cx = c0 + tl.arange(0, BLOCK_X)
         xm = cx < CX
-        xt = tl.load(x_ptr + offsets(n, s, cx, sxn, sxc, sxs),
-                     mask=smask[:, None] & xm[None, :], other=0.0).to(CT)
+        tile_mask = smask[:, None] & xm[None, :]
+        xt = tl.load(x_ptr + offsets(n, s, cx, sxn, sxc, sxs), mask=tile_mask, other=0.0).to(CT)
+        xt = tl.where(tile_mask, xt - channel_vector(x0_ptr, cx, xm, CT)[None, :], 0.0)
         wt = tl.load(w_ptr + k.to(tl.int64)[None, :] * CX + cx[:, None],
                      mask=xm[:, None] & kmask[None, :], other=0.0).to(CT)
         if CT == tl.float64:
@@ -65,13 +73,14 @@ def _carry_tile(x_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
 
 
 @triton.jit
-def _tail_z(u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr, eps_d, eps_k,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY: tl.constexpr, CT: tl.constexpr, BLOCK_S: tl.constexpr,
             BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
     """(z, u_hat, weight_d * rstd_d, v_hat, weight_k * rstd_k) of a tile
-    (the last two are dummies without the carry)."""
+    (the last two are dummies without the carry). ``mk_ptr`` holds the
+    carry's mean of the shifted v' = W (x - x0)."""
     u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
     h = tl.load(h_ptr + offsets(n, s, c, shn, shc, shs), mask=mask, other=0.0).to(CT)
     rstd_d = 1.0 / tl.sqrt(channel_vector(vd_ptr, c, cmask, CT) + eps_d)
@@ -82,7 +91,7 @@ def _tail_z(u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
     v_hat = u_hat
     scale_k = scale_d
     if HAS_CARRY:
-        v = _carry_tile(x_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
+        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                         CT, BLOCK_S, BLOCK_C, BLOCK_X)
         rstd_k = 1.0 / tl.sqrt(channel_vector(vk_ptr, c, cmask, CT) + eps_k)
         wk = channel_vector(wk_ptr, c, cmask, CT)
@@ -94,7 +103,7 @@ def _tail_z(u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
 
 @triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
 @triton.jit
-def _forward_kernel(u_ptr, h_ptr, x_ptr, w_ptr, y_ptr,
+def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
                     md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                     eps_d, eps_k, N, C, S, CX,
                     sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
@@ -104,17 +113,17 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, w_ptr, y_ptr,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mask = smask[:, None] & cmask[None, :]
-    z, _, _, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+    z, _, _, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
                             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                             eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
                             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     y = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu
-    tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
 
 @triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
 @triton.jit
-def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, part_ptr,
+def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
                             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                             eps_d, eps_k, N, C, S, CX,
                             sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, LAYOUT,
@@ -135,7 +144,7 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, part_ptr,
         smask = s < S
         mask = smask[:, None] & cmask[None, :]
         z, u_hat, _, v_hat, _ = _tail_z(
-            u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+            u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
             eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
@@ -153,7 +162,7 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, part_ptr,
 
 @triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
 @triton.jit
-def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr, means_ptr,
+def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr, means_ptr,
                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                            eps_d, eps_k, N, C, S, CX,
                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
@@ -166,13 +175,13 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, du_ptr, dh_ptr, dv
     cmask = c < C
     mask = smask[:, None] & cmask[None, :]
     z, u_hat, scale_d, v_hat, scale_k = _tail_z(
-        u_ptr, h_ptr, x_ptr, w_ptr, n, s, smask, c, cmask, mask,
+        u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
         md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
         eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
         HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
     g = dy * (z > 0.0).to(CT)
-    tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), g.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(g, dh_ptr), mask=mask)
     gd = g
     gk = g
     if TRAINING:
@@ -180,19 +189,19 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, w_ptr, du_ptr, dh_ptr, dv
         gd = g - m_g - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
         gk = g - m_g - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :]
     du = gd * scale_d[None, :]
-    tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), du.to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(du, du_ptr), mask=mask)
     if HAS_CARRY:
         dv = gk * scale_k[None, :]
-        tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), dv.to(dv_ptr.dtype.element_ty),
+        tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr),
                  mask=mask)
 
 
 @triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
 @triton.jit
-def _carry_stats_kernel(x_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
+def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
                         sxn, sxc, sxs, LAYOUT, CT: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
-    """Per-chunk (count, mean, M2) of v = W x, v computed tile by tile in registers."""
+    """Per-chunk (count, mean, M2) of v' = W (x - x0), computed tile by tile in registers."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     nsb = tl.cdiv(S, BLOCK_S)
@@ -205,8 +214,8 @@ def _carry_stats_kernel(x_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
         s0 = (t - n * nsb) * BLOCK_S
         s = s0 + tl.arange(0, BLOCK_S)
         smask = s < S
-        v = _carry_tile(x_ptr, w_ptr, n.to(tl.int64), s, smask, c, cmask, CX, sxn, sxc, sxs,
-                        CT, BLOCK_S, BLOCK_C, BLOCK_X)
+        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n.to(tl.int64), s, smask, c, cmask, CX,
+                        sxn, sxc, sxs, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         nt = tl.minimum(S - s0, BLOCK_S).to(CT)
         mt, qt = tile_moments(v, smask[:, None] & cmask[None, :], nt)
         n_a, mean, m2 = chan_merge(n_a, mean, m2, nt, mt, qt)
@@ -217,8 +226,20 @@ def _carry_stats_kernel(x_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
     tl.store(m2_ptr + row + c, m2, mask=cmask)
 
 
-def _carry_stats(x3, sx, w2):
-    """(mean, biased var) of v = W x per output channel; W x is never stored."""
+def _carry_shift(x: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, W x0): the carry's shift, x at the first pixel of the first image
+    (per input channel, stat dtype), and its image under W in float64.
+
+    The kernels compute v' = W (x - x0) = v - W x0, whose magnitude is that
+    of x's spread, not of its mean: W x at a large mean would lose the
+    digits of v - mean(v) that BatchNorm keeps.
+    """
+    x0 = x[0, :, 0, 0].to(stat_dtype(x.dtype)).contiguous()
+    return x0, w2.double() @ x0.double()
+
+
+def _carry_stats(x3, sx, x0, w2):
+    """(mean', biased var) of v' = W (x - x0) per output channel; never stored."""
     n, _, h, wdt = x3.shape
     k, cx = w2.shape
     s = h * wdt
@@ -229,11 +250,11 @@ def _carry_stats(x3, sx, w2):
     m2_p = torch.empty_like(mean_p)
     ct = compute_type(x3.dtype)
     launch(_carry_stats_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
-        x3, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
+        x3, x0, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
     mean, var = (torch.empty(k, dtype=sdt, device=x3.device) for _ in range(2))
     block = 128
     launch(_stats_finalize)[(triton.cdiv(k, block),)](cnt, mean_p, m2_p, mean, var, mean, var,
-                                              chunks, k, k, CT=ct, BLOCK=block)
+                                                      chunks, k, k, CT=ct, BLOCK=block)
     return mean, var
 
 
@@ -250,12 +271,17 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     carry = x is not None
     u3, su = view3(u)
     h3, sh = view3(h)
+    y = empty_like_format(u)
     if carry:
         x3, sx = view3(x)
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
+        if u.numel() == 0:
+            x0, wx0 = u.new_zeros(cx, dtype=sdt), u.new_zeros(k, dtype=torch.float64)
+        else:
+            x0, wx0 = _carry_shift(x, w2)
     else:
-        x3, sx, w2, cx = u3, su, u3, 0
+        x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
     if training:
         mean_d, var_d = batch_stats(u3, su)
         if not carry:
@@ -263,22 +289,23 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
         elif u.numel() == 0:
             mean_k, var_k = u.new_zeros(k, dtype=sdt), u.new_zeros(k, dtype=sdt)
         else:
-            mean_k, var_k = _carry_stats(x3, sx, w2)
+            shifted_mean_k, var_k = _carry_stats(x3, sx, x0, w2)
+            mean_k = (shifted_mean_k.double() + wx0).to(sdt)
     else:
         mean_d, var_d = running_mean_d.to(sdt, copy=True), running_var_d.to(sdt, copy=True)
         if carry:
             mean_k = running_mean_k.to(sdt, copy=True)
             var_k = running_var_k.to(sdt, copy=True)
+            shifted_mean_k = (running_mean_k.double() - wx0).to(sdt)
         else:
             mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
-    y = empty_like_format(u)
     if u.numel() == 0:
         return y, mean_d, var_d, mean_k, var_k
     pd = _params(mean_d, var_d, weight_d, bias_d)
-    pk = _params(mean_k, var_k, weight_k, bias_k) if carry else pd
+    pk = _params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
     launch(_forward_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
-                                  triton.cdiv(k, meta["BLOCK_C"]))](
-        u3, h3, x3, w2, y, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
+                                          triton.cdiv(k, meta["BLOCK_C"]))](
+        u3, h3, x3, x0, w2, y, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
         *su, *sh, *sx, *view3(y)[1], layout_flag(su),
         HAS_CARRY=carry, CT=compute_type(u.dtype))
     return y, mean_d, var_d, mean_k, var_k
@@ -309,21 +336,23 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW matmuls
         dv = torch.empty(n, s, k, dtype=sdt, device=u.device)
         sdv = (s * k, 1, k)
+        x0, wx0 = _carry_shift(x, w2)  # the forward's shift: same x, same x0
+        shifted_mean_k = (mean_k.double() - wx0).to(sdt)
     else:
-        x3, sx, w2, cx = u3, su, u3, 0
+        x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
         dv, sdv = du, view3(du)[1]  # never written
     pd = _params(mean_d.to(sdt), var_d.to(sdt), weight_d, bias_d)
-    pk = _params(mean_k.to(sdt), var_k.to(sdt), weight_k, bias_k) if carry else pd
+    pk = _params(shifted_mean_k, var_k.to(sdt), weight_k, bias_k) if carry else pd
     chunks = num_chunks(u.device, n * triton.cdiv(s, 16))
     part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
-        g3, u3, h3, x3, w2, part, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
+        g3, u3, h3, x3, x0, w2, part, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
         *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, CT=ct)
     sums = part.sum(0)
     means = sums / (n * s)
     launch(_backward_apply_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
-                                         triton.cdiv(k, meta["BLOCK_C"]))](
-        g3, u3, h3, x3, w2, du, dh, dv, means, *pd, *pk, float(eps_d), float(eps_k),
+                                                 triton.cdiv(k, meta["BLOCK_C"]))](
+        g3, u3, h3, x3, x0, w2, du, dh, dv, means, *pd, *pk, float(eps_d), float(eps_k),
         n, k, s, cx, *sg, *su, *sh, *sx, *view3(du)[1], *view3(dh)[1], *sdv,
         layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
     sum_g, sum_gu, sum_gv = sums.view(3, k).unbind(0)
