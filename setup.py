@@ -19,7 +19,10 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ATen's Vectorized<T> compiles to AVX2 with these, as ATen's own AVX2 kernels.
-CPU_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without the
+# flag it silently runs on one thread.
+CPU_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+             "-fopenmp"]
 
 
 def _extensions():
@@ -45,7 +48,8 @@ def _extensions():
             except Exception as exc:  # noqa: BLE001 - any toolchain failure
                 warnings.warn(f"building {ext.name} failed ({exc}); it will be unavailable")
 
-    exts = [CppExtension("resfuse_kernels._C_cpu", cpp, extra_compile_args=CPU_FLAGS)]
+    exts = [CppExtension("resfuse_kernels._C_cpu", cpp, extra_compile_args=CPU_FLAGS,
+                         extra_link_args=["-fopenmp"])]
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if cu and torch.version.cuda and CUDA_HOME:
         from torch.utils.cpp_extension import CUDAExtension

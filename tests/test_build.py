@@ -42,3 +42,15 @@ def test_ci_builds_the_cpu_backend_and_makes_it_the_default():
     default backend for CPU tensors."""
     assert rk.backends.status()["cpu"] is None, rk.backends.status()["cpu"]
     assert rk.backends.resolve(torch.device("cpu")) == "cpu"
+
+
+def test_cpu_extension_runs_in_parallel():
+    """at::parallel_for is inline OpenMP in torch's headers: a library built
+    without -fopenmp silently runs every kernel on one thread. The built
+    library must call into the OpenMP runtime."""
+    if rk.backends.status()["cpu"] is not None:
+        pytest.skip(f"cpu backend: {rk.backends.status()['cpu']}")
+    import importlib.util
+    origin = importlib.util.find_spec("resfuse_kernels._C_cpu").origin
+    with open(origin, "rb") as library:
+        assert b"GOMP_parallel" in library.read(), f"{origin} was built without OpenMP"
