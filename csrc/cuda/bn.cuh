@@ -574,8 +574,9 @@ inline void check_first(const char* name, const Tensor& t) {
   TORCH_CHECK(t.dim() == 4, "resfuse_cuda: ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resfuse_cuda: ", name,
               " must be floating point, got ", t.scalar_type());
-  TORCH_CHECK(t.size(2) * t.size(3) < (int64_t(1) << 31),
-              "resfuse_cuda: H * W must be below 2^31, got ", t.sizes());
+  // Grids put channels on blockIdx.x; H * W bounds the per-channel walkers.
+  TORCH_CHECK(t.size(1) < (int64_t(1) << 31) && t.size(2) * t.size(3) < (int64_t(1) << 31),
+              "resfuse_cuda: C and H * W must each be below 2^31, got ", t.sizes());
 }
 
 inline void check_channel(const char* name, const Tensor& t, int64_t C, const Tensor& like) {
