@@ -14,7 +14,9 @@
 # line when nvcc is not installed.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+HERE="${BASH_SOURCE[0]%/*}"
+[[ "$HERE" == "${BASH_SOURCE[0]}" ]] && HERE=.
+ROOT="$(cd "$HERE/../.." && pwd)"
 cd "$ROOT"
 
 NVCC="${NVCC:-$(command -v nvcc || true)}"
