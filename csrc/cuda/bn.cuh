@@ -19,7 +19,7 @@
 //
 // Functors see (n, c, s) of the first lane of a V-lane vector: in NCHW the
 // lanes are s..s+V-1 of channel c, in channels_last channels c..c+V-1 of
-// pixel s (lane_channel in common.cuh).
+// pixel s; Bn::lanes gives the per-channel parameters of those lanes.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -323,27 +323,59 @@ std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geo& g, bool t
 // Rows of the (kParamRows, C) per-channel parameter table of one BN.
 enum ParamRow { kMean = 0, kRstd, kScale, kBias, kK2, kK3, kParamRows };
 
-// Read access to a parameter table on the device.
-template <typename A>
-struct Bn {
-  const A* p;
-  int64_t C;
-  __device__ __forceinline__ A get(int row, int64_t c) const { return p[row * C + c]; }
+// One BN's parameters for the V lanes of a vector, with the BN math on them.
+template <typename A, int V>
+struct BnLanes {
+  A mean[V], rstd[V], scale[V], bias[V], k2[V], k3[V];
+
   // weight * (z - mean) * rstd + bias, with (z - mean) formed first so a
   // large mean does not cancel against the spread.
-  __device__ __forceinline__ A affine(A z, int64_t c) const {
-    return (z - get(kMean, c)) * get(kScale, c) + get(kBias, c);
+  __device__ __forceinline__ A affine(A z, int l) const {
+    return (z - mean[l]) * scale[l] + bias[l];
   }
-  __device__ __forceinline__ A normalised(A z, int64_t c) const {
-    return (z - get(kMean, c)) * get(kRstd, c);
-  }
+  __device__ __forceinline__ A normalised(A z, int l) const { return (z - mean[l]) * rstd[l]; }
   // The input gradient from g = dL/dBN(z):
   //   training: w r (g - sum_g/M - z_hat sum_gz/M) = k1 g + k2 (z - mean) + k3
   //   eval:     w r g
   // with k1 = w r, k2 = -w r^2 sum_gz/M, k3 = -w r sum_g/M (grad_finalize).
-  __device__ __forceinline__ A input_grad(A g, A z, int64_t c, bool training) const {
-    const A k1g = get(kScale, c) * g;
-    return training ? k1g + get(kK2, c) * (z - get(kMean, c)) + get(kK3, c) : k1g;
+  __device__ __forceinline__ A input_grad(A g, A z, int l, bool training) const {
+    const A k1g = scale[l] * g;
+    return training ? k1g + k2[l] * (z - mean[l]) + k3[l] : k1g;
+  }
+};
+
+// A parameter table on the device.
+template <typename A>
+struct Bn {
+  const A* p;
+  int64_t C;
+
+  // Row r for the lanes of the vector at channel c: in channels_last the V
+  // lanes are V channels, read as one vector (a table row is 16-byte
+  // aligned when C % V == 0, which vectorising requires); in NCHW one
+  // channel, broadcast. Rows a caller never reads are not loaded.
+  template <int V, bool CL>
+  __device__ __forceinline__ void row(int r, int64_t c, A (&out)[V]) const {
+    const A* q = p + r * C + c;
+    if constexpr (CL && V > 1) {
+      load<V>(q, out);
+    } else {
+      const A v = q[0];
+#pragma unroll
+      for (int l = 0; l < V; ++l) out[l] = v;
+    }
+  }
+
+  template <int V, bool CL>
+  __device__ __forceinline__ BnLanes<A, V> lanes(int64_t c) const {
+    BnLanes<A, V> b;
+    row<V, CL>(kMean, c, b.mean);
+    row<V, CL>(kRstd, c, b.rstd);
+    row<V, CL>(kScale, c, b.scale);
+    row<V, CL>(kBias, c, b.bias);
+    row<V, CL>(kK2, c, b.k2);
+    row<V, CL>(kK3, c, b.k3);
+    return b;
   }
 };
 

@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace resfuse_cuda {
@@ -57,12 +58,6 @@ __device__ __forceinline__ T* at_(const Act<T>& t, int64_t n, int64_t c, int64_t
   return t.p + (CL ? n * t.sn + s * t.so + c : n * t.sn + c * t.so + s);
 }
 
-// The channel of lane i of a vector that starts at channel c.
-template <bool CL>
-__device__ __forceinline__ int64_t lane_channel(int64_t c, int i) {
-  return CL ? c + i : c;
-}
-
 // ----------------------------------------------------------------- vectors
 
 // V elements of T; 16-byte aligned when that is its size or more (a larger
@@ -73,28 +68,70 @@ struct alignas(sizeof(T) * V < 16 ? sizeof(T) * V : 16) Pack {
 };
 
 // Loads V consecutive elements at p (aligned for Pack<T, V> when V > 1)
-// converted to A.
+// converted to A. Whole 16-byte packs move as uint4, so the compiler emits
+// one 128-bit access each (a struct copy of 2-byte elements may be split).
 template <int V, typename T, typename A>
 __device__ __forceinline__ void load(const T* p, A (&out)[V]) {
   using U = std::remove_const_t<T>;
+  using P = Pack<U, V>;
   if constexpr (V == 1) {
     out[0] = static_cast<A>(p[0]);
   } else {
-    const Pack<U, V> pk = *reinterpret_cast<const Pack<U, V>*>(p);
+    P pk;
+    if constexpr (sizeof(P) % 16 == 0) {
+      const uint4* src = reinterpret_cast<const uint4*>(p);
+      uint4* dst = reinterpret_cast<uint4*>(&pk);
+#pragma unroll
+      for (int j = 0; j < static_cast<int>(sizeof(P) / 16); ++j) dst[j] = src[j];
+    } else {
+      pk = *reinterpret_cast<const P*>(p);
+    }
 #pragma unroll
     for (int i = 0; i < V; ++i) out[i] = static_cast<A>(pk.v[i]);
   }
 }
 
+// The bits of v as an unsigned integer of its size.
+template <typename U, typename T>
+__device__ __forceinline__ U bits(const T& v) {
+  static_assert(sizeof(U) == sizeof(T), "bits: size mismatch");
+  U u;
+  memcpy(&u, &v, sizeof(U));
+  return u;
+}
+
+// Stores V values converted to T at p (aligned for Pack<T, V> when V > 1).
+// The converted values are packed into 32-bit words and written as uint4:
+// a struct copy of the converted elements gets split into scalar stores.
 template <int V, typename T, typename A>
 __device__ __forceinline__ void store(T* p, const A (&in)[V]) {
   if constexpr (V == 1) {
     p[0] = static_cast<T>(in[0]);
   } else {
-    Pack<T, V> pk;
+    static_assert(sizeof(T) * V % 16 == 0, "vector stores are whole 16-byte packs");
+    constexpr int kWords = static_cast<int>(sizeof(T) * V / 4);
+    uint32_t w[kWords];
+    if constexpr (sizeof(T) == 2) {
 #pragma unroll
-    for (int i = 0; i < V; ++i) pk.v[i] = static_cast<T>(in[i]);
-    *reinterpret_cast<Pack<T, V>*>(p) = pk;
+      for (int j = 0; j < kWords; ++j)
+        w[j] = static_cast<uint32_t>(bits<uint16_t>(static_cast<T>(in[2 * j]))) |
+               (static_cast<uint32_t>(bits<uint16_t>(static_cast<T>(in[2 * j + 1]))) << 16);
+    } else if constexpr (sizeof(T) == 4) {
+#pragma unroll
+      for (int j = 0; j < kWords; ++j) w[j] = bits<uint32_t>(static_cast<T>(in[j]));
+    } else {
+      static_assert(sizeof(T) == 8, "element size 2, 4 or 8");
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const uint64_t b = bits<uint64_t>(static_cast<T>(in[i]));
+        w[2 * i] = static_cast<uint32_t>(b);
+        w[2 * i + 1] = static_cast<uint32_t>(b >> 32);
+      }
+    }
+    uint4* dst = reinterpret_cast<uint4*>(p);
+#pragma unroll
+    for (int k = 0; k < kWords / 4; ++k)
+      __stwb(dst + k, make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]));
   }
 }
 

@@ -30,11 +30,11 @@ struct HighwayForward {
     load<V>(at_<CL>(a, n, c, s), av);
     load<V>(at_<CL>(b, n, c, s), bv);
     load<V>(at_<CL>(x, n, c, s), xv);
+    const BnLanes<A, V> lh = bn_h.template lanes<V, CL>(c), lt = bn_t.template lanes<V, CL>(c);
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const int64_t ch = lane_channel<CL>(c, l);
-      const A h = relu(bn_h.affine(av[l], ch));
-      const A t = sigmoid(bn_t.affine(bv[l], ch));
+      const A h = relu(lh.affine(av[l], l));
+      const A t = sigmoid(lt.affine(bv[l], l));
       yv[l] = h * t + xv[l] * (A(1) - t);
     }
     store<V>(at_<CL>(y, n, c, s), yv);
@@ -48,11 +48,11 @@ struct GateGrads {
   A g_h, g_t, dx;
 };
 
-template <typename A>
-__device__ __forceinline__ GateGrads<A> gate_grads(A g, A a, A b, A x, const Bn<A>& bn_h,
-                                                   const Bn<A>& bn_t, int64_t ch) {
-  const A h = relu(bn_h.affine(a, ch));
-  const A t = sigmoid(bn_t.affine(b, ch));
+template <typename A, int V>
+__device__ __forceinline__ GateGrads<A> gate_grads(A g, A a, A b, A x, const BnLanes<A, V>& lh,
+                                                   const BnLanes<A, V>& lt, int l) {
+  const A h = relu(lh.affine(a, l));
+  const A t = sigmoid(lt.affine(b, l));
   // dx = g (1 - T);  g_h = g T [H > 0];  g_t = g (H - x) T (1 - T)
   return {g * t * positive(h), g * (h - x) * t * (A(1) - t), g * (A(1) - t)};
 }
@@ -77,26 +77,26 @@ struct HighwayBackward {
                                              A (&out)[4][V]) const {
     A gv[V], av[V], bv[V], xv[V];
     load_all(n, c, s, gv, av, bv, xv);
+    const BnLanes<A, V> lh = bn_h.template lanes<V, CL>(c), lt = bn_t.template lanes<V, CL>(c);
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const int64_t ch = lane_channel<CL>(c, l);
-      const GateGrads<A> d = gate_grads(gv[l], av[l], bv[l], xv[l], bn_h, bn_t, ch);
+      const GateGrads<A> d = gate_grads(gv[l], av[l], bv[l], xv[l], lh, lt, l);
       out[0][l] = d.g_h;
-      out[1][l] = d.g_h * bn_h.normalised(av[l], ch);
+      out[1][l] = d.g_h * lh.normalised(av[l], l);
       out[2][l] = d.g_t;
-      out[3][l] = d.g_t * bn_t.normalised(bv[l], ch);
+      out[3][l] = d.g_t * lt.normalised(bv[l], l);
     }
   }
 
   __device__ __forceinline__ void apply(int64_t n, int64_t c, int64_t s) const {
     A gv[V], av[V], bv[V], xv[V], dav[V], dbv[V], dxv[V];
     load_all(n, c, s, gv, av, bv, xv);
+    const BnLanes<A, V> lh = bn_h.template lanes<V, CL>(c), lt = bn_t.template lanes<V, CL>(c);
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const int64_t ch = lane_channel<CL>(c, l);
-      const GateGrads<A> d = gate_grads(gv[l], av[l], bv[l], xv[l], bn_h, bn_t, ch);
-      dav[l] = bn_h.input_grad(d.g_h, av[l], ch, training);
-      dbv[l] = bn_t.input_grad(d.g_t, bv[l], ch, training);
+      const GateGrads<A> d = gate_grads(gv[l], av[l], bv[l], xv[l], lh, lt, l);
+      dav[l] = lh.input_grad(d.g_h, av[l], l, training);
+      dbv[l] = lt.input_grad(d.g_t, bv[l], l, training);
       dxv[l] = d.dx;
     }
     store<V>(at_<CL>(da, n, c, s), dav);

@@ -37,12 +37,16 @@ struct TailForward {
     load<V>(at_<CL>(u, n, c, s), uv);
     load<V>(at_<CL>(h, n, c, s), hv);
     const bool carry = v.p != nullptr;
-    if (carry) load<V>(at_<CL>(v, n, c, s), vv);
+    const BnLanes<A, V> ld = bn_d.template lanes<V, CL>(c);
+    BnLanes<A, V> lk;
+    if (carry) {
+      load<V>(at_<CL>(v, n, c, s), vv);
+      lk = bn_k.template lanes<V, CL>(c);
+    }
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const int64_t ch = lane_channel<CL>(c, l);
-      A z = bn_d.affine(uv[l], ch) + hv[l];
-      if (carry) z = z + bn_k.affine(vv[l], ch);
+      A z = ld.affine(uv[l], l) + hv[l];
+      if (carry) z = z + lk.affine(vv[l], l);
       yv[l] = relu(z);
     }
     store<V>(at_<CL>(y, n, c, s), yv);
@@ -58,21 +62,25 @@ struct TailBackward {
   Bn<A> bn_d, bn_k;
   bool training;
 
-  // g [z > 0] per lane (the mask multiplies, so NaN in g propagates), and
-  // the loaded u and v.
+  // g [z > 0] per lane (the mask multiplies, so NaN in g propagates), the
+  // loaded u and v, and both BNs' lanes (lk only with the carry).
   __device__ __forceinline__ void masked(int64_t n, int64_t c, int64_t s, A (&gm)[V],
-                                         A (&uv)[V], A (&vv)[V]) const {
+                                         A (&uv)[V], A (&vv)[V], BnLanes<A, V>& ld,
+                                         BnLanes<A, V>& lk) const {
     A gv[V], hv[V];
     load<V>(at_<CL>(g, n, c, s), gv);
     load<V>(at_<CL>(u, n, c, s), uv);
     load<V>(at_<CL>(h, n, c, s), hv);
+    ld = bn_d.template lanes<V, CL>(c);
     const bool carry = v.p != nullptr;
-    if (carry) load<V>(at_<CL>(v, n, c, s), vv);
+    if (carry) {
+      load<V>(at_<CL>(v, n, c, s), vv);
+      lk = bn_k.template lanes<V, CL>(c);
+    }
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const int64_t ch = lane_channel<CL>(c, l);
-      A z = bn_d.affine(uv[l], ch) + hv[l];
-      if (carry) z = z + bn_k.affine(vv[l], ch);
+      A z = ld.affine(uv[l], l) + hv[l];
+      if (carry) z = z + lk.affine(vv[l], l);
       gm[l] = gv[l] * positive(z);
     }
   }
@@ -81,26 +89,26 @@ struct TailBackward {
   __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t s,
                                              A (&out)[3][V]) const {
     A gm[V], uv[V], vv[V];
-    masked(n, c, s, gm, uv, vv);
+    BnLanes<A, V> ld, lk;
+    masked(n, c, s, gm, uv, vv, ld, lk);
     const bool carry = v.p != nullptr;
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const int64_t ch = lane_channel<CL>(c, l);
       out[0][l] = gm[l];
-      out[1][l] = gm[l] * bn_d.normalised(uv[l], ch);
-      out[2][l] = carry ? gm[l] * bn_k.normalised(vv[l], ch) : A(0);
+      out[1][l] = gm[l] * ld.normalised(uv[l], l);
+      out[2][l] = carry ? gm[l] * lk.normalised(vv[l], l) : A(0);
     }
   }
 
   __device__ __forceinline__ void apply(int64_t n, int64_t c, int64_t s) const {
     A gm[V], uv[V], vv[V], duv[V], dvv[V];
-    masked(n, c, s, gm, uv, vv);
+    BnLanes<A, V> ld, lk;
+    masked(n, c, s, gm, uv, vv, ld, lk);
     const bool carry = v.p != nullptr;
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const int64_t ch = lane_channel<CL>(c, l);
-      duv[l] = bn_d.input_grad(gm[l], uv[l], ch, training);
-      if (carry) dvv[l] = bn_k.input_grad(gm[l], vv[l], ch, training);
+      duv[l] = ld.input_grad(gm[l], uv[l], l, training);
+      if (carry) dvv[l] = lk.input_grad(gm[l], vv[l], l, training);
     }
     store<V>(at_<CL>(du, n, c, s), duv);
     store<V>(at_<CL>(dh, n, c, s), gm);
