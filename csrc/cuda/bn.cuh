@@ -290,17 +290,15 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geo& g) {
     P = plan.P;
     part = at::empty({3, P, g.C}, opts);
     if constexpr (CL) {
-      stats_cl_kernel<T, V><<<dim3(plan.groups, P), dim3(plan.bx, plan.by), 0, stream>>>(
-          a, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+      launch(stats_cl_kernel<T, V>, dim3(plan.groups, P), dim3(plan.bx, plan.by), stream, a,
+             g.N, g.C, g.S, part.mutable_data_ptr<A>());
     } else {
-      stats_nchw_kernel<T, V><<<dim3(g.C, P), kThreads, 0, stream>>>(
-          a, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+      launch(stats_nchw_kernel<T, V>, dim3(g.C, P), dim3(kThreads), stream, a, g.N, g.C, g.S,
+             part.mutable_data_ptr<A>());
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  stats_finalize_kernel<A><<<ceil_div(g.C, kThreads), kThreads, 0, stream>>>(
-      part.const_data_ptr<A>(), P, g.C, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(stats_finalize_kernel<A>, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
+         part.const_data_ptr<A>(), P, g.C, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
   return {mean, var};
 }
 
@@ -404,10 +402,9 @@ Tensor bn_params(const Tensor& mean, const Tensor& var, const Tensor& weight, co
   Tensor w = channel(weight, dtype), b = channel(bias, dtype);
   Tensor table = at::empty({kParamRows, C}, weight.options().dtype(dtype));
   if (C > 0) {
-    bn_params_kernel<A><<<ceil_div(C, kThreads), kThreads, 0, current_stream()>>>(
-        m.const_data_ptr<A>(), v.const_data_ptr<A>(), w.const_data_ptr<A>(),
-        b.const_data_ptr<A>(), static_cast<A>(eps), C, table.mutable_data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(bn_params_kernel<A>, dim3(ceil_div(C, kThreads)), dim3(kThreads), current_stream(),
+           m.const_data_ptr<A>(), v.const_data_ptr<A>(), w.const_data_ptr<A>(),
+           b.const_data_ptr<A>(), static_cast<A>(eps), C, table.mutable_data_ptr<A>());
   }
   return table;
 }
@@ -538,17 +535,15 @@ void grad_sums(const F& f, const Geo& g, const at::TensorOptions& opts, bool tra
   const Plan plan = reduction_plan(g, V);
   Tensor part = at::empty({K, plan.P, g.C}, opts);
   if constexpr (CL) {
-    reduce_cl_kernel<K, V, A><<<dim3(plan.groups, plan.P), dim3(plan.bx, plan.by), 0, stream>>>(
-        f, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+    launch(reduce_cl_kernel<K, V, A, F>, dim3(plan.groups, plan.P), dim3(plan.bx, plan.by),
+           stream, f, g.N, g.C, g.S, part.mutable_data_ptr<A>());
   } else {
-    reduce_nchw_kernel<K, V, A><<<dim3(g.C, plan.P), kThreads, 0, stream>>>(
-        f, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+    launch(reduce_nchw_kernel<K, V, A, F>, dim3(g.C, plan.P), dim3(kThreads), stream, f, g.N,
+           g.C, g.S, part.mutable_data_ptr<A>());
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  grad_finalize_kernel<K, A><<<ceil_div(g.C, kThreads), kThreads, 0, stream>>>(
-      part.const_data_ptr<A>(), plan.P, g.C, static_cast<double>(g.count()), training, nbn,
-      bn0, bn1);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(grad_finalize_kernel<K, A>, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
+         part.const_data_ptr<A>(), plan.P, g.C, static_cast<double>(g.count()), training, nbn,
+         bn0, bn1);
 }
 
 // ----------------------------------------------------------------- pointwise
@@ -576,15 +571,15 @@ void pointwise(const F& f, const Geo& g) {
   const int64_t total = g.N * g.C * g.S / V;
   if (total == 0) return;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 8LL * sm_count());
-  pointwise_kernel<CL, V><<<blocks, kThreads, 0, current_stream()>>>(f, g.N, g.C, g.S);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(pointwise_kernel<CL, V, F>, dim3(blocks), dim3(kThreads), current_stream(), f, g.N, g.C,
+         g.S);
 }
 
 // ----------------------------------------------------------------- input checks (host)
 
 inline void check_activation(const char* name, const Tensor& t, const Tensor& like,
                              bool same_nhw_only = false) {
-  TORCH_CHECK(t.is_cuda(), "resfuse_cuda: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(on_device(t), "resfuse_cuda: ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 4, "resfuse_cuda: ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
   TORCH_CHECK(t.device() == like.device(), "resfuse_cuda: ", name, " is on ", t.device(),
               " but the op's first input is on ", like.device());
@@ -602,7 +597,7 @@ inline void check_activation(const char* name, const Tensor& t, const Tensor& li
 }
 
 inline void check_first(const char* name, const Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), "resfuse_cuda: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(on_device(t), "resfuse_cuda: ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.dim() == 4, "resfuse_cuda: ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resfuse_cuda: ", name,
               " must be floating point, got ", t.scalar_type());

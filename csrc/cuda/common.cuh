@@ -17,14 +17,20 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+
+#ifdef RESFUSE_CUDA_EMULATION
+#include "emulation.h"  // CPU stand-ins: launch, on_device, DeviceGuard, ...
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace resfuse_cuda {
 
@@ -263,6 +269,7 @@ __device__ __forceinline__ void block_sum(A (&v)[K]) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+#ifndef RESFUSE_CUDA_EMULATION
 // Streaming multiprocessors of the current device (sizes the grids).
 inline int sm_count() {
   int device = 0, count = 0;
@@ -274,5 +281,17 @@ inline int sm_count() {
 // The current stream (what at::cuda::getCurrentCUDAStream() returns; the
 // c10 header avoids ATen/cuda/CUDAContext.h, which needs the cuBLAS headers).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// kernel<<<grid, block, 0, stream>>>(args...), checked.
+template <typename... P, typename... Args>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline bool on_device(const Tensor& t) { return t.is_cuda(); }
+
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
 
 }  // namespace resfuse_cuda

@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
     const std::optional<Tensor>& running_mean_t, const std::optional<Tensor>& running_var_t,
     bool training, double eps_h, double eps_t) {
   check_inputs(a_in, b_in, x_in, weight_h, bias_h, weight_t, bias_t);
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  const DeviceGuard guard(a_in.device());
   const Geo g = geometry(a_in);
   const Tensor a = fit(a_in, g), b = fit(b_in, g), x = fit(x_in, g);
   Tensor y = at::empty(a_in.sizes(), a_in.options().memory_format(g.format()));
@@ -165,7 +165,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
   check_channel("var_h", var_h, C, a_in);
   check_channel("mean_t", mean_t, C, a_in);
   check_channel("var_t", var_t, C, a_in);
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  const DeviceGuard guard(a_in.device());
   const Geo g = geometry(a_in);
   const Tensor a = fit(a_in, g), b = fit(b_in, g), x = fit(x_in, g), gy = fit(grad_in, g);
   const auto act_opts = a_in.options().memory_format(g.format());

@@ -166,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
     const std::optional<Tensor>& running_mean_k, const std::optional<Tensor>& running_var_k,
     bool training, double eps_d, double eps_k) {
   check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
-  const c10::cuda::CUDAGuard guard(u_in.device());
+  const DeviceGuard guard(u_in.device());
   const bool carry = x_in.has_value();
   const Geo g = geometry(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g);
@@ -220,7 +220,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     check_channel("mean_k", mean_k, C, u_in);
     check_channel("var_k", var_k, C, u_in);
   }
-  const c10::cuda::CUDAGuard guard(u_in.device());
+  const DeviceGuard guard(u_in.device());
   const Geo g = geometry(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g), gy = fit(grad_in, g);
   const auto act_opts = u_in.options().memory_format(g.format());
