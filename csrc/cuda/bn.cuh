@@ -135,6 +135,12 @@ struct Plan {
   int64_t groups;  // grid.x
 };
 
+#ifdef RESFUSE_CUDA_EMULATION
+constexpr int64_t kMinWorkPerThread = 0;  // as many partials as possible: exercise the merges
+#else
+constexpr int64_t kMinWorkPerThread = 8;  // vectors (NCHW) or pixels (CL) per thread, at least
+#endif
+
 inline Plan reduction_plan(const Geo& g, int V) {
   const int64_t target = 4 * static_cast<int64_t>(sm_count());  // blocks in the grid
   Plan plan{1, kThreads, 1, g.C};
@@ -142,7 +148,7 @@ inline Plan reduction_plan(const Geo& g, int V) {
   int64_t per_block;  // how many of those one block should take at least
   if (!g.cl) {
     per_group = g.N * (g.S / V);
-    per_block = 8 * kThreads;
+    per_block = kMinWorkPerThread * kThreads;
   } else {
     const int64_t cv = g.C / V;
     int bx = 1;
@@ -151,10 +157,11 @@ inline Plan reduction_plan(const Geo& g, int V) {
     plan.by = kThreads / bx;
     plan.groups = ceil_div(cv, bx);
     per_group = g.count();
-    per_block = 8 * plan.by;
+    per_block = kMinWorkPerThread * plan.by;
   }
   const int64_t want = ceil_div(target, std::max<int64_t>(plan.groups, 1));
-  plan.P = std::min<int64_t>({want, std::max<int64_t>(1, ceil_div(per_group, per_block)), 65535});
+  plan.P = std::min<int64_t>(
+      {want, std::max<int64_t>(1, ceil_div(per_group, std::max<int64_t>(per_block, 1))), 65535});
   plan.P = std::max<int64_t>(plan.P, 1);
   return plan;
 }
