@@ -87,7 +87,12 @@ inline Tensor fit(const Tensor& t, const Geo& g) {
 // non-batch axis (0 when that axis has size 1, so it never blocks vectors).
 template <typename T>
 Act<T> act(const Tensor& t, const Geo& g) {
-  T* p = static_cast<T*>(const_cast<void*>(t.const_data_ptr()));
+  T* p;
+  if constexpr (std::is_const_v<T>) {
+    p = static_cast<T*>(t.const_data_ptr());
+  } else {
+    p = static_cast<T*>(t.mutable_data_ptr());
+  }
   const int64_t so = g.cl ? s_stride(t) : (t.size(1) <= 1 ? 0 : t.stride(1));
   return {p, t.size(0) <= 1 ? 0 : t.stride(0), so};
 }
