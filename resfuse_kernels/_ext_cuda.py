@@ -2,8 +2,10 @@
 backend interface (see :mod:`resfuse_kernels.backends`).
 
 Raises ImportError, with the reason in one line, when the library is not
-built, torch has no CUDA, no CUDA device is visible or the library cannot be
-loaded, so that the backend is reported unavailable.
+built, torch has no CUDA, no CUDA device is visible, the library cannot be
+loaded or holds no code for this GPU's architecture (setup.py builds sm_90
+plus compute_90 PTX unless TORCH_CUDA_ARCH_LIST says otherwise), so that
+the backend is reported unavailable.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ except OSError as exc:  # e.g. built against another torch or CUDA runtime
     raise ImportError(f"cannot load {_spec.origin}: {first_line}") from exc
 
 _ops = torch.ops.resfuse_cuda
+if not _ops.kernels_runnable():
+    _major, _minor = torch.cuda.get_device_capability()
+    raise ImportError(f"built without code for this GPU (sm_{_major}{_minor}); rebuild with "
+                      f"TORCH_CUDA_ARCH_LIST={_major}.{_minor}")
 highway_gate_forward = _ops.highway_gate_forward
 highway_gate_backward = _ops.highway_gate_backward
 resfuse_tail_forward = _ops.resfuse_tail_forward

@@ -206,4 +206,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
           dweight_t.to(weight_t.scalar_type()), dbias_t.to(bias_t.scalar_type())};
 }
 
+bool kernels_runnable() {
+#ifdef RESFUSE_CUDA_EMULATION
+  return true;
+#else
+  cudaFuncAttributes attributes;
+  // Fails (cudaErrorInvalidDeviceFunction or NoKernelImageForDevice) when
+  // no image in the fatbinary fits the current device.
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, bn_params_kernel<float>);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: nothing else should see this error
+    return false;
+  }
+  return true;
+#endif
+}
+
 }  // namespace resfuse_cuda

@@ -35,6 +35,8 @@ TORCH_LIBRARY(resfuse_cuda, m) {
         "Tensor bias_d, Tensor mean_d, Tensor var_d, Tensor? x, Tensor? w, Tensor? weight_k, "
         "Tensor? bias_k, Tensor mean_k, Tensor var_k, bool training, float eps_d, float eps_k) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // No tensor argument to dispatch on: one kernel for every backend.
+  m.def("kernels_runnable() -> bool", &kernels_runnable);
 }
 
 TORCH_LIBRARY_IMPL(resfuse_cuda, CUDA, m) {

@@ -44,4 +44,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     const Opt& w, const Opt& weight_k, const Opt& bias_k, const Tensor& mean_k,
     const Tensor& var_k, bool training, double eps_d, double eps_k);
 
+// Whether this library holds code the current device can run (built for
+// its architecture, or PTX it can compile): the loader asks before it
+// offers the backend.
+bool kernels_runnable();
+
 }  // namespace resfuse_cuda
