@@ -1,6 +1,7 @@
 # make test   -- set up .venv, build, run the C++ tests (ctest) and the pytest suite
 # make bench  -- set up .venv and run the main job (the Table 3 report)
 # make ctest  -- build csrc/ with CMake against the venv's libtorch and run ctest
+# make cuda-compile -- compile csrc/cuda with nvcc, no GPU needed (skipped without nvcc)
 #
 # The venv sees the system's packages, so a machine that already has torch
 # (a GPU machine with a CUDA build) keeps it; elsewhere the CPU build is
@@ -13,7 +14,7 @@ TORCH  ?= torch==2.13.0
 # Triton 3.9 runs its interpreter with numpy >= 2.3 (3.6 needs numpy < 2.3).
 TRITON ?= triton==3.9.0
 
-.PHONY: test bench venv ctest clean
+.PHONY: test bench venv ctest cuda-compile clean
 
 venv: $(VENV)/.ready
 
@@ -31,6 +32,9 @@ ctest: venv
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
+
+cuda-compile: venv
+	PYTHON=$(PY) csrc/cuda/compile_check.sh
 
 bench: venv
 	$(PY) -m resfuse_kernels.bench table3

@@ -25,6 +25,42 @@ CPU_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU
              "-fopenmp"]
 
 
+def _nvcc(cuda_home):
+    """The nvcc that torch's CUDAExtension will use, or None."""
+    if not cuda_home:
+        return None
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    return nvcc if os.path.exists(nvcc) else None
+
+
+def _cuda_arch_flags():
+    """sm_90 code plus compute_90 PTX (which newer GPUs JIT-compile), unless
+    TORCH_CUDA_ARCH_LIST is set: then torch's own arch flags apply."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    return ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
+
+
+def _cuda_extension(torch, cuda_home):
+    """The ``_C_cuda`` extension when torch has CUDA and nvcc is found, else None."""
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if not cu or not torch.version.cuda:
+        return None
+    if _nvcc(cuda_home) is None:
+        warnings.warn("torch has CUDA but nvcc was not found (set CUDA_HOME): installing "
+                      "without the cuda backend")
+        return None
+    try:
+        from torch.utils.cpp_extension import CUDAExtension
+        return CUDAExtension(
+            "resfuse_kernels._C_cuda",
+            sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + cu,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *_cuda_arch_flags()]})
+    except Exception as exc:  # noqa: BLE001 - a broken CUDA toolkit setup
+        warnings.warn(f"cannot plan the cuda backend ({exc}); it will be unavailable")
+        return None
+
+
 def _extensions():
     if os.environ.get("RESFUSE_SKIP_EXT") == "1":
         return [], {}
@@ -50,12 +86,9 @@ def _extensions():
 
     exts = [CppExtension("resfuse_kernels._C_cpu", cpp, extra_compile_args=CPU_FLAGS,
                          extra_link_args=["-fopenmp"])]
-    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    if cu and torch.version.cuda and CUDA_HOME:
-        from torch.utils.cpp_extension import CUDAExtension
-        exts.append(CUDAExtension("resfuse_kernels._C_cuda",
-                                  sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))) + cu,
-                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
+    cuda_ext = _cuda_extension(torch, CUDA_HOME)
+    if cuda_ext is not None:
+        exts.append(cuda_ext)
     return exts, {"build_ext": TolerantBuild}
 
 

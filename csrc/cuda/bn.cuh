@@ -1,0 +1,630 @@
+// The passes every fused BatchNorm op is made of, generic over the op's
+// elementwise math (a functor) and over the layout (NCHW or channels_last):
+//
+//   batch_stats   per-channel mean and biased variance of one activation:
+//                 stats_{nchw,cl}_kernel -> (3, P, C) partial moments,
+//                 stats_finalize_kernel merges the P partials (Chan, double).
+//   bn_params     per-channel BN parameters (mean, rstd, w*rstd, bias, and
+//                 the two backward coefficients) from mean/var/weight/bias.
+//   grad_sums     per-channel sums of K functor values (the backward's
+//                 sum(g), sum(g * z_hat), ...): reduce_{nchw,cl}_kernel ->
+//                 (K, P, C) partials, grad_finalize_kernel adds them in
+//                 double and writes dweight/dbias and the coefficients.
+//   pointwise     one functor call per vector of the whole tensor.
+//
+// Reductions are two-stage: grid (channel blocks, P) where P splits the
+// N*S values of a channel so that the grid has a few blocks per SM; each
+// block writes its partial, and a one-thread-per-channel kernel merges the
+// P partials. No atomics.
+//
+// Functors see (n, c, s) of the first lane of a V-lane vector: in NCHW the
+// lanes are s..s+V-1 of channel c, in channels_last channels c..c+V-1 of
+// pixel s; Bn::lanes gives the per-channel parameters of those lanes.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
+#include "common.cuh"
+
+namespace resfuse_cuda {
+
+// ----------------------------------------------------------------- geometry (host)
+
+// The op's (N, C, S) and layout: channels_last when the first activation
+// is channels_last and not also contiguous (ops/_common.py memory_format),
+// which is also the layout of every output the kernels write.
+struct Geo {
+  int64_t N, C, S;
+  bool cl;
+  at::MemoryFormat format() const {
+    return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+  int64_t count() const { return N * S; }  // values per channel
+};
+
+// The memory format of an op's output for activation t (ops/_common.py).
+inline at::MemoryFormat out_format(const Tensor& t) {
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+inline Geo geometry(const Tensor& first) {
+  return {first.size(0), first.size(1), first.size(2) * first.size(3),
+          out_format(first) == at::MemoryFormat::ChannelsLast};
+}
+
+// Stride of the merged S = H*W axis, or -1 when H and W do not merge.
+inline int64_t s_stride(const Tensor& t) {
+  const int64_t H = t.size(2), W = t.size(3);
+  if (H * W <= 1) return 0;  // unused: s is always 0
+  if (H == 1) return t.stride(3);
+  if (W == 1) return t.stride(2);
+  return t.stride(2) == t.stride(3) * W ? t.stride(3) : -1;
+}
+
+// True when t can be read in place in the op's layout: H, W merge and the
+// op's inner axis has unit stride.
+inline bool fits(const Tensor& t, const Geo& g) {
+  const int64_t ss = s_stride(t);
+  if (ss < 0) return false;
+  return g.cl ? (t.size(1) <= 1 || t.stride(1) == 1) : (ss == 0 || ss == 1);
+}
+
+// t itself when it fits the op's layout, else a dense copy in it.
+inline Tensor fit(const Tensor& t, const Geo& g) {
+  return fits(t, g) ? t : t.contiguous(g.format());
+}
+
+// The Act of a tensor that fits(); `so` is the stride of the op's outer
+// non-batch axis (0 when that axis has size 1, so it never blocks vectors).
+template <typename T>
+Act<T> act(const Tensor& t, const Geo& g) {
+  T* p;
+  if constexpr (std::is_const_v<T>) {
+    p = static_cast<T*>(t.const_data_ptr());
+  } else {
+    p = static_cast<T*>(t.mutable_data_ptr());
+  }
+  const int64_t so = g.cl ? s_stride(t) : (t.size(1) <= 1 ? 0 : t.stride(1));
+  return {p, t.size(0) <= 1 ? 0 : t.stride(0), so};
+}
+
+// Whether V-lane vectors can be used for all these acts: the inner axis
+// splits into whole vectors and every vector start is 16-byte aligned.
+template <int V, typename... T>
+bool vectorizable(const Geo& g, const Act<T>&... acts) {
+  if (V == 1) return true;
+  const int64_t inner = g.cl ? g.C : g.S;
+  if (inner % V != 0) return false;
+  auto ok = [](auto a) {
+    return reinterpret_cast<uintptr_t>(a.p) % 16 == 0 && a.sn % V == 0 && a.so % V == 0;
+  };
+  return (ok(acts) && ...);
+}
+
+// Calls fn(std::integral_constant<bool, CL>, std::integral_constant<int, V>)
+// with V = VW when `vec` else 1: the layout and vector width as constants.
+template <int VW, typename Fn>
+void dispatch_layout(bool cl, bool vec, Fn&& fn) {
+  using T = std::true_type;
+  using F = std::false_type;
+  using Vec = std::integral_constant<int, VW>;
+  using One = std::integral_constant<int, 1>;
+  if (cl) {
+    vec ? fn(T{}, Vec{}) : fn(T{}, One{});
+  } else {
+    vec ? fn(F{}, Vec{}) : fn(F{}, One{});
+  }
+}
+
+// A (C,) per-channel tensor in dtype `dtype`, contiguous.
+inline Tensor channel(const Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous();
+}
+
+// ----------------------------------------------------------------- reduction plan
+
+// How a per-channel reduction splits: `P` partial blocks per channel group;
+// in channels_last a block is (bx channel vectors) x (by pixels).
+struct Plan {
+  int64_t P;
+  int bx, by;
+  int64_t groups;  // grid.x
+};
+
+#ifdef RESFUSE_CUDA_EMULATION
+constexpr int64_t kMinWorkPerThread = 0;  // as many partials as possible: exercise the merges
+#else
+constexpr int64_t kMinWorkPerThread = 8;  // vectors (NCHW) or pixels (CL) per thread, at least
+#endif
+
+inline Plan reduction_plan(const Geo& g, int V) {
+  const int64_t target = 4 * static_cast<int64_t>(sm_count());  // blocks in the grid
+  Plan plan{1, kThreads, 1, g.C};
+  int64_t per_group;  // vectors (NCHW) or pixels (CL) one group reduces over
+  int64_t per_block;  // how many of those one block should take at least
+  if (!g.cl) {
+    per_group = g.N * (g.S / V);
+    per_block = kMinWorkPerThread * kThreads;
+  } else {
+    const int64_t cv = g.C / V;
+    int bx = 1;
+    while (bx < 32 && bx < cv) bx *= 2;
+    plan.bx = bx;
+    plan.by = kThreads / bx;
+    plan.groups = ceil_div(cv, bx);
+    per_group = g.count();
+    per_block = kMinWorkPerThread * plan.by;
+  }
+  const int64_t want = ceil_div(target, std::max<int64_t>(plan.groups, 1));
+  plan.P = std::min<int64_t>(
+      {want, std::max<int64_t>(1, ceil_div(per_group, std::max<int64_t>(per_block, 1))), 65535});
+  plan.P = std::max<int64_t>(plan.P, 1);
+  return plan;
+}
+
+// ----------------------------------------------------------------- statistics
+
+// Partial moments of channel blockIdx.x over the blockIdx.y-th 1/P of its
+// N * S/V vectors. Each vector's V values (one channel) form an exact
+// local (V, mean, M2) merged into the thread's moments.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+stats_nchw_kernel(Act<const T> t, int64_t N, int64_t C, int64_t S, acc_t<T>* part) {
+  using A = acc_t<T>;
+  const int64_t c = blockIdx.x, p = blockIdx.y, P = gridDim.y;
+  const int64_t SV = S / V, total = N * SV;
+  const int64_t lo = total * p / P, hi = total * (p + 1) / P;
+  Moments<A> m{A(0), A(0), A(0)};
+  int64_t i = lo + threadIdx.x;
+  if (i < hi) {
+    Walker2 w(i, kThreads, SV);
+    for (; i < hi; i += kThreads, w.advance()) {
+      A v[V];
+      load<V>(at_<false>(t, w.i1, c, w.i0 * V), v);
+      A sum = 0;
+#pragma unroll
+      for (int l = 0; l < V; ++l) sum += v[l];
+      const A mean = sum / A(V);
+      A m2 = 0;
+#pragma unroll
+      for (int l = 0; l < V; ++l) m2 += (v[l] - mean) * (v[l] - mean);
+      merge(m, Moments<A>{A(V), mean, m2});
+    }
+  }
+  block_merge(m);
+  if (threadIdx.x == 0) {
+    part[(0 * P + p) * C + c] = m.n;
+    part[(1 * P + p) * C + c] = m.mean;
+    part[(2 * P + p) * C + c] = m.m2;
+  }
+}
+
+// Partial moments of channels [V*cv, V*cv + V) (cv = blockIdx.x*bx + tx)
+// over the blockIdx.y-th 1/P of the N*S pixels; thread row ty takes every
+// by-th pixel (Welford, one shared count for the V lanes), then the rows are
+// merged in shared memory.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+stats_cl_kernel(Act<const T> t, int64_t N, int64_t C, int64_t S, acc_t<T>* part) {
+  using A = acc_t<T>;
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int64_t cv = blockIdx.x * static_cast<int64_t>(bx) + tx;
+  const bool active = cv < C / V;
+  const int64_t p = blockIdx.y, P = gridDim.y, total = N * S;
+  const int64_t lo = total * p / P, hi = total * (p + 1) / P;
+  A n = 0, mean[V], m2[V];
+#pragma unroll
+  for (int l = 0; l < V; ++l) mean[l] = 0, m2[l] = 0;
+  int64_t i = lo + ty;
+  if (active && i < hi) {
+    Walker2 w(i, by, S);
+    for (; i < hi; i += by, w.advance()) {
+      A v[V];
+      load<V>(at_<true>(t, w.i1, cv * V, w.i0), v);
+      n += A(1);
+      const A r = A(1) / n;
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        const A d = v[l] - mean[l];
+        mean[l] += d * r;
+        m2[l] += d * (v[l] - mean[l]);
+      }
+    }
+  }
+  __shared__ Moments<A> sm[kThreads * V];
+  const int slot = (ty * bx + tx) * V;
+#pragma unroll
+  for (int l = 0; l < V; ++l) sm[slot + l] = Moments<A>{n, mean[l], m2[l]};
+  __syncthreads();
+  for (int stride = by / 2; stride > 0; stride >>= 1) {
+    if (ty < stride) {
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        Moments<A> m = sm[slot + l];
+        merge(m, sm[slot + stride * bx * V + l]);
+        sm[slot + l] = m;
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      const int64_t c = cv * V + l;
+      part[(0 * P + p) * C + c] = sm[slot + l].n;
+      part[(1 * P + p) * C + c] = sm[slot + l].mean;
+      part[(2 * P + p) * C + c] = sm[slot + l].m2;
+    }
+  }
+}
+
+// Merges the P partial moments of each channel (in double) into the mean
+// and the biased variance; an empty channel gets 0 and 0, as the composite.
+template <typename A>
+__global__ void stats_finalize_kernel(const A* part, int64_t P, int64_t C, A* mean, A* var) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  Moments<double> m{0, 0, 0};
+  for (int64_t p = 0; p < P; ++p)
+    merge(m, Moments<double>{static_cast<double>(part[(0 * P + p) * C + c]),
+                             static_cast<double>(part[(1 * P + p) * C + c]),
+                             static_cast<double>(part[(2 * P + p) * C + c])});
+  const double v = m.n > 0 ? m.m2 / m.n : 0.0;
+  mean[c] = static_cast<A>(m.mean);
+  var[c] = static_cast<A>(v < 0 ? 0.0 : v);  // keeps NaN
+}
+
+// (mean, biased var) over N, H, W of activation t (fit to g), in acc_t<T>.
+template <typename T>
+std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geo& g) {
+  using A = acc_t<T>;
+  constexpr int VW = vec_width<T>();
+  const auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
+  Tensor mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
+  if (g.C == 0) return {mean, var};
+  const Act<const T> a = act<const T>(t, g);
+  const cudaStream_t stream = current_stream();
+  Tensor part;
+  int64_t P = 1;
+  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, a), [&](auto cl_c, auto v_c) {
+    constexpr bool CL = decltype(cl_c)::value;
+    constexpr int V = decltype(v_c)::value;
+    const Plan plan = reduction_plan(g, V);
+    P = plan.P;
+    part = at::empty({3, P, g.C}, opts);
+    if constexpr (CL) {
+      launch(stats_cl_kernel<T, V>, dim3(plan.groups, P), dim3(plan.bx, plan.by), stream, a,
+             g.N, g.C, g.S, part.mutable_data_ptr<A>());
+    } else {
+      launch(stats_nchw_kernel<T, V>, dim3(g.C, P), dim3(kThreads), stream, a, g.N, g.C, g.S,
+             part.mutable_data_ptr<A>());
+    }
+  });
+  launch(stats_finalize_kernel<A>, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
+         part.const_data_ptr<A>(), P, g.C, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
+  return {mean, var};
+}
+
+// The statistics an op uses: the batch's in training, copies of the
+// running ones (in acc_t<T>) in eval.
+template <typename T>
+std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geo& g, bool training,
+                                           const std::optional<Tensor>& running_mean,
+                                           const std::optional<Tensor>& running_var) {
+  if (training) return batch_stats<T>(t, g);
+  TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+              "resfuse_cuda: running statistics are required in eval mode");
+  const auto dtype = c10::CppTypeToScalarType<acc_t<T>>::value;
+  return {running_mean->to(dtype, /*non_blocking=*/false, /*copy=*/true),
+          running_var->to(dtype, false, true)};
+}
+
+// ----------------------------------------------------------------- BN parameters
+
+// Rows of the (kParamRows, C) per-channel parameter table of one BN.
+enum ParamRow { kMean = 0, kRstd, kScale, kBias, kK2, kK3, kParamRows };
+
+// One BN's parameters for the V lanes of a vector, with the BN math on them.
+template <typename A, int V>
+struct BnLanes {
+  A mean[V], rstd[V], scale[V], bias[V], k2[V], k3[V];
+
+  // weight * (z - mean) * rstd + bias, with (z - mean) formed first so a
+  // large mean does not cancel against the spread.
+  __device__ __forceinline__ A affine(A z, int l) const {
+    return (z - mean[l]) * scale[l] + bias[l];
+  }
+  __device__ __forceinline__ A normalised(A z, int l) const { return (z - mean[l]) * rstd[l]; }
+  // The input gradient from g = dL/dBN(z):
+  //   training: w r (g - sum_g/M - z_hat sum_gz/M) = k1 g + k2 (z - mean) + k3
+  //   eval:     w r g
+  // with k1 = w r, k2 = -w r^2 sum_gz/M, k3 = -w r sum_g/M (grad_finalize).
+  __device__ __forceinline__ A input_grad(A g, A z, int l, bool training) const {
+    const A k1g = scale[l] * g;
+    return training ? k1g + k2[l] * (z - mean[l]) + k3[l] : k1g;
+  }
+};
+
+// A parameter table on the device.
+template <typename A>
+struct Bn {
+  const A* p;
+  int64_t C;
+
+  // Row r for the lanes of the vector at channel c: in channels_last the V
+  // lanes are V channels, read as one vector (a table row is 16-byte
+  // aligned when C % V == 0, which vectorising requires); in NCHW one
+  // channel, broadcast. Rows a caller never reads are not loaded.
+  template <int V, bool CL>
+  __device__ __forceinline__ void row(int r, int64_t c, A (&out)[V]) const {
+    const A* q = p + r * C + c;
+    if constexpr (CL && V > 1) {
+      load<V>(q, out);
+    } else {
+      const A v = q[0];
+#pragma unroll
+      for (int l = 0; l < V; ++l) out[l] = v;
+    }
+  }
+
+  template <int V, bool CL>
+  __device__ __forceinline__ BnLanes<A, V> lanes(int64_t c) const {
+    BnLanes<A, V> b;
+    row<V, CL>(kMean, c, b.mean);
+    row<V, CL>(kRstd, c, b.rstd);
+    row<V, CL>(kScale, c, b.scale);
+    row<V, CL>(kBias, c, b.bias);
+    row<V, CL>(kK2, c, b.k2);
+    row<V, CL>(kK3, c, b.k3);
+    return b;
+  }
+};
+
+template <typename A>
+__global__ void bn_params_kernel(const A* mean, const A* var, const A* weight, const A* bias,
+                                 A eps, int64_t C, A* table) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  const A r = A(1) / sqrt(var[c] + eps);  // IEEE sqrt and division, as torch.rsqrt
+  table[kMean * C + c] = mean[c];
+  table[kRstd * C + c] = r;
+  table[kScale * C + c] = weight[c] * r;
+  table[kBias * C + c] = bias[c];
+  table[kK2 * C + c] = A(0);
+  table[kK3 * C + c] = A(0);
+}
+
+// The parameter table of one BN from its statistics and affine parameters
+// (any floating dtypes; used in acc dtype A).
+template <typename A>
+Tensor bn_params(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
+                 double eps) {
+  const auto dtype = c10::CppTypeToScalarType<A>::value;
+  const int64_t C = weight.numel();
+  Tensor m = channel(mean, dtype), v = channel(var, dtype);
+  Tensor w = channel(weight, dtype), b = channel(bias, dtype);
+  Tensor table = at::empty({kParamRows, C}, weight.options().dtype(dtype));
+  if (C > 0) {
+    launch(bn_params_kernel<A>, dim3(ceil_div(C, kThreads)), dim3(kThreads), current_stream(),
+           m.const_data_ptr<A>(), v.const_data_ptr<A>(), w.const_data_ptr<A>(),
+           b.const_data_ptr<A>(), static_cast<A>(eps), C, table.mutable_data_ptr<A>());
+  }
+  return table;
+}
+
+// ----------------------------------------------------------------- gradient sums
+
+// K per-channel sums of f's values. f(n, c, s, out) fills out[k][lane].
+template <int K, int V, typename A, typename F>
+__global__ void __launch_bounds__(kThreads)
+reduce_nchw_kernel(F f, int64_t N, int64_t C, int64_t S, A* part) {
+  const int64_t c = blockIdx.x, p = blockIdx.y, P = gridDim.y;
+  const int64_t SV = S / V, total = N * SV;
+  const int64_t lo = total * p / P, hi = total * (p + 1) / P;
+  A acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = 0;
+  int64_t i = lo + threadIdx.x;
+  if (i < hi) {
+    Walker2 w(i, kThreads, SV);
+    for (; i < hi; i += kThreads, w.advance()) {
+      A v[K][V];
+      f(w.i1, c, w.i0 * V, v);
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int l = 0; l < V; ++l) acc[k] += v[k][l];
+    }
+  }
+  block_sum<K>(acc);
+  if (threadIdx.x == 0)
+#pragma unroll
+    for (int k = 0; k < K; ++k) part[(k * P + p) * C + c] = acc[k];
+}
+
+template <int K, int V, typename A, typename F>
+__global__ void __launch_bounds__(kThreads)
+reduce_cl_kernel(F f, int64_t N, int64_t C, int64_t S, A* part) {
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int64_t cv = blockIdx.x * static_cast<int64_t>(bx) + tx;
+  const bool active = cv < C / V;
+  const int64_t p = blockIdx.y, P = gridDim.y, total = N * S;
+  const int64_t lo = total * p / P, hi = total * (p + 1) / P;
+  A acc[K][V];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int l = 0; l < V; ++l) acc[k][l] = 0;
+  int64_t i = lo + ty;
+  if (active && i < hi) {
+    Walker2 w(i, by, S);
+    for (; i < hi; i += by, w.advance()) {
+      A v[K][V];
+      f(w.i1, cv * V, w.i0, v);
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int l = 0; l < V; ++l) acc[k][l] += v[k][l];
+    }
+  }
+  __shared__ A sm[kThreads * V * K];
+  const int slot = (ty * bx + tx) * V * K;
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int l = 0; l < V; ++l) sm[slot + k * V + l] = acc[k][l];
+  __syncthreads();
+  for (int stride = by / 2; stride > 0; stride >>= 1) {
+    if (ty < stride)
+#pragma unroll
+      for (int j = 0; j < V * K; ++j) sm[slot + j] += sm[slot + stride * bx * V * K + j];
+    __syncthreads();
+  }
+  if (ty == 0 && active)
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+      for (int l = 0; l < V; ++l) part[(k * P + p) * C + cv * V + l] = sm[slot + k * V + l];
+}
+
+// Where one BN's gradient sums are and where its results go.
+template <typename A>
+struct BnGrad {
+  int sum_g, sum_gz;  // indices of sum(g) and sum(g * z_hat) among the K sums
+  A* dweight;
+  A* dbias;
+  A* table;  // its parameter table: kK2 and kK3 are written
+};
+
+// Adds the P partials of each channel in double; for each of the `nbn` BNs
+// writes dbias = sum(g), dweight = sum(g z_hat) and the coefficients k2, k3
+// of Bn::input_grad (zero in eval, and for an empty batch).
+template <int K, typename A>
+__global__ void grad_finalize_kernel(const A* part, int64_t P, int64_t C, double M,
+                                     bool training, int nbn, BnGrad<A> bn0, BnGrad<A> bn1) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  double s[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    s[k] = 0;
+    for (int64_t p = 0; p < P; ++p) s[k] += static_cast<double>(part[(k * P + p) * C + c]);
+  }
+  for (int j = 0; j < nbn; ++j) {
+    const BnGrad<A>& b = j == 0 ? bn0 : bn1;
+    double sg = 0, sgz = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {  // constant indices keep s[] in registers
+      if (k == b.sum_g) sg = s[k];
+      if (k == b.sum_gz) sgz = s[k];
+    }
+    b.dbias[c] = static_cast<A>(sg);
+    b.dweight[c] = static_cast<A>(sgz);
+    const double wr = static_cast<double>(b.table[kScale * C + c]);
+    const double r = static_cast<double>(b.table[kRstd * C + c]);
+    const bool batch = training && M > 0;
+    b.table[kK2 * C + c] = static_cast<A>(batch ? -wr * r * sgz / M : 0.0);
+    b.table[kK3 * C + c] = static_cast<A>(batch ? -wr * sg / M : 0.0);
+  }
+}
+
+// Runs the K-sum reduction of functor f (built for layout CL and width V)
+// and its finalize for up to two BNs.
+template <int K, bool CL, int V, typename A, typename F>
+void grad_sums(const F& f, const Geo& g, const at::TensorOptions& opts, bool training,
+               int nbn, BnGrad<A> bn0, BnGrad<A> bn1) {
+  if (g.C == 0) return;
+  const cudaStream_t stream = current_stream();
+  const Plan plan = reduction_plan(g, V);
+  Tensor part = at::empty({K, plan.P, g.C}, opts);
+  if constexpr (CL) {
+    launch(reduce_cl_kernel<K, V, A, F>, dim3(plan.groups, plan.P), dim3(plan.bx, plan.by),
+           stream, f, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+  } else {
+    launch(reduce_nchw_kernel<K, V, A, F>, dim3(g.C, plan.P), dim3(kThreads), stream, f, g.N,
+           g.C, g.S, part.mutable_data_ptr<A>());
+  }
+  launch(grad_finalize_kernel<K, A>, dim3(ceil_div(g.C, kThreads)), dim3(kThreads), stream,
+         part.const_data_ptr<A>(), plan.P, g.C, static_cast<double>(g.count()), training, nbn,
+         bn0, bn1);
+}
+
+// ----------------------------------------------------------------- pointwise
+
+// f.apply(n, c, s) for every V-lane vector, grid-stride over the tensor in
+// memory order ([n][c][s/V] in NCHW, [n][s][c/V] in channels_last).
+template <bool CL, int V, typename F>
+__global__ void __launch_bounds__(kThreads)
+pointwise_kernel(F f, int64_t N, int64_t C, int64_t S) {
+  const int64_t D0 = (CL ? C : S) / V, D1 = CL ? S : C, total = N * D1 * D0;
+  const int64_t start = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (start >= total) return;
+  Walker3 w(start, step, D0, D1);
+  for (int64_t i = start; i < total; i += step, w.advance()) {
+    if (CL)
+      f.apply(w.i2, w.i0 * V, w.i1);
+    else
+      f.apply(w.i2, w.i1, w.i0 * V);
+  }
+}
+
+template <bool CL, int V, typename F>
+void pointwise(const F& f, const Geo& g) {
+  const int64_t total = g.N * g.C * g.S / V;
+  if (total == 0) return;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 8LL * sm_count());
+  launch(pointwise_kernel<CL, V, F>, dim3(blocks), dim3(kThreads), current_stream(), f, g.N, g.C,
+         g.S);
+}
+
+// ----------------------------------------------------------------- input checks (host)
+
+inline void check_activation(const char* name, const Tensor& t, const Tensor& like,
+                             bool same_nhw_only = false) {
+  TORCH_CHECK(on_device(t), "resfuse_cuda: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, "resfuse_cuda: ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "resfuse_cuda: ", name, " is on ", t.device(),
+              " but the op's first input is on ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "resfuse_cuda: ", name, " has dtype ",
+              t.scalar_type(), " but the op's first input has ", like.scalar_type());
+  if (same_nhw_only) {
+    TORCH_CHECK(t.size(0) == like.size(0) && t.size(2) == like.size(2) &&
+                    t.size(3) == like.size(3),
+                "resfuse_cuda: ", name, " has shape ", t.sizes(),
+                "; its batch and spatial sizes must match ", like.sizes());
+  } else {
+    TORCH_CHECK(t.sizes() == like.sizes(), "resfuse_cuda: ", name, " has shape ", t.sizes(),
+                " but must match the op's first input ", like.sizes());
+  }
+}
+
+inline void check_first(const char* name, const Tensor& t) {
+  TORCH_CHECK(on_device(t), "resfuse_cuda: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 4, "resfuse_cuda: ", name, " must be 4-D (N, C, H, W), got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resfuse_cuda: ", name,
+              " must be floating point, got ", t.scalar_type());
+  // Grids put channels on blockIdx.x; H * W bounds the per-channel walkers.
+  TORCH_CHECK(t.size(1) < (int64_t(1) << 31) && t.size(2) * t.size(3) < (int64_t(1) << 31),
+              "resfuse_cuda: C and H * W must each be below 2^31, got ", t.sizes());
+}
+
+inline void check_channel(const char* name, const Tensor& t, int64_t C, const Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "resfuse_cuda: ", name, " must have shape (", C,
+              ",), got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resfuse_cuda: ", name,
+              " must be floating point, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "resfuse_cuda: ", name, " is on ", t.device(),
+              " but the activations are on ", like.device());
+}
+
+}  // namespace resfuse_cuda

@@ -1,0 +1,293 @@
+// resfuse::resfuse_tail on CUDA: y = relu(BN_d(u) + h [+ BN_k(W x)]); the
+// math is in resfuse_kernels/ops/resfuse_tail.py.
+//
+// Launch plan (M = N*H*W values per channel, P partial blocks per channel):
+//   forward, training:
+//     [carry] v = W x         ATen matmul (cuBLAS), acc dtype, op layout   reads x; writes v
+//     stats(u) [, stats(v)]   reduce (C or C/bx, P) + finalize (C) each    reads u [, v]
+//     bn_params d [, k]       (C)
+//     apply                   pointwise: y = relu(...)                     reads u, h [, v]; writes y
+//   forward, eval: copies of the running statistics, then as above.
+//   backward:
+//     [carry] v = W x         matmul again (recomputed, not saved)
+//     bn_params d [, k]       (C)
+//     sums                    reduce: sum g, g u_hat [, g v_hat]           reads dy, u, h [, v]
+//                             + finalize: dweight/dbias, coefficients k2, k3
+//     apply                   pointwise: du, dh [, dv]                     reads dy, u, h [, v]
+//     [carry] dx = W^T dv,  dW = sum_{n,s} dv x^T       two matmuls
+// g = dy [z > 0] and z are recomputed in every pass, never stored.
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/matmul.h>
+
+#include "bn.cuh"
+#include "ops.h"
+
+namespace resfuse_cuda {
+namespace {
+
+template <typename T, typename A, int V, bool CL>
+struct TailForward {
+  Act<const T> u, h;
+  Act<const A> v;  // v.p == nullptr without the carry
+  Act<T> y;
+  Bn<A> bn_d, bn_k;
+
+  __device__ __forceinline__ void apply(int64_t n, int64_t c, int64_t s) const {
+    A uv[V], hv[V], vv[V], yv[V];
+    load<V>(at_<CL>(u, n, c, s), uv);
+    load<V>(at_<CL>(h, n, c, s), hv);
+    const bool carry = v.p != nullptr;
+    const BnLanes<A, V> ld = bn_d.template lanes<V, CL>(c);
+    BnLanes<A, V> lk;
+    if (carry) {
+      load<V>(at_<CL>(v, n, c, s), vv);
+      lk = bn_k.template lanes<V, CL>(c);
+    }
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      A z = ld.affine(uv[l], l) + hv[l];
+      if (carry) z = z + lk.affine(vv[l], l);
+      yv[l] = relu(z);
+    }
+    store<V>(at_<CL>(y, n, c, s), yv);
+  }
+};
+
+template <typename T, typename A, int V, bool CL>
+struct TailBackward {
+  Act<const T> g, u, h;
+  Act<const A> v;  // v.p == nullptr without the carry
+  Act<T> du, dh;
+  Act<A> dv;
+  Bn<A> bn_d, bn_k;
+  bool training;
+
+  // g [z > 0] per lane (the mask multiplies, so NaN in g propagates), the
+  // loaded u and v, and both BNs' lanes (lk only with the carry).
+  __device__ __forceinline__ void masked(int64_t n, int64_t c, int64_t s, A (&gm)[V],
+                                         A (&uv)[V], A (&vv)[V], BnLanes<A, V>& ld,
+                                         BnLanes<A, V>& lk) const {
+    A gv[V], hv[V];
+    load<V>(at_<CL>(g, n, c, s), gv);
+    load<V>(at_<CL>(u, n, c, s), uv);
+    load<V>(at_<CL>(h, n, c, s), hv);
+    ld = bn_d.template lanes<V, CL>(c);
+    const bool carry = v.p != nullptr;
+    if (carry) {
+      load<V>(at_<CL>(v, n, c, s), vv);
+      lk = bn_k.template lanes<V, CL>(c);
+    }
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      A z = ld.affine(uv[l], l) + hv[l];
+      if (carry) z = z + lk.affine(vv[l], l);
+      gm[l] = gv[l] * positive(z);
+    }
+  }
+
+  // The three sums: g, g u_hat, g v_hat (0 without the carry).
+  __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t s,
+                                             A (&out)[3][V]) const {
+    A gm[V], uv[V], vv[V];
+    BnLanes<A, V> ld, lk;
+    masked(n, c, s, gm, uv, vv, ld, lk);
+    const bool carry = v.p != nullptr;
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      out[0][l] = gm[l];
+      out[1][l] = gm[l] * ld.normalised(uv[l], l);
+      out[2][l] = carry ? gm[l] * lk.normalised(vv[l], l) : A(0);
+    }
+  }
+
+  __device__ __forceinline__ void apply(int64_t n, int64_t c, int64_t s) const {
+    A gm[V], uv[V], vv[V], duv[V], dvv[V];
+    BnLanes<A, V> ld, lk;
+    masked(n, c, s, gm, uv, vv, ld, lk);
+    const bool carry = v.p != nullptr;
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      duv[l] = ld.input_grad(gm[l], uv[l], l, training);
+      if (carry) dvv[l] = lk.input_grad(gm[l], vv[l], l, training);
+    }
+    store<V>(at_<CL>(du, n, c, s), duv);
+    store<V>(at_<CL>(dh, n, c, s), gm);
+    if (carry) store<V>(at_<CL>(dv, n, c, s), dvv);
+  }
+};
+
+// x in acc dtype, dense in the op's layout, and W as (K, Cx) in acc dtype.
+std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const Geo& g,
+                                         at::ScalarType acc) {
+  return {x.to(acc).contiguous(g.format()), w.reshape({w.size(0), w.size(1)}).to(acc)};
+}
+
+// v = W x as an (N, K, H, W) tensor in the op's layout, through cuBLAS:
+// NCHW is K x Cx times Cx x S per image, channels_last one (N*S) x Cx times
+// Cx x K product.
+Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
+  const int64_t K = w2.size(0), Cx = w2.size(1), H = xa.size(2), W = xa.size(3);
+  if (g.cl) {
+    Tensor v = at::matmul(xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx}), w2.t());
+    return v.view({g.N, H, W, K}).permute({0, 3, 1, 2});
+  }
+  return at::matmul(w2, xa.reshape({g.N, Cx, g.S})).view({g.N, K, H, W});
+}
+
+void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const Tensor& bias_d,
+                const std::optional<Tensor>& x, const std::optional<Tensor>& w,
+                const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k) {
+  check_first("u", u);
+  check_activation("h", h, u);
+  const int64_t C = u.size(1);
+  check_channel("weight_d", weight_d, C, u);
+  check_channel("bias_d", bias_d, C, u);
+  if (!x.has_value()) return;
+  TORCH_CHECK(w.has_value() && weight_k.has_value() && bias_k.has_value(),
+              "resfuse_cuda: the carry needs x, w, weight_k and bias_k together");
+  check_activation("x", *x, u, /*same_nhw_only=*/true);
+  TORCH_CHECK(w->device() == u.device() && at::isFloatingType(w->scalar_type()),
+              "resfuse_cuda: w must be a floating-point tensor on ", u.device());
+  TORCH_CHECK((w->dim() == 2 || (w->dim() == 4 && w->size(2) == 1 && w->size(3) == 1)) &&
+                  w->size(0) == C && w->size(1) == x->size(1),
+              "resfuse_cuda: w must have shape (", C, ", ", x->size(1), ") or (", C, ", ",
+              x->size(1), ", 1, 1), got ", w->sizes());
+  check_channel("weight_k", *weight_k, C, u);
+  check_channel("bias_k", *bias_k, C, u);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
+    const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d, const Tensor& bias_d,
+    const std::optional<Tensor>& running_mean_d, const std::optional<Tensor>& running_var_d,
+    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
+    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
+    const std::optional<Tensor>& running_mean_k, const std::optional<Tensor>& running_var_k,
+    bool training, double eps_d, double eps_k) {
+  check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
+  const DeviceGuard guard(u_in.device());
+  const bool carry = x_in.has_value();
+  const Geo g = geometry(u_in);
+  const Tensor u = fit(u_in, g), h = fit(h_in, g);
+  Tensor y = at::empty(u_in.sizes(), u_in.options().memory_format(g.format()));
+  Tensor mean_d, var_d, mean_k, var_k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    Tensor v, prm_k;
+    std::tie(mean_d, var_d) = stats_or_running<scalar_t>(u, g, training, running_mean_d,
+                                                         running_var_d);
+    const Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
+    if (carry) {
+      auto [xa, w2] = carry_operands(*x_in, *w, g, acc);
+      v = fit(carry_product(xa, w2, g), g);
+      std::tie(mean_k, var_k) = stats_or_running<A>(v, g, training, running_mean_k,
+                                                    running_var_k);
+      prm_k = bn_params<A>(mean_k, var_k, *weight_k, *bias_k, eps_k);
+    } else {
+      mean_k = at::empty({0}, u.options().dtype(acc));
+      var_k = at::empty({0}, u.options().dtype(acc));
+    }
+    const Bn<A> bn_d{prm_d.const_data_ptr<A>(), g.C};
+    const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, g.C};
+    const auto pu = act<const scalar_t>(u, g), ph = act<const scalar_t>(h, g);
+    const Act<const A> pv = carry ? act<const A>(v, g) : Act<const A>{nullptr, 0, 0};
+    const auto py = act<scalar_t>(y, g);
+    constexpr int VW = vec_width<scalar_t>();
+    dispatch_layout<VW>(g.cl, vectorizable<VW>(g, pu, ph, pv, py), [&](auto cl_c, auto v_c) {
+      constexpr bool CL = decltype(cl_c)::value;
+      constexpr int V = decltype(v_c)::value;
+      pointwise<CL, V>(TailForward<scalar_t, A, V, CL>{pu, ph, pv, py, bn_d, bn_k}, g);
+    });
+  });
+  return {y, mean_d, var_d, mean_k, var_k};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_backward(
+    const Tensor& grad_in, const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d,
+    const Tensor& bias_d, const Tensor& mean_d, const Tensor& var_d,
+    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
+    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
+    const Tensor& mean_k, const Tensor& var_k, bool training, double eps_d, double eps_k) {
+  check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
+  check_activation("grad_y", grad_in, u_in);
+  const int64_t C = u_in.size(1);
+  check_channel("mean_d", mean_d, C, u_in);
+  check_channel("var_d", var_d, C, u_in);
+  const bool carry = x_in.has_value();
+  if (carry) {
+    check_channel("mean_k", mean_k, C, u_in);
+    check_channel("var_k", var_k, C, u_in);
+  }
+  const DeviceGuard guard(u_in.device());
+  const Geo g = geometry(u_in);
+  const Tensor u = fit(u_in, g), h = fit(h_in, g), gy = fit(grad_in, g);
+  const auto act_opts = u_in.options().memory_format(g.format());
+  Tensor du = at::empty(u_in.sizes(), act_opts), dh = at::empty(u_in.sizes(), act_opts);
+  Tensor dweight_d, dbias_d, dx, dw, dweight_k, dbias_k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    const auto opts = u.options().dtype(acc);
+    Tensor xa, w2, v, dv, prm_k;
+    Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
+    dweight_d = at::zeros({C}, opts), dbias_d = at::zeros({C}, opts);
+    if (carry) {
+      std::tie(xa, w2) = carry_operands(*x_in, *w, g, acc);
+      v = fit(carry_product(xa, w2, g), g);
+      dv = at::empty(u_in.sizes(), opts.memory_format(g.format()));
+      prm_k = bn_params<A>(mean_k, var_k, *weight_k, *bias_k, eps_k);
+      dweight_k = at::zeros({C}, opts), dbias_k = at::zeros({C}, opts);
+    }
+    const Bn<A> bn_d{prm_d.const_data_ptr<A>(), C};
+    const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, C};
+    const auto pg = act<const scalar_t>(gy, g), pu = act<const scalar_t>(u, g),
+               ph = act<const scalar_t>(h, g);
+    const Act<const A> pv = carry ? act<const A>(v, g) : Act<const A>{nullptr, 0, 0};
+    const Act<A> pdv = carry ? act<A>(dv, g) : Act<A>{nullptr, 0, 0};
+    const auto pdu = act<scalar_t>(du, g), pdh = act<scalar_t>(dh, g);
+    constexpr int VW = vec_width<scalar_t>();
+    const bool vec = vectorizable<VW>(g, pg, pu, ph, pv, pdv, pdu, pdh);
+    dispatch_layout<VW>(g.cl, vec, [&](auto cl_c, auto v_c) {
+      constexpr bool CL = decltype(cl_c)::value;
+      constexpr int V = decltype(v_c)::value;
+      const TailBackward<scalar_t, A, V, CL> f{pg, pu, ph, pv, pdu, pdh, pdv,
+                                               bn_d, bn_k, training};
+      const BnGrad<A> grad_d{0, 1, dweight_d.mutable_data_ptr<A>(), dbias_d.mutable_data_ptr<A>(),
+                             prm_d.mutable_data_ptr<A>()};
+      const BnGrad<A> grad_k =
+          carry ? BnGrad<A>{0, 2, dweight_k.mutable_data_ptr<A>(), dbias_k.mutable_data_ptr<A>(),
+                            prm_k.mutable_data_ptr<A>()}
+                : grad_d;
+      grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
+      pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
+    });
+    if (carry) {
+      const int64_t K = w2.size(0), Cx = w2.size(1), H = u_in.size(2), W = u_in.size(3);
+      if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM each
+        const Tensor dv2 = dv.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
+        const Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx});
+        dx = at::matmul(dv2, w2).view({g.N, H, W, Cx}).permute({0, 3, 1, 2});
+        dw = at::matmul(dv2.t(), x2);
+      } else {  // per image (K, S) and (Cx, S)
+        const Tensor dv3 = dv.view({g.N, K, g.S}), x3 = xa.view({g.N, Cx, g.S});
+        dx = at::matmul(w2.t(), dv3).view({g.N, Cx, H, W});
+        dw = at::bmm(dv3, x3.transpose(1, 2)).sum(0);
+      }
+    }
+  });
+  if (!carry) {  // the carry's four gradients are empty tensors, as the composite's
+    const Tensor none = at::empty({0}, u_in.options());
+    return {du.contiguous(out_format(u_in)), dh.contiguous(out_format(h_in)),
+            dweight_d.to(weight_d.scalar_type()), dbias_d.to(bias_d.scalar_type()),
+            none, none.clone(), none.clone(), none.clone()};
+  }
+  return {du.contiguous(out_format(u_in)), dh.contiguous(out_format(h_in)),
+          dweight_d.to(weight_d.scalar_type()), dbias_d.to(bias_d.scalar_type()),
+          dx.to(x_in->scalar_type()).contiguous(out_format(*x_in)),
+          dw.reshape(w->sizes()).to(w->scalar_type()),
+          dweight_k.to(weight_k->scalar_type()), dbias_k.to(bias_k->scalar_type())};
+}
+
+}  // namespace resfuse_cuda
