@@ -119,13 +119,15 @@ class Case:
         g = torch.Generator().manual_seed(seed)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         channels = shape[1]
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
         def act() -> Tensor:
             t = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
             return t.contiguous(memory_format=fmt).requires_grad_()
 
         def bn(bias: float = 0.0) -> nn.BatchNorm2d:
-            m = nn.BatchNorm2d(channels).to(device).train()
+            # BN parameters in fp32 for bf16/fp16 activations (as under autocast)
+            m = nn.BatchNorm2d(channels).to(device=device, dtype=param_dtype).train()
             with torch.no_grad():
                 m.weight.copy_(1 + 0.1 * torch.randn(channels, generator=g))
                 m.bias.copy_(bias + 0.1 * torch.randn(channels, generator=g))
@@ -142,7 +144,7 @@ class Case:
             if op == "resfuse_tail_carry":
                 self.acts.append(act())                 # x
                 self.bns.append(bn())                   # bn_k
-                self.carry = nn.Conv2d(channels, channels, 1, bias=False).to(device)
+                self.carry = nn.Conv2d(channels, channels, 1, bias=False).to(device, dtype)
                 self.carry = self.carry.to(memory_format=fmt)
         self.params = [p for m in self.bns for p in (m.weight, m.bias)]
         if self.carry is not None:
