@@ -102,8 +102,28 @@ def environment(device: torch.device) -> dict:
         "git_commit": git_commit(),
         "backends": {name: reason or "usable" for name, reason in backends.status().items()},
         "platform": platform.platform(),
+        "load_average_at_start": load_average(),
         "utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def load_average() -> Optional[list[float]]:
+    """The host's 1/5/15-minute load averages (other jobs skew CPU timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def load_note(env: dict) -> Optional[str]:
+    """A report line on the host load, for CPU runs."""
+    start, end = env.get("load_average_at_start"), env.get("load_average_at_end")
+    if env.get("device_type") != "cpu" or not start:
+        return None
+    return (f"host load average (1 min) {start[0]} at start, "
+            f"{end[0] if end else '?'} at end, on {os.cpu_count()} logical cores: "
+            "other jobs on a shared CPU skew absolute times; ratios within one run are "
+            "the figures that count")
 
 
 def synchronize(device: torch.device) -> None:

@@ -313,6 +313,8 @@ def markdown(settings: dict, env: dict, rows: list[dict], copies: list[dict]) ->
            "vs compile = compile time / this time"]
     if env["device_type"] == "cpu":
         out.append("- peak memory is not measured on a CPU ('-')")
+    if common.load_note(env):
+        out.append(f"- {common.load_note(env)}")
     out += ["", "| shape | copy time | copy GB/s |", "|---|---:|---:|"]
     for c in copies:
         out.append(f"| {'x'.join(map(str, c['shape']))} | {common.fmt_time(c['median_s'])} "
@@ -432,6 +434,7 @@ def main(args: argparse.Namespace) -> int:
                                + (f", compile {common.fmt_time(r['compile_s'])}"
                                   if r.get("compile_s") is not None and mode == modes[0] else ""))
     add_ratios(rows)
+    env["load_average_at_end"] = common.load_average()
     out = Path(args.out)
     stem = args.name or f"ops-{common.device_slug(device)}"
     md = markdown(settings, env, rows, copies)

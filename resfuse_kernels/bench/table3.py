@@ -270,6 +270,8 @@ def markdown(s: Settings, env: dict, rows: list[dict]) -> str:
     ]
     if s.device == "cpu":
         out.append("- peak memory is not measured on a CPU ('-')")
+    if common.load_note(env):
+        out.append(f"- {common.load_note(env)}")
     out += [f"- {n}" for n in s.notes]
     for dtype in s.dtypes:
         sub = [r for r in rows if r["dtype"] == dtype]
@@ -309,7 +311,7 @@ def plot(s: Settings, env: dict, rows: list[dict], path: Path) -> bool:
         common.log("matplotlib is not installed (pip install 'resfuse-kernels[bench]'): no plot")
         return False
     dtypes = [d for d in s.dtypes if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(max(6 * len(dtypes), 8), 4.8), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes):
         names = [m for m in s.models if any(r["model"] == m and r["dtype"] == dtype for r in rows)]
         providers = [p for p in s.providers if any(r["provider"] == p and r["dtype"] == dtype
@@ -330,9 +332,9 @@ def plot(s: Settings, env: dict, rows: list[dict], path: Path) -> bool:
         ax.set_title(f"{dtype}, batch {s.batch}")
         ax.legend(fontsize=8)
     v = env["versions"]
-    fig.suptitle(f"Table 3 training time per epoch: {env['device']}\n"
-                 f"torch {v['torch']}, {'channels_last' if s.channels_last else 'NCHW'}",
-                 fontsize=9)
+    fig.suptitle(f"Table 3, training time per epoch\n{env['device']}\n"
+                 f"torch {v['torch']}, {'channels_last' if s.channels_last else 'NCHW'}, "
+                 f"NAG SGD", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -356,7 +358,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--batch", type=int, default=None, help="default: 128 on GPU, 16 on CPU")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps (default: 20 on GPU, 3 on CPU)")
+                   help="timed steps (default: 20 on GPU, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps, the first included (default: 5 on GPU, 1 on CPU)")
     p.add_argument("--full", action="store_true", help="run whole epochs (meant for a GPU)")
@@ -390,7 +392,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         providers=_split(args.providers, PROVIDERS),
         dtypes=_split(args.dtypes, tuple(DTYPES)),
         batch=args.batch or (128 if gpu else 16),
-        steps=args.steps or (20 if gpu else 3),
+        steps=args.steps or (20 if gpu else 5),
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
         full=args.full, epochs=args.epochs, epoch_images=args.epoch_images,
         classes=args.classes, data=args.data, channels_last=not args.nchw, device=device)
@@ -446,6 +448,7 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
                            + (f", peak {common.fmt_bytes(r['peak_memory_bytes'])}"
                               if r["peak_memory_bytes"] is not None else ""))
     add_ratios(rows)
+    env["load_average_at_end"] = common.load_average()
     settings = asdict(s)
     settings["steps_per_epoch"] = s.steps_per_epoch
     result = {"benchmark": "table3", "command": common.command_line(), "environment": env,
