@@ -165,7 +165,13 @@ def measure(s: Settings, name: str, provider: str, dtype: str, data: Batches) ->
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                           nesterov=s.nesterov, weight_decay=s.weight_decay)
-    forward = torch.compile(model) if provider.endswith("compile") else model
+    if provider.endswith("compile"):
+        # Every Net shares one forward code object: start dynamo afresh so the
+        # recompile limit never silently sends a later model to eager.
+        torch._dynamo.reset()
+        forward = torch.compile(model)
+    else:
+        forward = model
     amp = dtype != "fp32"
 
     def step() -> torch.Tensor:
@@ -436,6 +442,8 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
                 if (provider.endswith("compile") and s.compile_models is not None
                         and model not in s.compile_models):
                     continue
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 r = measure(s, model, provider, dtype, data)
                 r["data"] = data.source
                 rows.append(r)
