@@ -21,6 +21,7 @@ from resfuse_kernels.bench import ops as bench_ops
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROVIDERS = bench_ops.providers_for(DEVICE)
 _COMPILED: dict = {}
+_CASES: dict = {}
 
 
 def _sync() -> None:
@@ -32,8 +33,11 @@ def _sync() -> None:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("op", bench_ops.OPS)
 def test_op(benchmark, op, provider, mode, shape):
-    case = bench_ops.Case(op, shape, DEVICE)
-    forward = bench_ops.forward_fn(case, provider, _COMPILED)
+    key = (op, tuple(shape), provider)
+    if key not in _CASES:                       # shared by the three modes: one compile
+        case = bench_ops.Case(op, shape, DEVICE)
+        _CASES[key] = case, bench_ops.forward_fn(case, provider, _COMPILED)
+    case, forward = _CASES[key]
     backend = provider[6:] if provider.startswith("fused:") else None
     benchmark.group = f"{op} {'x'.join(map(str, shape))} {mode}"
     benchmark.extra_info.update(op=op, shape=list(shape), mode=mode, provider=provider,
