@@ -368,7 +368,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--warmup", type=int, default=None, help="default 10 on GPU, 2 on CPU")
-    p.add_argument("--repeats", type=int, default=None, help="default 50 on GPU, 5 on CPU")
+    p.add_argument("--repeats", type=int, default=None, help="default 50 on GPU, 10 on CPU")
     p.add_argument("--out", default=str(common.DEFAULT_OUT), help="results folder")
     p.add_argument("--name", default=None, help="file stem (default ops-<device>)")
 
@@ -399,7 +399,7 @@ def main(args: argparse.Namespace) -> int:
         t.strip() for t in args.providers.split(",") if t.strip()]
     providers = providers_for(device, requested)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
-    repeats = args.repeats or (50 if gpu else 5)
+    repeats = args.repeats or (50 if gpu else 10)
     env = common.environment(device)
     settings = {"ops": op_names, "modes": modes, "providers": providers,
                 "shapes": [list(s) for s in shapes], "shape_scale": scale, "dtype": args.dtype,
