@@ -1,5 +1,7 @@
 # make test   -- set up .venv, build, run the C++ tests (ctest) and the pytest suite
-# make bench  -- set up .venv and run the main job (the Table 3 report)
+# make bench  -- set up .venv (+ the [bench] extra) and run the main job: Table 3,
+#                parameters and time per epoch, into bench/results/
+# make bench-ops -- the op benchmarks (time, GB/s, fraction of copy bandwidth)
 # make ctest  -- build csrc/ with CMake against the venv's libtorch and run ctest
 # make cuda-compile -- compile csrc/cuda with nvcc, no GPU needed (skipped without nvcc)
 #
@@ -14,7 +16,7 @@ TORCH  ?= torch==2.13.0
 # Triton 3.9 runs its interpreter with numpy >= 2.3 (3.6 needs numpy < 2.3).
 TRITON ?= triton==3.9.0
 
-.PHONY: test bench venv ctest cuda-compile clean
+.PHONY: test bench bench-ops venv ctest cuda-compile clean
 
 venv: $(VENV)/.ready
 
@@ -36,8 +38,18 @@ ctest: venv
 cuda-compile: venv
 	PYTHON=$(PY) csrc/cuda/compile_check.sh
 
-bench: venv
+# The [bench] extra of pyproject.toml, installed without rebuilding the package.
+BENCH_DEPS ?= matplotlib Pillow pytest-benchmark
+
+$(VENV)/.bench-ready: $(VENV)/.ready pyproject.toml
+	$(PY) -c "import matplotlib, PIL, pytest_benchmark" 2>/dev/null || $(PY) -m pip install -q $(BENCH_DEPS)
+	touch $@
+
+bench: $(VENV)/.bench-ready
 	$(PY) -m resfuse_kernels.bench table3
+
+bench-ops: $(VENV)/.bench-ready
+	$(PY) -m resfuse_kernels.bench ops
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -76,7 +76,7 @@ def test_info_lists_versions_and_backends():
 
 
 def test_main_job_prints_table3_parameters():
-    result = _run_module("resfuse_kernels.bench", "table3")
+    result = _run_module("resfuse_kernels.bench", "table3", "--params-only")
     assert result.returncode == 0, result.stderr
     for row in ("| resnet19 | 4,235,172 | 4,235,172 | yes |",
                 "| highway19 | 4,235,172 | 4,235,172 | yes |",

@@ -1,22 +1,39 @@
-"""``python -m resfuse_kernels.bench table3 [--classes N]``."""
+"""``python -m resfuse_kernels.bench {table3,ops} [options]`` (also ``resfuse-bench``).
+
+* ``table3``: the paper's Table 3, parameters and training time per epoch
+  per network, provider (reference/fused, eager/torch.compile) and precision;
+  ``--params-only`` prints just the parameter counts.
+* ``ops``: the fused ops against eager PyTorch and torch.compile: time,
+  achieved GB/s from the minimum bytes, fraction of a copy's bandwidth.
+
+Results go to bench/results/ (JSON, Markdown, and a PNG for table3).
+``--help`` on each lists the options.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import table3
-
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resfuse_kernels.bench")
+    from . import ops, table3
+
+    parser = argparse.ArgumentParser(prog="resfuse-bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t3 = sub.add_parser("table3", help="the paper's Table 3: parameters per network")
-    t3.add_argument("--classes", type=int, default=100, help="number of classes (default 100)")
+    t3 = sub.add_parser("table3", help="the paper's Table 3: parameters and time per epoch",
+                        description=table3.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    table3.add_arguments(t3)
+    op = sub.add_parser("ops", help="op benchmarks: time, GB/s, fraction of copy bandwidth",
+                        description=ops.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ops.add_arguments(op)
     args = parser.parse_args(argv)
     if args.command == "table3":
-        return table3.main(args.classes)
-    return 2
+        return table3.main(args)
+    return ops.main(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,6 @@
+"""Dataset readers: Tiny-ImageNet / TinyImageNet-100 folders (Pillow)."""
+
+from .tiny_imagenet import TinyImageNet, list_images, load_image, load_tensors, normalize, read_wnids
+
+__all__ = ["TinyImageNet", "list_images", "load_image", "load_tensors", "normalize",
+           "read_wnids"]

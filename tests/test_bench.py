@@ -1,0 +1,180 @@
+"""The benchmark code paths at tiny sizes (eager providers only: no
+torch.compile here, it is slow) and the Tiny-ImageNet reader on a generated
+folder of JPEGs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from resfuse_kernels.bench import ops as bench_ops
+from resfuse_kernels.bench.__main__ import main as bench_main
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_environment(env: dict) -> None:
+    assert env["device_type"] == "cpu"
+    for key in ("torch", "triton", "python"):
+        assert key in env["versions"]
+    assert env["versions"]["torch"] == torch.__version__
+    assert "git_commit" in env and env["device"]
+
+
+def test_table3_tiny_run_writes_json_and_markdown(tmp_path):
+    rc = bench_main(["table3", "--device", "cpu", "--models", "resnet19,highway19",
+                     "--providers", "ref-eager,fused-eager", "--dtypes", "fp32",
+                     "--batch", "2", "--steps", "2", "--warmup", "1", "--epoch-images", "10",
+                     "--out", str(tmp_path), "--no-plot"])
+    assert rc == 0
+    data = json.loads((tmp_path / "table3-cpu.json").read_text())
+    assert data["benchmark"] == "table3"
+    _check_environment(data["environment"])
+    s = data["settings"]
+    assert (s["batch"], s["steps"], s["steps_per_epoch"], s["momentum"], s["nesterov"]) == \
+        (2, 2, 5, 0.9, True)
+    rows = data["results"]
+    assert [(r["model"], r["provider"]) for r in rows] == [
+        ("resnet19", "ref-eager"), ("resnet19", "fused-eager"),
+        ("highway19", "ref-eager"), ("highway19", "fused-eager")]
+    for r in rows:
+        assert r["dtype"] == "fp32" and r["extrapolated"] is True and r["runs"] == 2
+        for key in ("median_s", "min_s", "epoch_s", "images_per_s", "first_step_s"):
+            assert _positive(r[key]), (key, r[key])
+        assert r["epoch_s"] == pytest.approx(r["median_s"] * 5)
+        assert r["compile_s"] is None and r["peak_memory_bytes"] is None
+        assert math.isfinite(r["final_loss"])
+        assert _positive(r["vs_resnet19"])
+    assert rows[0]["parameters"] == 4_235_172 and rows[0]["vs_resnet19"] == 1.0
+    assert _positive(rows[1]["fused_speedup"]) and rows[0]["fused_speedup"] is None
+    md = (tmp_path / "table3-cpu.md").read_text()
+    assert "| resnet19 | 4,235,172 | 4,235,172 | - | ref-eager |" in md
+    assert "extrapolated" in md and "## fp32" in md and "| fused-eager |" in md
+
+
+def test_table3_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from resfuse_kernels.bench import table3
+    s = table3.Settings(models=("resnet19",), providers=("ref-eager", "fused-eager"),
+                        dtypes=("fp32",), batch=2)
+    rows = [{"model": "resnet19", "provider": p, "dtype": "fp32", "epoch_s": t}
+            for p, t in (("ref-eager", 2.0), ("fused-eager", 1.5))]
+    env = {"device": "test cpu", "versions": {"torch": torch.__version__}}
+    assert table3.plot(s, env, rows, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ops_tiny_run_writes_json_and_markdown(tmp_path):
+    rc = bench_main(["ops", "--device", "cpu", "--ops", "highway_gate,resfuse_tail,"
+                     "resfuse_tail_carry", "--shapes", "2x8x4x4", "--providers",
+                     "eager,fused:torch", "--repeats", "2", "--warmup", "1",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "ops-cpu.json").read_text())
+    assert data["benchmark"] == "ops"
+    _check_environment(data["environment"])
+    (copy,) = data["copies"]
+    assert copy["shape"] == [2, 8, 4, 4] and _positive(copy["gb_per_s"])
+    rows = data["results"]
+    assert len(rows) == 3 * 2 * 3
+    numel = 2 * 8 * 4 * 4
+    for r in rows:
+        assert _positive(r["median_s"]) and _positive(r["gb_per_s"])
+        assert _positive(r["copy_fraction"]) and _positive(r["vs_eager"])
+        assert r["min_bytes"] == bench_ops.min_tensors(r["op"], r["mode"]) * numel * 4
+    first = rows[0]
+    assert (first["op"], first["mode"], first["provider"]) == ("highway_gate", "forward", "eager")
+    assert first["min_bytes"] == 4 * numel * 4 and first["vs_eager"] == 1.0
+    md = (tmp_path / "ops-cpu.md").read_text()
+    assert "| highway_gate | 2x8x4x4 | both | fused:torch |" in md
+    assert "copy GB/s" in md
+
+
+def test_min_bytes_rule():
+    assert [bench_ops.min_tensors("highway_gate", m) for m in bench_ops.MODES] == [4, 7, 11]
+    assert [bench_ops.min_tensors("resfuse_tail", m) for m in bench_ops.MODES] == [3, 5, 8]
+    assert [bench_ops.min_tensors("resfuse_tail_carry", m) for m in bench_ops.MODES] == [4, 7, 11]
+    assert bench_ops.min_bytes("highway_gate", "both", (2, 3, 4, 5), torch.bfloat16) == \
+        11 * 120 * 2
+    assert bench_ops.scale_shape((128, 64, 64, 64), 1 / 16) == (8, 64, 64, 64)
+    assert bench_ops.scale_shape((128, 64, 64, 64), 1e-6) == (1, 64, 64, 64)
+
+
+@pytest.mark.parametrize("op", bench_ops.OPS)
+def test_ops_case_fused_matches_reference(op):
+    """The benchmark times the same function on every provider."""
+    case = bench_ops.Case(op, (2, 5, 3, 3), dtype=torch.float64)
+    expected = case.reference()
+    torch.testing.assert_close(case.fused(), expected)
+
+
+# ---------------------------------------------------------------- the data reader
+
+
+def _fake_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=3):
+    Image = pytest.importorskip("PIL.Image")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    g = torch.Generator().manual_seed(0)
+    for k, wnid in enumerate(wnids):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            size = 64 if i else 40  # one image per class is resized
+            pixels = torch.full((size, size, 3), 40 * k + 10 * i, dtype=torch.uint8)
+            pixels += torch.randint(0, 5, pixels.shape, generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{wnid}_{i}.JPEG")
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for j, wnid in enumerate(reversed(wnids)):
+        name = f"val_{j}.JPEG"
+        Image.new("L", (64, 64), 128).save(root / "val" / "images" / name)  # greyscale
+        lines.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_tiny_imagenet_reader(tmp_path):
+    from resfuse_kernels import data
+    _fake_tiny_imagenet(tmp_path)
+    assert data.read_wnids(tmp_path) == ["n01", "n02", "n03"]
+    images, labels, wnids = data.load_tensors(tmp_path, "train", classes=2)
+    assert wnids == ["n01", "n02"]
+    assert images.shape == (6, 3, 64, 64) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # The class-k images are ~40k + 10i (JPEG is lossy): they were read in order.
+    means = images.float().mean(dim=(1, 2, 3))
+    for m, expected in zip(means.tolist(), [0, 10, 20, 40, 50, 60]):
+        assert abs(m - expected - 2) < 6
+    few, few_labels, _ = data.load_tensors(tmp_path, "train", classes=3, limit=4)
+    assert few_labels.tolist() == [0, 1, 2, 0]          # round-robin over the classes
+    val, val_labels, _ = data.load_tensors(tmp_path, "val", classes=3)
+    assert val.shape == (3, 3, 64, 64) and val_labels.tolist() == [2, 1, 0]
+    assert (val == val[0, 0, 0, 0]).all()                # greyscale -> RGB
+    ds = data.TinyImageNet(tmp_path, "val", classes=2)
+    assert len(ds) == 2 and ds[0][1] == 1 and ds[0][0].shape == (3, 64, 64)
+    x = data.normalize(images)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="lists 3 classes"):
+        data.read_wnids(tmp_path, classes=4)
+    with pytest.raises(FileNotFoundError, match="wnids.txt"):
+        data.read_wnids(tmp_path / "train")
+
+
+def test_table3_reads_a_data_folder(tmp_path):
+    _fake_tiny_imagenet(tmp_path / "tiny")
+    rc = bench_main(["table3", "--device", "cpu", "--models", "resnet19", "--providers",
+                     "ref-eager", "--dtypes", "fp32", "--batch", "2", "--steps", "1",
+                     "--warmup", "1", "--epoch-images", "4", "--classes", "3",
+                     "--data", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"),
+                     "--no-plot"])
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "table3-cpu.json").read_text())
+    (row,) = data["results"]
+    assert "3 classes" in row["data"] and _positive(row["epoch_s"])
+    assert data["settings"]["classes"] == 3
