@@ -8,9 +8,10 @@
 //   highway backward:          sums(g_h, g_h*a_hat, g_t, g_t*b_hat) | da, db, dx
 //   tail forward, training:    stats(u [, v]) | y = relu(...)         2 passes
 //   tail backward:             sums(g, g*u_hat [, g*v_hat]) | du, dh [, dv]
-// In eval the statistics pass disappears. The carry's 1x1 product v = W x
-// (and dx = W^T dv, dW = dv x^T) goes through ATen's matmul in fp32, which
-// the fused passes then read; the math is in the Python ops' docstrings.
+// In eval the statistics pass disappears. The carry's 1x1 products v = W x
+// and dx = W^T dv go through ATen's 1x1 convolution (oneDNN) and dW = dv x^T
+// through its matmul, in fp32; the fused passes read v. The math is in the
+// Python ops' docstrings.
 #include "ops.h"
 
 #include <torch/library.h>
@@ -171,16 +172,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
 
 namespace {
 
-// v = W x for the 1x1 carry, in the stats dtype and x's geometry.
+// v = W x for the 1x1 carry, in the stats dtype and x's geometry: a 1x1
+// convolution (oneDNN's, where torch has it) is faster than a batched
+// matmul over the images for NCHW and reads channels_last in place.
 Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx, at::ScalarType acc) {
   const int64_t K = w.size(0), C = w.size(1);
-  Tensor w2 = w.reshape({K, C}).to(acc);
-  Tensor xa = x.to(acc);
-  if (gx.channels_last) {  // [N*S, C] @ [C, K] is [N*S, K]: channels_last order
-    Tensor v = at::matmul(xa.permute({0, 2, 3, 1}).reshape({gx.N * gx.S, C}), w2.t());
-    return v.view({gx.N, x.size(2), x.size(3), K}).permute({0, 3, 1, 2});
-  }
-  return at::matmul(w2, xa.reshape({gx.N, C, gx.S})).view({gx.N, K, x.size(2), x.size(3)});
+  Tensor v = at::conv2d(x.to(acc), w.reshape({K, C, 1, 1}).to(acc));
+  return v.contiguous(gx.format());
 }
 
 }  // namespace
@@ -294,14 +292,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
       const int64_t K = w->size(0), C = w->size(1);
       Tensor w2 = w->reshape({K, C}).to(acc);
       Tensor xa = x.to(acc);
+      // dx = W^T dv per pixel: a 1x1 convolution, as the forward's product.
+      dx = at::conv2d(dv, w2.t().reshape({C, K, 1, 1}));
       if (g.channels_last) {
         Tensor dv2 = dv.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
         Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, C});
-        dx = at::matmul(dv2, w2).view({g.N, x.size(2), x.size(3), C}).permute({0, 3, 1, 2});
         dw = at::matmul(dv2.t(), x2);
       } else {
         Tensor dv3 = dv.reshape({g.N, K, g.S}), x3 = xa.reshape({g.N, C, g.S});
-        dx = at::matmul(w2.t(), dv3).view({g.N, C, x.size(2), x.size(3)});
         dw = at::matmul(dv3, x3.transpose(1, 2)).sum(0);
       }
       dx = dx.to(x_in->scalar_type()).contiguous(Geometry::of(*x_in).format());
