@@ -33,26 +33,30 @@ def test_twin_has_the_public_schema(name):
     assert str(_twin(name)._schema) == public.replace("resfuse::", "resfuse_triton::", 1)
 
 
-def _compare(twin_out, public_out, what):
-    for index, (t, p) in enumerate(zip(twin_out, public_out)):
-        assert_close(t, p, torch.float32, f"{what} output {index}")
+def _check_twin(name, args, differentiable):
+    """The twin of ``torch.ops.resfuse.<name>`` gives the public op's outputs
+    and the gradients of the arguments at ``differentiable`` (the Triton
+    backend runs both)."""
+    args = list(args)
+    index = [i for i in differentiable if isinstance(args[i], torch.Tensor)]
+    leaves = [args[i].detach().requires_grad_() for i in index]
+    for i, leaf in zip(index, leaves):
+        args[i] = leaf
+    with rk.backends.use("triton"):
+        public = getattr(torch.ops.resfuse, name)(*args)
+        g = torch.randn(public[0].shape, device=DEVICE)
+        want = torch.autograd.grad(public[0], leaves, g)
+        twin = _twin(name)(*args)
+        got = torch.autograd.grad(twin[0], leaves, g)
+    for what, outs, refs in (("forward", twin, public), ("gradient", got, want)):
+        for i, (t, p) in enumerate(zip(outs, refs)):
+            assert_close(t, p, torch.float32, f"{name} {what} output {i}")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_highway_twin_matches_public_op(training):
     case = HighwayCase.random((3, 6, 5, 4), torch.float32, "channels_last", training)
-    args = list(_highway_op_args(case))
-    leaves = [args[i].detach().requires_grad_() for i in (0, 1, 2, 3, 4, 7, 8)]
-    for i, leaf in zip((0, 1, 2, 3, 4, 7, 8), leaves):
-        args[i] = leaf
-    g = torch.randn(case.a.shape, device=DEVICE)
-    with rk.backends.use("triton"):
-        public = torch.ops.resfuse.highway_gate(*args)
-        want = torch.autograd.grad(public[0], leaves, g)
-        twin = _twin("highway_gate")(*args)
-        got = torch.autograd.grad(twin[0], leaves, g)
-    _compare(twin, public, "forward")
-    _compare(got, want, "gradient")
+    _check_twin("highway_gate", _highway_op_args(case), (0, 1, 2, 3, 4, 7, 8))
 
 
 @pytest.mark.parametrize("carry", [False, True], ids=["no-carry", "carry"])
@@ -60,19 +64,7 @@ def test_highway_twin_matches_public_op(training):
 def test_tail_twin_matches_public_op(training, carry):
     case = TailCase.random((3, 6, 5, 4), torch.float32, "nchw", training,
                            carry_channels=5 if carry else None)
-    args = list(_tail_op_args(case))
-    index = [i for i in (0, 1, 2, 3, 6, 7, 8, 9) if isinstance(args[i], torch.Tensor)]
-    leaves = [args[i].detach().requires_grad_() for i in index]
-    for i, leaf in zip(index, leaves):
-        args[i] = leaf
-    g = torch.randn(case.u.shape, device=DEVICE)
-    with rk.backends.use("triton"):
-        public = torch.ops.resfuse.resfuse_tail(*args)
-        want = torch.autograd.grad(public[0], leaves, g)
-        twin = _twin("resfuse_tail")(*args)
-        got = torch.autograd.grad(twin[0], leaves, g)
-    _compare(twin, public, "forward")
-    _compare(got, want, "gradient")
+    _check_twin("resfuse_tail", _tail_op_args(case), (0, 1, 2, 3, 6, 7, 8, 9))
 
 
 def test_public_entry_points_route_to_the_twins_only_on_compiled_triton():

@@ -1,6 +1,7 @@
 """Dataset readers: Tiny-ImageNet / TinyImageNet-100 folders (Pillow)."""
 
-from .tiny_imagenet import TinyImageNet, list_images, load_image, load_tensors, normalize, read_wnids
+from .tiny_imagenet import (TinyImageNet, list_images, load_image, load_tensors, normalize,
+                            read_wnids)
 
 __all__ = ["TinyImageNet", "list_images", "load_image", "load_tensors", "normalize",
            "read_wnids"]

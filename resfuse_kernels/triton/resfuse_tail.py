@@ -162,7 +162,8 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
 
 @triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
 @triton.jit
-def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr, means_ptr,
+def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr,
+                           means_ptr,
                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                            eps_d, eps_k, N, C, S, CX,
                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
