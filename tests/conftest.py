@@ -22,6 +22,12 @@ import resfuse_kernels as rk
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# float32 means float32 in every comparison: cuDNN runs convolutions in TF32
+# by default (the reference's and the composite's carry), which alone would
+# miss the float32 tolerance. The kernels never use TF32.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 # Largest error allowed against the float64 oracle, relative to the largest
 # magnitude of the expected tensor (at least 1), per storage dtype. Normwise,
 # not elementwise: a gradient is a sum of cancelling terms, so a tiny element

@@ -65,10 +65,10 @@ def test_highway_gate_rejects(backend, hw, replace, error, match):
     (lambda c: {"u": c.u.long()}, TypeError, "u must be a floating-point"),
     (lambda c: {"x": c.x[:1]}, ValueError, "batch and spatial sizes must match"),
     (lambda c: {"w": c.w[:3]}, ValueError, r"w must be the 1x1 carry weight of shape \(4, 6\)"),
-    (lambda c: {"w": torch.ones(4, 6, 3, 3)}, ValueError, "w must be the 1x1 carry weight"),
+    (lambda c: {"w": c.w.new_ones(4, 6, 3, 3)}, ValueError, "w must be the 1x1 carry weight"),
     (lambda c: {"w": None}, ValueError, "the carry needs x, w, weight_k and bias_k together; w"),
-    (lambda c: {"running_mean_k": torch.zeros(3)}, ValueError, "running_mean_k must have shape"),
-    (lambda c: {"weight_d": torch.ones(4, 1)}, ValueError, "weight_d must have shape"),
+    (lambda c: {"running_mean_k": c.w.new_zeros(3)}, ValueError, "running_mean_k must have shape"),
+    (lambda c: {"weight_d": c.w.new_ones(4, 1)}, ValueError, "weight_d must have shape"),
 ])
 def test_resfuse_tail_rejects(backend, tail, replace, error, match):
     with pytest.raises(error, match=match):

@@ -75,14 +75,6 @@ _REASON = rk.backends.unavailable_reason("cuda", "cuda")
 needs_cuda = pytest.mark.skipif(_REASON is not None, reason=f"cuda backend: {_REASON}")
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    """The composite's carry is F.conv2d, which cuDNN runs in TF32 by default
-    (allow_tf32 is True for convolutions): that alone would miss the fp32
-    tolerance. The kernels' cuBLAS products are full fp32 either way."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 def _act(shape, dtype, layout, device, mean=0.0):
     t = (torch.randn(shape, device=device) + mean).to(dtype)
     if layout == "channels_last":

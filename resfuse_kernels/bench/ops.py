@@ -163,23 +163,24 @@ class Case:
             return reference.resfuse_tail(u, h, self.bns[0])
         return reference.resfuse_tail(u, h, self.bns[0], self.acts[2], self.carry, self.bns[1])
 
-    def fused(self) -> Tensor:
-        """The fused op (``torch.ops.resfuse.*``) on the current backend."""
+    def fused(self, training: bool = True) -> Tensor:
+        """The fused op (``torch.ops.resfuse.*``) on the current backend; batch
+        statistics when ``training``, else the running statistics."""
         if self.op == "highway_gate":
             a, b, x = self.acts
             bh, bt = self.bns
             return rk_ops.highway_gate(a, b, x, bh.weight, bh.bias, bh.running_mean,
                                        bh.running_var, bt.weight, bt.bias, bt.running_mean,
-                                       bt.running_var, training=True)
+                                       bt.running_var, training=training)
         u, h = self.acts[:2]
         bd = self.bns[0]
         if self.carry is None:
             return rk_ops.resfuse_tail(u, h, bd.weight, bd.bias, bd.running_mean,
-                                       bd.running_var, training=True)
+                                       bd.running_var, training=training)
         bk = self.bns[1]
         return rk_ops.resfuse_tail(u, h, bd.weight, bd.bias, bd.running_mean, bd.running_var,
                                    self.acts[2], self.carry.weight, bk.weight, bk.bias,
-                                   bk.running_mean, bk.running_var, training=True)
+                                   bk.running_mean, bk.running_var, training=training)
 
     def backward(self, y: Tensor) -> tuple[Tensor, ...]:
         return torch.autograd.grad(y, self.inputs, self.grad_out)

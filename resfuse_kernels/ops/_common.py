@@ -15,7 +15,9 @@ Conventions every backend follows:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -119,6 +121,23 @@ def promote_under_autocast(tensors: Sequence[Optional[Tensor]]) -> list[Optional
             for t in tensors]
 
 
+try:  # torch >= 2.6
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # pragma: no cover - older torch: wrap_triton launches directly
+    _set_wrap_triton_enabled = None
+
+
+def direct_launches():
+    """A context in which ``torch.library.wrap_triton`` kernels launch
+    directly. The ops' implementations only ever see real tensors, but
+    outside a ``triton_op`` wrap_triton defaults to dispatching every launch
+    through its higher-order op, tens of microseconds of Python each; a
+    ``triton_op`` switches it off the same way for its own eager calls."""
+    if _set_wrap_triton_enabled is None:
+        return contextlib.nullcontext()
+    return _set_wrap_triton_enabled(False)
+
+
 def no_autocast(t: Tensor):
     """A context in which autocast is off for ``t``'s device.
 
@@ -128,20 +147,64 @@ def no_autocast(t: Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                         mean: Tensor, var: Tensor, count: int,
-                         momentum: float | Tensor) -> None:
+def update_running_stats(count: int, *updates: tuple) -> None:
     """Fold one batch's statistics into the running ones, as nn.BatchNorm2d does.
 
+    Each update is ``(running_mean, running_var, mean, var, momentum)``:
     ``running = (1 - momentum) * running + momentum * batch`` with the
     unbiased variance ``var * count / (count - 1)``; ``var`` is the biased
-    batch variance the ops return. An empty batch leaves them unchanged.
+    batch variance the ops return. An empty batch, or a BatchNorm without
+    running statistics, leaves them unchanged. Updates with the same float
+    momentum go in one ``torch._foreach_lerp_`` (one launch on a GPU).
     """
-    if running_mean is None or running_var is None or count == 0:
+    if count == 0:
         return
-    if isinstance(momentum, Tensor):
-        momentum = momentum.to(running_mean.dtype)
+    factor = count / (count - 1) if count > 1 else float("inf")
+    grouped: dict[float, tuple[list, list]] = {}
     with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        unbiased = var * (count / (count - 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        for running_mean, running_var, mean, var, momentum in updates:
+            if running_mean is None or running_var is None:
+                continue
+            batch = (mean.to(running_mean.dtype), (var * factor).to(running_var.dtype))
+            if isinstance(momentum, Tensor):  # momentum=None: a cumulative average
+                momentum = momentum.to(running_mean.dtype)
+                running_mean.lerp_(batch[0], momentum)
+                running_var.lerp_(batch[1], momentum)
+                continue
+            selves, others = grouped.setdefault(float(momentum), ([], []))
+            selves += [running_mean, running_var]
+            others += batch
+        for momentum, (selves, others) in grouped.items():
+            torch._foreach_lerp_(selves, others, momentum)
+
+
+def eager_function(name: str, forward_impl: Callable, setup_context: Callable,
+                   backward: Callable) -> Callable:
+    """``apply`` of an autograd.Function running ``forward_impl`` and
+    ``backward`` (the op's own autograd formula, calling its backward
+    implementation directly).
+
+    The public entry points use it outside torch.compile: it computes what
+    the registered op computes, with the same checks, kernels, saved tensors
+    and gradients, but skips the Python dispatch of ``torch.library``
+    custom ops (argument binding, redispatch, fake-mode checks), which costs
+    a few hundred microseconds per call: more than a fused kernel's whole
+    run at the stage shapes of ResFuse-19 on a GPU.
+    """
+    def forward(ctx, *args):
+        # setup_context is called here, not declared: Function.apply binds a
+        # declared one's arguments through inspect.signature on every call.
+        out = forward_impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                 "backward": staticmethod(backward)})
+    return fn.apply
+
+
+def eager(t) -> bool:
+    """True when the public entry points may take the eager path: a plain
+    tensor (not a fake, functional or other subclass tensor) outside
+    torch.compile's tracing."""
+    return type(t) is Tensor and not torch.compiler.is_compiling()

@@ -30,15 +30,15 @@ the four per-channel statistics is saved: ``H``, ``T``, ``a_hat`` and
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_activation, check_batch_norm, empty_output, memory_format,
-                      no_autocast, promote_under_autocast, stat_dtype,
-                      update_running_stats)
+from ._common import (check_activation, check_batch_norm, direct_launches, eager,
+                      eager_function, empty_output, memory_format, no_autocast,
+                      promote_under_autocast, stat_dtype, update_running_stats)
 
 __all__ = ["highway_gate"]
 
@@ -71,7 +71,7 @@ def forward_impl(a: Tensor, b: Tensor, x: Tensor,
     args = (a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
             weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
     check(*args)
-    with no_autocast(a):
+    with no_autocast(a), direct_launches():
         return backends.kernels(a.device).highway_gate_forward(*args)
 
 
@@ -92,7 +92,7 @@ def backward_impl(grad_y: Tensor, a: Tensor, b: Tensor, x: Tensor,
                   weight_t: Tensor, bias_t: Tensor, mean_t: Tensor, var_t: Tensor,
                   training: bool, eps_h: float, eps_t: float) -> _Grads:
     """Returns ``(da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t)``."""
-    with no_autocast(a):
+    with no_autocast(a), direct_launches():
         return backends.kernels(a.device).highway_gate_backward(
             grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
             training, eps_h, eps_t)
@@ -119,10 +119,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.training, ctx.eps_h, ctx.eps_t = training, eps_h, eps_t
 
 
-def register_autograd(forward_op, backward_op) -> None:
-    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
-    module's schemas): used for the opaque ops here and the traceable Triton
-    twins (:mod:`resfuse_kernels.triton.traceable`)."""
+def _make_backward(backward_op: Callable) -> Callable:
+    """The op's autograd formula, with ``backward_op`` (the registered
+    backward op, or its implementation) computing the gradients."""
 
     def backward(ctx, grad_y, *_stat_grads):
         (a, b, x, weight_h, bias_h, mean_h, var_h,
@@ -135,10 +134,19 @@ def register_autograd(forward_op, backward_op) -> None:
         return (da, db, dx, dweight_h, dbias_h, None, None, dweight_t, dbias_t, None, None,
                 None, None, None)
 
-    forward_op.register_autograd(backward, setup_context=_setup_context)
+    return backward
+
+
+def register_autograd(forward_op, backward_op) -> None:
+    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
+    module's schemas): used for the opaque ops here and the traceable Triton
+    twins (:mod:`resfuse_kernels.triton.traceable`)."""
+    forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
 
 
 register_autograd(highway_gate_op, highway_gate_backward_op)
+_highway_gate_eager = eager_function("HighwayGate", forward_impl, _setup_context,
+                                     _make_backward(backward_impl))
 
 
 def highway_gate(a: Tensor, b: Tensor, x: Tensor,
@@ -172,13 +180,16 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     The math, forward and backward, is in this module's docstring.
     """
     a, b, x = promote_under_autocast([a, b, x])
-    twin = backends.traceable_op("highway_gate", a.device.type) if isinstance(a, Tensor) else None
-    op = twin or highway_gate_op
+    if eager(a):
+        op = _highway_gate_eager
+    else:
+        twin = backends.traceable_op("highway_gate", a.device.type) if isinstance(a, Tensor) else None
+        op = twin or highway_gate_op
     y, mean_h, var_h, mean_t, var_t = op(
         a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
         weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
     if training:
         count = a.numel() // a.shape[1]
-        update_running_stats(running_mean_h, running_var_h, mean_h, var_h, count, momentum_h)
-        update_running_stats(running_mean_t, running_var_t, mean_t, var_t, count, momentum_t)
+        update_running_stats(count, (running_mean_h, running_var_h, mean_h, var_h, momentum_h),
+                             (running_mean_t, running_var_t, mean_t, var_t, momentum_t))
     return y

@@ -33,15 +33,15 @@ are recomputed in backward.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_activation, check_batch_norm, empty_output, memory_format,
-                      no_autocast, promote_under_autocast, stat_dtype,
-                      update_running_stats)
+from ._common import (check_activation, check_batch_norm, direct_launches, eager,
+                      eager_function, empty_output, memory_format, no_autocast,
+                      promote_under_autocast, stat_dtype, update_running_stats)
 
 __all__ = ["resfuse_tail"]
 
@@ -91,7 +91,7 @@ def forward_impl(u: Tensor, h: Tensor,
     args = (u, h, weight_d, bias_d, running_mean_d, running_var_d,
             x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
     check(*args)
-    with no_autocast(u):
+    with no_autocast(u), direct_launches():
         return backends.kernels(u.device).resfuse_tail_forward(*args)
 
 
@@ -118,7 +118,7 @@ def backward_impl(grad_y: Tensor, u: Tensor, h: Tensor,
                   training: bool, eps_d: float, eps_k: float) -> _Grads:
     """Returns ``(du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k)``;
     the last four are empty without the carry."""
-    with no_autocast(u):
+    with no_autocast(u), direct_launches():
         return backends.kernels(u.device).resfuse_tail_backward(
             grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
             var_k, training, eps_d, eps_k)
@@ -148,10 +148,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.training, ctx.eps_d, ctx.eps_k = training, eps_d, eps_k
 
 
-def register_autograd(forward_op, backward_op) -> None:
-    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
-    module's schemas): used for the opaque ops here and the traceable Triton
-    twins (:mod:`resfuse_kernels.triton.traceable`)."""
+def _make_backward(backward_op: Callable) -> Callable:
+    """The op's autograd formula, with ``backward_op`` (the registered
+    backward op, or its implementation) computing the gradients."""
 
     def backward(ctx, grad_y, *_stat_grads):
         (u, h, weight_d, bias_d, mean_d, var_d,
@@ -166,10 +165,19 @@ def register_autograd(forward_op, backward_op) -> None:
         return (du, dh, dweight_d, dbias_d, None, None, dx, dw, dweight_k, dbias_k, None, None,
                 None, None, None)
 
-    forward_op.register_autograd(backward, setup_context=_setup_context)
+    return backward
+
+
+def register_autograd(forward_op, backward_op) -> None:
+    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
+    module's schemas): used for the opaque ops here and the traceable Triton
+    twins (:mod:`resfuse_kernels.triton.traceable`)."""
+    forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
 
 
 register_autograd(resfuse_tail_op, resfuse_tail_backward_op)
+_resfuse_tail_eager = eager_function("ResfuseTail", forward_impl, _setup_context,
+                                     _make_backward(backward_impl))
 
 
 def resfuse_tail(u: Tensor, h: Tensor,
@@ -206,14 +214,17 @@ def resfuse_tail(u: Tensor, h: Tensor,
     parameters. The math, forward and backward, is in this module's docstring.
     """
     u, h, x = promote_under_autocast([u, h, x])
-    twin = backends.traceable_op("resfuse_tail", u.device.type) if isinstance(u, Tensor) else None
-    op = twin or resfuse_tail_op
+    if eager(u):
+        op = _resfuse_tail_eager
+    else:
+        twin = backends.traceable_op("resfuse_tail", u.device.type) if isinstance(u, Tensor) else None
+        op = twin or resfuse_tail_op
     y, mean_d, var_d, mean_k, var_k = op(
         u, h, weight_d, bias_d, running_mean_d, running_var_d,
         x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
     if training:
         count = u.numel() // u.shape[1]
-        update_running_stats(running_mean_d, running_var_d, mean_d, var_d, count, momentum_d)
-        if x is not None:
-            update_running_stats(running_mean_k, running_var_k, mean_k, var_k, count, momentum_k)
+        carry = (running_mean_k, running_var_k, mean_k, var_k, momentum_k)
+        update_running_stats(count, (running_mean_d, running_var_d, mean_d, var_d, momentum_d),
+                             *((carry,) if x is not None else ()))
     return y

@@ -28,6 +28,7 @@ float64 for float64 storage; loads upcast to it, stores cast back.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,26 +50,50 @@ def launch(kernel):
 # configurations
 
 
-def _tile_configs() -> list:
-    """[BLOCK_S, BLOCK_C] tiles: tall ones suit NCHW (unit stride along S),
-    wide ones channels_last (unit stride along C)."""
-    if INTERPRET:  # one config: the interpreter must not benchmark
-        return [triton.Config({"BLOCK_S": 16, "BLOCK_C": 32}, num_warps=4)]
-    shapes = [(256, 4), (128, 8), (64, 16), (32, 64), (16, 128), (64, 32)]
-    return [triton.Config({"BLOCK_S": s, "BLOCK_C": c}, num_warps=w, num_stages=st)
-            for s, c in shapes for w in (4, 8) for st in (2, 3)]
+# RESFUSE_TRITON_AUTOTUNE=0: one configuration per layout, no benchmarking
+# (test runs on a GPU, where tuning every odd channel count would cost minutes).
+AUTOTUNE = os.environ.get("RESFUSE_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _tail_configs() -> list:
-    """[BLOCK_S, BLOCK_C] tiles of the ResFuse tail, all >= 16 so the carry's
-    tl.dot (reducing over BLOCK_X input channels) can use them."""
+def _configs(tiles: list[tuple], names: tuple[str, ...]) -> list:
+    """``triton.Config`` for each (block sizes..., num_warps) tuple."""
+    return [triton.Config(dict(zip(names, t[:-1])), num_warps=t[-1]) for t in tiles]
+
+
+def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ...], key):
+    """``triton.autotune`` over the configurations of the call's layout only.
+
+    ``nchw`` / ``channels_last``: (block sizes..., num_warps) tuples, best
+    guess first; a kernel's ``LAYOUT`` argument (:func:`layout_flag`) picks
+    the list, so tall tiles (unit stride along pixels) are tried for NCHW
+    and wide ones (unit stride along channels) for channels_last: half the
+    compilations of one mixed list. Under the interpreter, and with
+    ``RESFUSE_TRITON_AUTOTUNE=0``, only the first of each list is used.
+    """
     if INTERPRET:
-        return [triton.Config({"BLOCK_S": 16, "BLOCK_C": 32, "BLOCK_X": 32}, num_warps=4)]
-    shapes = [(256, 16, 32), (128, 32, 32), (64, 64, 32), (128, 64, 32), (64, 128, 32),
-              (32, 128, 32), (32, 64, 64)]
-    return [triton.Config({"BLOCK_S": s, "BLOCK_C": c, "BLOCK_X": x}, num_warps=w,
-                          num_stages=st)
-            for s, c, x in shapes for w in (4, 8) for st in (2, 3)]
+        nchw, channels_last = nchw[:1], nchw[:1]
+    elif not AUTOTUNE:
+        nchw, channels_last = nchw[:1], channels_last[:1]
+    by_layout = (_configs(nchw, names), _configs(channels_last, names))
+    configs = by_layout[0] + [c for c in by_layout[1] if c not in by_layout[0]]
+
+    def prune(configs, named_args, **kwargs):
+        return by_layout[1] if named_args["LAYOUT"] else by_layout[0]
+
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": prune})
+
+
+# [BLOCK_S, BLOCK_C] tiles of the pointwise and reduction kernels.
+TILE = ("BLOCK_S", "BLOCK_C")
+TILE_NCHW = [(128, 8, 4), (256, 8, 8), (64, 16, 4), (512, 4, 8)]
+TILE_CL = [(16, 128, 4), (32, 64, 4), (8, 256, 8), (32, 128, 8)]
+
+# [BLOCK_S, BLOCK_C] tiles of the ResFuse tail with BLOCK_X input channels per
+# step of the carry's tl.dot: all >= 16, as tl.dot needs.
+TAIL = ("BLOCK_S", "BLOCK_C", "BLOCK_X")
+TAIL_NCHW = [(128, 32, 32, 4), (64, 64, 32, 4), (128, 64, 32, 8), (256, 16, 32, 4)]
+TAIL_CL = [(64, 64, 32, 4), (32, 128, 32, 4), (64, 128, 32, 8), (128, 64, 64, 8)]
 
 
 def compute_type(dtype: torch.dtype):
@@ -76,12 +101,22 @@ def compute_type(dtype: torch.dtype):
     return tl.float64 if stat_dtype(dtype) == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_chunks(device: torch.device, tiles: int, cap: int | None = None) -> int:
-    """How many programs split the pixel axis of a reduction."""
+    """How many programs split the pixel axis of a reduction: 4 per
+    multiprocessor, so that enough loads are in flight (each program walks
+    its tiles one after another)."""
     if INTERPRET or device.type != "cuda":
-        target = 4
+        # more than one BLOCK_P of partials where the tensor allows, so
+        # the interpreter's tests take every branch of _stats_finalize
+        target = 40
     else:
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * _multiprocessors(device.index if device.index is not None
+                                      else torch.cuda.current_device())
     if cap is not None:
         target = min(target, cap)
     return max(1, min(target, tiles))
@@ -109,6 +144,24 @@ def view3(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 def layout_flag(strides: tuple[int, int, int]) -> int:
     """1 when channels are the unit-stride axis (channels_last), else 0."""
     return int(strides[1] == 1 and strides[2] != 1)
+
+
+def bn_params(mean: torch.Tensor, var: torch.Tensor, eps: float, weight: torch.Tensor,
+              bias: torch.Tensor) -> list[torch.Tensor]:
+    """``[mean, rstd, weight, bias]`` of one BatchNorm as dense vectors, with
+    ``rstd = 1 / sqrt(var + eps)`` formed here in the stat dtype: the
+    kernels take no float scalars, which Triton would pass as float32 (a
+    float64 op would lose eps's digits) and Inductor as float64."""
+    sdt = mean.dtype
+    rstd = (var.to(sdt) + eps).rsqrt()
+    return [mean.contiguous(), rstd, weight.contiguous(), bias.contiguous()]
+
+
+def scratch(like: torch.Tensor) -> torch.Tensor:
+    """A one-element stand-in for a pointer argument a kernel never touches.
+    Never another argument: torch.compile clones each output of a traced
+    kernel, so an aliased output would be written in one clone only."""
+    return torch.empty(1, dtype=like.dtype, device=like.device)
 
 
 def empty_like_format(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -198,7 +251,7 @@ def tile_moments(v, mask, nt):
 # per-channel batch statistics of one or two activations
 
 
-@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
 def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr,
                   N, C, S, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
@@ -242,23 +295,34 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr,
 
 @triton.jit
 def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr, var_y_ptr,
-                    P, W, C, CT: tl.constexpr, BLOCK: tl.constexpr):
+                    P, W, C, CT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
     """Merge P per-chunk (count, mean, M2) rows of width W into (mean, biased var);
-    columns [0, C) go to the x outputs, [C, W) to the y outputs."""
+    columns [0, C) go to the x outputs, [C, W) to the y outputs. Reads
+    [BLOCK_P, BLOCK] tiles of the partials: a loop over single rows would
+    wait out one memory latency per chunk."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < W
     total = tl.zeros([BLOCK], CT)
     weighted = tl.zeros([BLOCK], CT)
-    for p in range(P):
-        cnt = tl.load(cnt_ptr + p + c * 0).to(CT)
-        total += cnt
-        weighted += cnt * tl.load(mean_ptr + p * W + c, mask=mask, other=0.0)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < P
+        cnt = tl.load(cnt_ptr + p, mask=pm, other=0.0).to(CT)
+        m = tl.load(mean_ptr + p.to(tl.int64)[:, None] * W + c[None, :],
+                    mask=pm[:, None] & mask[None, :], other=0.0).to(CT)
+        total += tl.sum(cnt, axis=0)
+        weighted += tl.sum(cnt[:, None] * m, axis=0)
     mean = weighted / tl.maximum(total, 1.0)
     m2 = tl.zeros([BLOCK], CT)
-    for p in range(P):
-        cnt = tl.load(cnt_ptr + p + c * 0).to(CT)
-        d = tl.load(mean_ptr + p * W + c, mask=mask, other=0.0) - mean
-        m2 += tl.load(m2_ptr + p * W + c, mask=mask, other=0.0) + cnt * d * d
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < P
+        tile = pm[:, None] & mask[None, :]
+        offs = p.to(tl.int64)[:, None] * W + c[None, :]
+        cnt = tl.load(cnt_ptr + p, mask=pm, other=0.0).to(CT)
+        d = tl.load(mean_ptr + offs, mask=tile, other=0.0).to(CT) - mean[None, :]
+        q = tl.load(m2_ptr + offs, mask=tile, other=0.0).to(CT)
+        m2 += tl.sum(tl.where(tile, q + cnt[:, None] * d * d, 0.0), axis=0)
     var = m2 / tl.maximum(total, 1.0)
     var = tl.where(var < 0.0, 0.0, var)  # never negative; NaN stays NaN
     first = mask & (c < C)
@@ -267,6 +331,14 @@ def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr
     tl.store(var_x_ptr + c, var, mask=first)
     tl.store(mean_y_ptr + (c - C), mean, mask=second)
     tl.store(var_y_ptr + (c - C), var, mask=second)
+
+
+def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct) -> None:
+    """Launch :func:`_stats_finalize` over ``width`` columns of partials into
+    ``outs`` = [mean_x, var_x, mean_y, var_y]."""
+    block = 64
+    launch(_stats_finalize)[(triton.cdiv(width, block),)](
+        cnt, mean_p, m2_p, *outs, cnt.shape[0], width, c, CT=ct, BLOCK=block, BLOCK_P=32)
 
 
 def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
@@ -295,8 +367,6 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
         x, y, cnt, mean_p, m2_p, n, c, s, *sx, *sy, layout_flag(sx),
         TWO=two, CT=ct)
     out = [torch.empty(c, dtype=sdt, device=x.device) for _ in range(4 if two else 2)]
-    ys = out[2:] if two else out  # never written when not two
-    block = 128
-    launch(_stats_finalize)[(triton.cdiv(width, block),)](cnt, mean_p, m2_p, out[0], out[1], *ys,
-                                                  chunks, width, c, CT=ct, BLOCK=block)
+    ys = out[2:] if two else [scratch(cnt), scratch(cnt)]  # never written when not two
+    finalize_stats(cnt, mean_p, m2_p, out[:2] + ys, width, c, ct)
     return out

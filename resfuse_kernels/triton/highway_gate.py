@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from ..ops._common import stat_dtype
-from ._launch import (_tile_configs, channel_vector, chunk_range, compute_type,
-                      empty_like_format, grid_tiles, launch, layout_flag, num_chunks,
-                      offsets, tile_coords, to_storage, view3, batch_stats)
+from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params,
+                      channel_vector, chunk_range, compute_type, empty_like_format, grid_tiles,
+                      launch, layout_flag, num_chunks, offsets, tile_coords, to_storage, view3)
 
 
 @triton.jit
@@ -34,11 +34,11 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-           eps_h, eps_t, CT: tl.constexpr):
+def _gates(a, b, c, cmask, mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+           CT: tl.constexpr):
     """(a_hat, b_hat, H, T, weight_h * rstd_h, weight_t * rstd_t) of a tile."""
-    rstd_h = 1.0 / tl.sqrt(channel_vector(vh_ptr, c, cmask, CT) + eps_h)
-    rstd_t = 1.0 / tl.sqrt(channel_vector(vt_ptr, c, cmask, CT) + eps_t)
+    rstd_h = channel_vector(rh_ptr, c, cmask, CT)
+    rstd_t = channel_vector(rt_ptr, c, cmask, CT)
     wh = channel_vector(wh_ptr, c, cmask, CT)
     wt = channel_vector(wt_ptr, c, cmask, CT)
     a_hat = (a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * rstd_h[None, :]
@@ -50,11 +50,11 @@ def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_pt
     return a_hat, b_hat, gh, gt, wh * rstd_h, wt * rstd_t
 
 
-@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
 def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
-                    mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-                    eps_h, eps_t, N, C, S,
+                    mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+                    N, C, S,
                     san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                     CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
@@ -64,8 +64,8 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
     a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-    rstd_h = 1.0 / tl.sqrt(channel_vector(vh_ptr, c, cmask, CT) + eps_h)
-    rstd_t = 1.0 / tl.sqrt(channel_vector(vt_ptr, c, cmask, CT) + eps_t)
+    rstd_h = channel_vector(rh_ptr, c, cmask, CT)
+    rstd_t = channel_vector(rt_ptr, c, cmask, CT)
     scale_h = channel_vector(wh_ptr, c, cmask, CT) * rstd_h
     scale_t = channel_vector(wt_ptr, c, cmask, CT) * rstd_t
     zh = ((a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * scale_h[None, :]
@@ -78,11 +78,11 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
 
-@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
 def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
-                            mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-                            eps_h, eps_t, N, C, S,
+                            mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+                            N, C, S,
                             sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, LAYOUT,
                             CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -102,8 +102,8 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
         a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
         b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
         x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr,
-                                            mt_ptr, vt_ptr, wt_ptr, bt_ptr, eps_h, eps_t, CT)
+        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, rh_ptr, wh_ptr, bh_ptr,
+                                            mt_ptr, rt_ptr, wt_ptr, bt_ptr, CT)
         g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
         g_t = g * (gh - x) * gt * (1.0 - gt)
         sum_gh += tl.sum(g_h, axis=0)
@@ -117,11 +117,11 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
     tl.store(row + 3 * C + c, sum_gtb, mask=cmask)
 
 
-@triton.autotune(configs=_tile_configs(), key=["C", "LAYOUT"])
+@autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
 def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, means_ptr,
-                           mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-                           eps_h, eps_t, N, C, S,
+                           mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+                           N, C, S,
                            sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
                            s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
                            TRAINING: tl.constexpr, CT: tl.constexpr,
@@ -135,8 +135,8 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
     a_hat, b_hat, gh, gt, scale_h, scale_t = _gates(
-        a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-        eps_h, eps_t, CT)
+        a, b, c, cmask, mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+        CT)
     dx = g * (1.0 - gt)
     g_h = g * gt * (gh > 0.0).to(CT)
     g_t = g * (gh - x) * gt * (1.0 - gt)
@@ -152,12 +152,6 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
     tl.store(da_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(da, da_ptr), mask=mask)
     tl.store(db_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(db, db_ptr), mask=mask)
     tl.store(dx_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dx, dx_ptr), mask=mask)
-
-
-def _params(*ts):
-    """Per-channel parameters as dense vectors (they are (C,) already; this
-    only guards against a strided view)."""
-    return [t.contiguous() for t in ts]
 
 
 def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
@@ -177,9 +171,10 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
     if a.numel() == 0:
         return y, mean_h, var_h, mean_t, var_t
     _, sy = view3(y)
-    params = _params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
+    params = (bn_params(mean_h, var_h, eps_h, weight_h, bias_h)
+              + bn_params(mean_t, var_t, eps_t, weight_t, bias_t))
     launch(_forward_kernel)[grid_tiles(n, c, h * w)](
-        a3, b3, x3, y, *params, float(eps_h), float(eps_t), n, c, h * w,
+        a3, b3, x3, y, *params, n, c, h * w,
         *sa, *sb, *sx, *sy, layout_flag(sa), CT=compute_type(a.dtype))
     return y, mean_h, var_h, mean_t, var_t
 
@@ -199,17 +194,17 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     b3, sb = view3(b)
     x3, sx = view3(x)
     ct = compute_type(a.dtype)
-    params = _params(mean_h.to(sdt), var_h.to(sdt), weight_h, bias_h,
-                     mean_t.to(sdt), var_t.to(sdt), weight_t, bias_t)
+    params = (bn_params(mean_h.to(sdt), var_h, eps_h, weight_h, bias_h)
+              + bn_params(mean_t.to(sdt), var_t, eps_t, weight_t, bias_t))
     chunks = num_chunks(a.device, n * triton.cdiv(s, 16))
     part = torch.empty(chunks, 4 * c, dtype=sdt, device=a.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
-        g3, a3, b3, x3, part, *params, float(eps_h), float(eps_t), n, c, s,
+        g3, a3, b3, x3, part, *params, n, c, s,
         *sg, *sa, *sb, *sx, layout_flag(sa), CT=ct)
     sums = part.sum(0)
     means = sums / (n * s)  # in the stat dtype: fp64 stays exact
     launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
-        g3, a3, b3, x3, da, db, dx, means, *params, float(eps_h), float(eps_t), n, c, s,
+        g3, a3, b3, x3, da, db, dx, means, *params, n, c, s,
         *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
         TRAINING=bool(training), CT=ct)
     dbias_h, dweight_h, dbias_t, dweight_t = sums.view(4, c).unbind(0)

@@ -26,16 +26,23 @@ Backward: one reduction pass (recomputing ``z``, with ``W x`` for the
 carry, and summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk; one
 ``torch.sum`` over chunks) and one apply pass writing ``du``, ``dh`` and,
 with the carry, ``dv``. **dx and dW are torch matmuls** on that
-materialised ``dv`` (float32, or float64 for float64 inputs):
-``dx = dv W`` and ``dW = dv^T x`` over the N*H*W pixels (the latter with
-x shifted by one of its pixels, so that large means do not cancel). That is one extra
-write and two reads of a K-channel tensor compared with a fully fused
-backward.
+materialised ``dv``: ``dx = dv W`` and ``dW = dv^T x`` over the N*H*W
+pixels. For float32/float64 storage ``dv`` is float32/float64 and ``dW``
+takes x shifted by one of its pixels, so that large means do not cancel;
+for bf16/fp16 storage ``dv`` is stored in that dtype and both are plain
+cuBLAS products with float32 accumulation, as autocast's own convolution
+backward computes them. That is one extra write and two reads of a
+K-channel tensor compared with a fully fused backward.
 
 The carry's ``tl.dot`` runs with ``input_precision="ieee"`` (true float32
 products; no TF32, whose 10-bit mantissa costs ~3 digits when the inputs
-have large means). float64 inputs use a broadcast-multiply-sum instead of
-``tl.dot``, which not every Triton release supports for float64.
+have large means) for float32 storage. For bf16/fp16 storage it runs on the
+TF32 tensor cores: TF32 rounds ``x - x0`` and W to 10 mantissa bits,
+where PyTorch's own bf16 convolution rounds W to bf16's 7, so the product
+stays within PyTorch's error at that precision (the CUDA-core float32
+product is several times slower on an H100/H200). float64 inputs use a
+broadcast-multiply-sum instead of ``tl.dot``, which not every Triton
+release supports for float64.
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import stat_dtype
-from ._launch import (_stats_finalize, _tail_configs, batch_stats, chan_merge, channel_vector,
-                      chunk_range, compute_type, empty_like_format, launch, layout_flag, num_chunks,
-                      offsets, tile_coords, tile_moments, to_storage, view3)
+from ..ops._common import memory_format, stat_dtype
+from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, autotune, batch_stats, bn_params, chan_merge,
+                      channel_vector, chunk_range, compute_type, empty_like_format,
+                      finalize_stats, launch, layout_flag, num_chunks, offsets, scratch,
+                      tile_coords, tile_moments, to_storage, view3)
 
 
 @triton.jit
@@ -67,14 +75,16 @@ def _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
                      mask=xm[:, None] & kmask[None, :], other=0.0).to(CT)
         if CT == tl.float64:
             acc += tl.sum(xt[:, :, None] * wt[None, :, :], axis=1)
-        else:
+        elif x_ptr.dtype.element_ty == tl.float32:
             acc += tl.dot(xt, wt, input_precision="ieee")
+        else:  # bf16/fp16 storage: TF32 tensor cores keep 2 more bits than x has
+            acc += tl.dot(xt, wt, input_precision="tf32")
     return acc
 
 
 @triton.jit
 def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr, eps_d, eps_k,
+            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY: tl.constexpr, CT: tl.constexpr, BLOCK_S: tl.constexpr,
             BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
@@ -83,7 +93,7 @@ def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
     carry's mean of the shifted v' = W (x - x0)."""
     u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
     h = tl.load(h_ptr + offsets(n, s, c, shn, shc, shs), mask=mask, other=0.0).to(CT)
-    rstd_d = 1.0 / tl.sqrt(channel_vector(vd_ptr, c, cmask, CT) + eps_d)
+    rstd_d = channel_vector(rd_ptr, c, cmask, CT)
     scale_d = channel_vector(wd_ptr, c, cmask, CT) * rstd_d
     u_hat = (u - channel_vector(md_ptr, c, cmask, CT)[None, :]) * rstd_d[None, :]
     z = u_hat * channel_vector(wd_ptr, c, cmask, CT)[None, :] + \
@@ -93,7 +103,7 @@ def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
     if HAS_CARRY:
         v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                         CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        rstd_k = 1.0 / tl.sqrt(channel_vector(vk_ptr, c, cmask, CT) + eps_k)
+        rstd_k = channel_vector(rk_ptr, c, cmask, CT)
         wk = channel_vector(wk_ptr, c, cmask, CT)
         scale_k = wk * rstd_k
         v_hat = (v - channel_vector(mk_ptr, c, cmask, CT)[None, :]) * rstd_k[None, :]
@@ -101,11 +111,11 @@ def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
     return z, u_hat, scale_d, v_hat, scale_k
 
 
-@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
 @triton.jit
 def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
-                    md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-                    eps_d, eps_k, N, C, S, CX,
+                    md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                    N, C, S, CX,
                     sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                     HAS_CARRY: tl.constexpr, CT: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
@@ -114,18 +124,18 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
     cmask = c < C
     mask = smask[:, None] & cmask[None, :]
     z, _, _, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-                            eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+                            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                            CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
                             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     y = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
 
-@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
 @triton.jit
 def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
-                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-                            eps_d, eps_k, N, C, S, CX,
+                            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                            N, C, S, CX,
                             sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, LAYOUT,
                             HAS_CARRY: tl.constexpr, CT: tl.constexpr,
                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -145,8 +155,8 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
         mask = smask[:, None] & cmask[None, :]
         z, u_hat, _, v_hat, _ = _tail_z(
             u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-            eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+            CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
         g = dy * (z > 0.0).to(CT)  # as composite: dy * [z > 0]; dy is 0 on masked lanes
@@ -160,12 +170,12 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
     tl.store(row + 2 * C + c, sum_gv, mask=cmask)
 
 
-@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
 @triton.jit
 def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr,
                            means_ptr,
-                           md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-                           eps_d, eps_k, N, C, S, CX,
+                           md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                           N, C, S, CX,
                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
                            s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
                            HAS_CARRY: tl.constexpr, TRAINING: tl.constexpr, CT: tl.constexpr,
@@ -177,8 +187,8 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh
     mask = smask[:, None] & cmask[None, :]
     z, u_hat, scale_d, v_hat, scale_k = _tail_z(
         u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-        md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-        eps_d, eps_k, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+        md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+        CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
         HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
     g = dy * (z > 0.0).to(CT)
@@ -197,7 +207,7 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh
                  mask=mask)
 
 
-@triton.autotune(configs=_tail_configs(), key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
 @triton.jit
 def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
                         sxn, sxc, sxs, LAYOUT, CT: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -253,14 +263,8 @@ def _carry_stats(x3, sx, x0, w2):
     launch(_carry_stats_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
         x3, x0, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
     mean, var = (torch.empty(k, dtype=sdt, device=x3.device) for _ in range(2))
-    block = 128
-    launch(_stats_finalize)[(triton.cdiv(k, block),)](cnt, mean_p, m2_p, mean, var, mean, var,
-                                                      chunks, k, k, CT=ct, BLOCK=block)
+    finalize_stats(cnt, mean_p, m2_p, [mean, var, scratch(cnt), scratch(cnt)], k, k, ct)
     return mean, var
-
-
-def _params(*ts):
-    return [t.contiguous() for t in ts]
 
 
 def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
@@ -302,11 +306,11 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
             mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
     if u.numel() == 0:
         return y, mean_d, var_d, mean_k, var_k
-    pd = _params(mean_d, var_d, weight_d, bias_d)
-    pk = _params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
+    pd = bn_params(mean_d, var_d, eps_d, weight_d, bias_d)
+    pk = bn_params(shifted_mean_k, var_k, eps_k, weight_k, bias_k) if carry else pd
     launch(_forward_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
                                           triton.cdiv(k, meta["BLOCK_C"]))](
-        u3, h3, x3, x0, w2, y, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
+        u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
         *su, *sh, *sx, *view3(y)[1], layout_flag(su),
         HAS_CARRY=carry, CT=compute_type(u.dtype))
     return y, mean_d, var_d, mean_k, var_k
@@ -334,26 +338,29 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         x3, sx = view3(x)
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
-        # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW matmuls
-        dv = torch.empty(n, s, k, dtype=sdt, device=u.device)
+        # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW
+        # matmuls; in the storage dtype for bf16/fp16, as autocast's conv
+        # backward has it (cuBLAS accumulates in float32)
+        low = sdt != u.dtype and u.dtype != torch.float64
+        dv = torch.empty(n, s, k, dtype=u.dtype if low else sdt, device=u.device)
         sdv = (s * k, 1, k)
         x0, wx0 = _carry_shift(x, w2)  # the forward's shift: same x, same x0
         shifted_mean_k = (mean_k.double() - wx0).to(sdt)
     else:
         x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
-        dv, sdv = du, view3(du)[1]  # never written
-    pd = _params(mean_d.to(sdt), var_d.to(sdt), weight_d, bias_d)
-    pk = _params(shifted_mean_k, var_k.to(sdt), weight_k, bias_k) if carry else pd
+        dv, sdv = scratch(du), (0, 0, 0)  # never written
+    pd = bn_params(mean_d.to(sdt), var_d, eps_d, weight_d, bias_d)
+    pk = bn_params(shifted_mean_k, var_k, eps_k, weight_k, bias_k) if carry else pd
     chunks = num_chunks(u.device, n * triton.cdiv(s, 16))
     part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
-        g3, u3, h3, x3, x0, w2, part, *pd, *pk, float(eps_d), float(eps_k), n, k, s, cx,
+        g3, u3, h3, x3, x0, w2, part, *pd, *pk, n, k, s, cx,
         *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, CT=ct)
     sums = part.sum(0)
     means = sums / (n * s)
     launch(_backward_apply_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
                                                  triton.cdiv(k, meta["BLOCK_C"]))](
-        g3, u3, h3, x3, x0, w2, du, dh, dv, means, *pd, *pk, float(eps_d), float(eps_k),
+        g3, u3, h3, x3, x0, w2, du, dh, dv, means, *pd, *pk,
         n, k, s, cx, *sg, *su, *sh, *sx, *view3(du)[1], *view3(dh)[1], *sdv,
         layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
     sum_g, sum_gu, sum_gv = sums.view(3, k).unbind(0)
@@ -363,12 +370,15 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         return (*grads, none, none.clone(), none.clone(), none.clone())
     # torch matmuls on the materialised dv (see the module docstring)
     dv2 = dv.view(n * s, k)
-    dx = (dv2 @ w2.to(sdt)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
-    x2 = x.to(sdt).permute(0, 2, 3, 1).reshape(n * s, cx)
-    # dW = dv^T (x - x0) + (sum dv) x0^T, shifted by one pixel x0 of x: the
-    # products stay O(std(x)) when x has a large mean (sum dv ~ 0 in training)
-    x0 = x2[:1].clone()
-    dw = dv2.t() @ (x2 - x0) + dv2.sum(0)[:, None] * x0
-    dx = empty_like_format(x).copy_(dx)
+    dx = (dv2 @ w2.to(dv.dtype)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
+    x2 = x.to(dv.dtype).permute(0, 2, 3, 1).reshape(n * s, cx)  # a view if channels_last
+    if low:
+        dw = dv2.t() @ x2
+    else:
+        # dW = dv^T (x - x0) + (sum dv) x0^T, shifted by one pixel x0 of x: the
+        # products stay O(std(x)) when x has a large mean (sum dv ~ 0 in training)
+        x0 = x2[:1].clone()
+        dw = dv2.t() @ (x2 - x0) + dv2.sum(0)[:, None] * x0
+    dx = dx.to(x.dtype).contiguous(memory_format=memory_format(x))
     return (*grads, dx, dw.reshape(w.shape).to(w.dtype),
             sum_gv.to(weight_k.dtype, copy=True), sum_g.to(bias_k.dtype, copy=True))
