@@ -44,10 +44,11 @@ build() {  # the CPU and CUDA extensions, in place (parallel nvcc jobs, low prio
 tests() {  # LIMIT -k-EXPRESSION [FILES...]: pytest on CUDA tensors, no Triton tuning
   local limit=$1 expr=$2 rc
   shift 2
-  RESFUSE_TRITON_AUTOTUNE=0 timeout "$limit" "$PY" -m pytest -q -n 12 -p no:cacheprovider \
+  RESFUSE_TRITON_AUTOTUNE=0 timeout "$limit" "$PY" -m pytest -v -n 12 -p no:cacheprovider \
     -k "$expr" "${@:-tests}" >>"$OUT/tests.log" 2>&1
   rc=$?
   say "pytest -k '$expr': exit $rc: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1)"
+  say "so far: $(grep -c ' PASSED ' "$OUT/tests.log") passed, $(grep -c ' FAILED ' "$OUT/tests.log") failed"
 }
 
 sanitize() {  # every kernel, small shapes, no caching allocator (so OOB is seen)
@@ -61,7 +62,7 @@ sanitize() {  # every kernel, small shapes, no caching allocator (so OOB is seen
 }
 
 failures() {
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+  grep -E "^(FAILED|ERROR)| FAILED " "$OUT/tests.log" | sort -u | head -40
 }
 
 check() {
@@ -84,7 +85,7 @@ QUICK_TESTS=(tests/test_ops.py tests/test_bad_input.py tests/test_models.py test
 quick() {
   build &
   local build_pid=$!
-  tests 140 "not cuda" "${QUICK_TESTS[@]}"   # while nvcc builds
+  tests 120 "not cuda" "${QUICK_TESTS[@]}"   # while nvcc builds
   wait "$build_pid"
   # racecheck of the CUDA kernels' shared-memory reductions (training, fp32),
   # beside the cuda backend's tests
@@ -93,7 +94,7 @@ quick() {
      >"$OUT/sanitizer.log" 2>&1
    say "compute-sanitizer racecheck (cuda backend, training, fp32): exit $?, \
 $(grep -c '^ok' "$OUT/sanitizer.log") cases ok; $(grep -E 'SUMMARY' "$OUT/sanitizer.log")") &
-  tests 50 "cuda" tests/test_bad_input.py tests/test_models.py
+  tests 45 "cuda" tests/test_bad_input.py tests/test_models.py
   wait
   failures
 }
@@ -110,21 +111,25 @@ stages() {
   say "stages exit $?"
 }
 
-ops() {
-  say "op benchmark, bf16 channels_last"
+ops() {  # OPS_ARGS: more options (e.g. --providers eager,fused:triton --modes both)
+  say "op benchmark, bf16 channels_last ${OPS_ARGS:-}"
   timeout "$(left)" "$PY" -m resfuse_kernels.bench ops --dtype bf16 --channels-last --warmup 5 \
-    --repeats 30 --out "$OUT" --name "ops-$1-bf16-cl" 2>&1 | grep -v '^|'
+    --repeats 30 ${OPS_ARGS:-} --out "$OUT" --name "ops-$1-bf16-cl" 2>&1 | grep -v '^|'
   say "ops exit ${PIPESTATUS[0]}"
 }
 
 table3() {
   say "table3"
   timeout "$(left)" "$PY" -m resfuse_kernels.bench table3 --models resnet19,highway19,resfuse19 \
-    --providers ref-eager,fused-eager --dtypes bf16 --batch 128 --warmup 3 --steps 10 \
+    --providers ref-eager,fused-eager --dtypes bf16 --batch 128 --warmup 3 --steps 10 ${TABLE3_ARGS:-} \
     --out "$OUT" --name "table3-$1" --no-plot 2>&1 | grep -v '^|'
   say "table3 exit ${PIPESTATUS[0]}"
 }
 
+if [[ $# -eq 0 ]]; then
+  sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+  exit 2
+fi
 environment | tee "$OUT/session.log"
 slug=$("$PY" -c 'import torch; from resfuse_kernels.bench.common import device_slug
 print(device_slug(torch.device("cuda")))')

@@ -244,6 +244,20 @@ def test_carry_stats_large_mean(channels_last):
         torch.testing.assert_close(got[i].double(), ref[i], rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_many_chunks(monkeypatch, channels_last):
+    """More partial rows than _stats_finalize reads in one tile (a GPU has
+    4 per multiprocessor): the merged statistics and the whole op still
+    match the oracle."""
+    if tk.INTERPRET:
+        monkeypatch.setattr(tk._launch, "INTERPRET_CHUNKS", 45)
+    # 4 x cdiv(144, 16) = 36 tiles of 16 pixels: 36 non-empty partial rows
+    args = _tail_case(4, 33, 12, torch.float32, channels_last, True, carry=True)
+    got = tk.resfuse_tail_forward(*args)
+    _check(got, composite.resfuse_tail_forward(*_f64(args)), torch.float32, "tail forward")
+    _highway(_highway_case(4, 33, 12, torch.float32, channels_last, True), torch.float32)
+
+
 def test_mixed_and_strided_layouts():
     """Each activation is read through its own strides; a non-dense view is copied."""
     n, c, h = 2, 33, 4

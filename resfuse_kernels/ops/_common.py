@@ -16,7 +16,6 @@ Conventions every backend follows:
 from __future__ import annotations
 
 import contextlib
-
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -159,7 +158,7 @@ def update_running_stats(count: int, *updates: tuple) -> None:
     """
     if count == 0:
         return
-    factor = count / (count - 1) if count > 1 else float("inf")
+    factor = count / max(count - 1, 1)  # training rejects count 1 before this
     grouped: dict[float, tuple[list, list]] = {}
     with torch.no_grad():
         for running_mean, running_var, mean, var, momentum in updates:
@@ -187,9 +186,9 @@ def eager_function(name: str, forward_impl: Callable, setup_context: Callable,
     The public entry points use it outside torch.compile: it computes what
     the registered op computes, with the same checks, kernels, saved tensors
     and gradients, but skips the Python dispatch of ``torch.library``
-    custom ops (argument binding, redispatch, fake-mode checks), which costs
-    a few hundred microseconds per call: more than a fused kernel's whole
-    run at the stage shapes of ResFuse-19 on a GPU.
+    custom ops (argument binding, redispatch, fake-mode checks): about
+    100 us a call on a slow CPU, as much as a fused kernel's whole run at
+    the stage shapes of ResFuse-19 on an H200.
     """
     def forward(ctx, *args):
         # setup_context is called here, not declared: Function.apply binds a

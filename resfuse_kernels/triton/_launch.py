@@ -67,11 +67,12 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     guess first; a kernel's ``LAYOUT`` argument (:func:`layout_flag`) picks
     the list, so tall tiles (unit stride along pixels) are tried for NCHW
     and wide ones (unit stride along channels) for channels_last: half the
-    compilations of one mixed list. Under the interpreter, and with
-    ``RESFUSE_TRITON_AUTOTUNE=0``, only the first of each list is used.
+    compilations of one mixed list. With ``RESFUSE_TRITON_AUTOTUNE=0`` only
+    the first of each list is used; under the interpreter one small tile
+    (BLOCK_S 16, the other sizes 32).
     """
-    if INTERPRET:
-        nchw, channels_last = nchw[:1], nchw[:1]
+    if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
+        nchw = channels_last = [(16,) + (32,) * (len(names) - 1) + (4,)]
     elif not AUTOTUNE:
         nchw, channels_last = nchw[:1], channels_last[:1]
     by_layout = (_configs(nchw, names), _configs(channels_last, names))
@@ -101,6 +102,11 @@ def compute_type(dtype: torch.dtype):
     return tl.float64 if stat_dtype(dtype) == torch.float64 else tl.float32
 
 
+# Reduction programs under the interpreter: few, as each costs a Python run of
+# the kernel body (a test raises it to cover _stats_finalize's loop).
+INTERPRET_CHUNKS = 4
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -111,9 +117,7 @@ def num_chunks(device: torch.device, tiles: int, cap: int | None = None) -> int:
     multiprocessor, so that enough loads are in flight (each program walks
     its tiles one after another)."""
     if INTERPRET or device.type != "cuda":
-        # more than one BLOCK_P of partials where the tensor allows, so
-        # the interpreter's tests take every branch of _stats_finalize
-        target = 40
+        target = INTERPRET_CHUNKS
     else:
         target = 4 * _multiprocessors(device.index if device.index is not None
                                       else torch.cuda.current_device())
