@@ -166,7 +166,8 @@ def profile() -> int:
                 kernels = {}
                 for e in prof.events():
                     if e.device_type == torch.autograd.DeviceType.CUDA:
-                        kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / reps
+                        us = e.time_range.elapsed_us() / reps
+                        kernels[e.name] = kernels.get(e.name, 0.0) + us
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import resfuse_kernels as rk
-from _cases import HighwayCase
+from _cases import HighwayCase, TailCase
 from conftest import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,23 @@ def test_forcing_an_unusable_backend_says_why(monkeypatch, name):
         _call_op()
     reason = rk.backends.unavailable_reason(name, DEVICE.type)
     assert "\n" not in reason
+
+
+@pytest.mark.parametrize("op", ["highway_gate", "resfuse_tail"])
+def test_backward_runs_on_the_forward_backend(monkeypatch, backend, op):
+    """A forward under backends.use(name) is differentiated by the same
+    backend, also when backward() runs after the with block."""
+    module = rk.backends.kernels(DEVICE)  # the forced backend's module
+    calls = []
+    original = getattr(module, f"{op}_backward")
+    monkeypatch.setattr(module, f"{op}_backward",
+                        lambda *args: calls.append(op) or original(*args))
+    case = (HighwayCase.random((2, 3, 2, 2)) if op == "highway_gate" else
+            TailCase.random((2, 3, 2, 2), carry_channels=4))
+    y = case.run()
+    with rk.backends.use(None):  # lift the fixture's forcing: the default backend
+        y.sum().backward()
+    assert calls == [op]
 
 
 def test_use_forces_and_restores():

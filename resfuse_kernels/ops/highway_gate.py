@@ -117,6 +117,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(a, b, x, weight_h, bias_h, mean_h, var_h,
                           weight_t, bias_t, mean_t, var_t)
     ctx.training, ctx.eps_h, ctx.eps_t = training, eps_h, eps_t
+    # the backward runs on the forward's backend, even outside its backends.use()
+    ctx.backend = backends.forced()
 
 
 def _make_backward(backward_op: Callable) -> Callable:
@@ -128,9 +130,10 @@ def _make_backward(backward_op: Callable) -> Callable:
          weight_t, bias_t, mean_t, var_t) = ctx.saved_tensors
         # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
         grad_y = grad_y.contiguous(memory_format=memory_format(a))
-        da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t = backward_op(
-            grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
-            ctx.training, ctx.eps_h, ctx.eps_t)
+        with backends.use(ctx.backend):
+            da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t = backward_op(
+                grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
+                ctx.training, ctx.eps_h, ctx.eps_t)
         return (da, db, dx, dweight_h, dbias_h, None, None, dweight_t, dbias_t, None, None,
                 None, None, None)
 
@@ -183,7 +186,8 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     if eager(a):
         op = _highway_gate_eager
     else:
-        twin = backends.traceable_op("highway_gate", a.device.type) if isinstance(a, Tensor) else None
+        twin = (backends.traceable_op("highway_gate", a.device.type)
+                if isinstance(a, Tensor) else None)
         op = twin or highway_gate_op
     y, mean_h, var_h, mean_t, var_t = op(
         a, b, x, weight_h, bias_h, running_mean_h, running_var_h,

@@ -146,6 +146,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(u, h, weight_d, bias_d, mean_d, var_d,
                           x, w, weight_k, bias_k, mean_k, var_k)
     ctx.training, ctx.eps_d, ctx.eps_k = training, eps_d, eps_k
+    # the backward runs on the forward's backend, even outside its backends.use()
+    ctx.backend = backends.forced()
 
 
 def _make_backward(backward_op: Callable) -> Callable:
@@ -157,9 +159,10 @@ def _make_backward(backward_op: Callable) -> Callable:
          x, w, weight_k, bias_k, mean_k, var_k) = ctx.saved_tensors
         # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
         grad_y = grad_y.contiguous(memory_format=memory_format(u))
-        du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k = backward_op(
-            grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
-            var_k, ctx.training, ctx.eps_d, ctx.eps_k)
+        with backends.use(ctx.backend):
+            du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k = backward_op(
+                grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
+                var_k, ctx.training, ctx.eps_d, ctx.eps_k)
         if x is None:
             dx = dw = dweight_k = dbias_k = None
         return (du, dh, dweight_d, dbias_d, None, None, dx, dw, dweight_k, dbias_k, None, None,
@@ -217,7 +220,8 @@ def resfuse_tail(u: Tensor, h: Tensor,
     if eager(u):
         op = _resfuse_tail_eager
     else:
-        twin = backends.traceable_op("resfuse_tail", u.device.type) if isinstance(u, Tensor) else None
+        twin = (backends.traceable_op("resfuse_tail", u.device.type)
+                if isinstance(u, Tensor) else None)
         op = twin or resfuse_tail_op
     y, mean_d, var_d, mean_k, var_k = op(
         u, h, weight_d, bias_d, running_mean_d, running_var_d,

@@ -174,6 +174,16 @@ def empty_like_format(like: torch.Tensor, dtype: torch.dtype | None = None) -> t
                        memory_format=memory_format(like))
 
 
+def in_output_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with exactly the strides of :func:`empty_like_format` (``like``):
+    ``t`` itself when they match, else a copy (the fake implementations
+    promise those strides, size-1 dimensions included)."""
+    out = torch.empty(like.shape, device="meta", memory_format=memory_format(like))
+    if t.stride() == out.stride():
+        return t
+    return empty_like_format(like, t.dtype).copy_(t)
+
+
 def grid_tiles(n: int, c: int, s: int):
     """Grid of the pointwise kernels."""
     return lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))

@@ -51,11 +51,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import memory_format, stat_dtype
+from ..ops._common import stat_dtype
 from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, autotune, batch_stats, bn_params, chan_merge,
                       channel_vector, chunk_range, compute_type, empty_like_format,
-                      finalize_stats, launch, layout_flag, num_chunks, offsets, scratch,
-                      tile_coords, tile_moments, to_storage, view3)
+                      finalize_stats, in_output_format, launch, layout_flag, num_chunks,
+                      offsets, scratch, tile_coords, tile_moments, to_storage, view3)
 
 
 @triton.jit
@@ -379,6 +379,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         # products stay O(std(x)) when x has a large mean (sum dv ~ 0 in training)
         x0 = x2[:1].clone()
         dw = dv2.t() @ (x2 - x0) + dv2.sum(0)[:, None] * x0
-    dx = dx.to(x.dtype).contiguous(memory_format=memory_format(x))
+    # dx is (N, H, W, CX) in memory: the output already when x is channels_last
+    dx = in_output_format(dx.to(x.dtype), x)
     return (*grads, dx, dw.reshape(w.shape).to(w.dtype),
             sum_gv.to(weight_k.dtype, copy=True), sum_g.to(bias_k.dtype, copy=True))
