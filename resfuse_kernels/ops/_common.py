@@ -21,6 +21,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import backends
+
 
 def memory_format(t: Tensor) -> torch.memory_format:
     """The memory format of an op's output for first activation ``t``."""
@@ -202,8 +204,16 @@ def eager_function(name: str, forward_impl: Callable, setup_context: Callable,
     return fn.apply
 
 
-def eager(t) -> bool:
-    """True when the public entry points may take the eager path: a plain
-    tensor (not a fake, functional or other subclass tensor) outside
-    torch.compile's tracing."""
-    return type(t) is Tensor and not torch.compiler.is_compiling()
+def select_op(name: str, first, eager_apply: Callable, opaque_op: Callable) -> Callable:
+    """What public entry point ``name`` calls, for first activation ``first``.
+
+    ``eager_apply`` (:func:`eager_function`) for a plain tensor (not a fake,
+    functional or other subclass tensor) outside torch.compile's tracing;
+    under tracing the op's ``triton_op`` twin where the compiled Triton
+    backend runs (:func:`~resfuse_kernels.backends.traceable_op`), else
+    ``opaque_op``, the registered ``resfuse::`` op.
+    """
+    if type(first) is Tensor and not torch.compiler.is_compiling():
+        return eager_apply
+    twin = backends.traceable_op(name, first.device.type) if isinstance(first, Tensor) else None
+    return twin or opaque_op

@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_activation, check_batch_norm, direct_launches, eager,
+from ._common import (check_activation, check_batch_norm, direct_launches,
                       eager_function, empty_output, memory_format, no_autocast,
-                      promote_under_autocast, stat_dtype, update_running_stats)
+                      promote_under_autocast, select_op, stat_dtype,
+                      update_running_stats)
 
 __all__ = ["highway_gate"]
 
@@ -183,12 +184,7 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     The math, forward and backward, is in this module's docstring.
     """
     a, b, x = promote_under_autocast([a, b, x])
-    if eager(a):
-        op = _highway_gate_eager
-    else:
-        twin = (backends.traceable_op("highway_gate", a.device.type)
-                if isinstance(a, Tensor) else None)
-        op = twin or highway_gate_op
+    op = select_op("highway_gate", a, _highway_gate_eager, highway_gate_op)
     y, mean_h, var_h, mean_t, var_t = op(
         a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
         weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)

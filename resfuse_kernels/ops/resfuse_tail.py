@@ -39,9 +39,10 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_activation, check_batch_norm, direct_launches, eager,
+from ._common import (check_activation, check_batch_norm, direct_launches,
                       eager_function, empty_output, memory_format, no_autocast,
-                      promote_under_autocast, stat_dtype, update_running_stats)
+                      promote_under_autocast, select_op, stat_dtype,
+                      update_running_stats)
 
 __all__ = ["resfuse_tail"]
 
@@ -217,12 +218,7 @@ def resfuse_tail(u: Tensor, h: Tensor,
     parameters. The math, forward and backward, is in this module's docstring.
     """
     u, h, x = promote_under_autocast([u, h, x])
-    if eager(u):
-        op = _resfuse_tail_eager
-    else:
-        twin = (backends.traceable_op("resfuse_tail", u.device.type)
-                if isinstance(u, Tensor) else None)
-        op = twin or resfuse_tail_op
+    op = select_op("resfuse_tail", u, _resfuse_tail_eager, resfuse_tail_op)
     y, mean_d, var_d, mean_k, var_k = op(
         u, h, weight_d, bias_d, running_mean_d, running_var_d,
         x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
