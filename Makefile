@@ -27,8 +27,10 @@ $(VENV)/.ready: pyproject.toml setup.py $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
+# Tests in parallel, one worker per core (pytest-xdist): the Triton
+# interpreter's tests are single-threaded Python.
 test: venv ctest
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 ctest: venv
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
