@@ -4,7 +4,7 @@
     each GPU backend (``triton``, ``cuda``), train and eval, NCHW and
     channels_last, fp32 and bf16, at a small odd shape. Meant to run under
     ``compute-sanitizer`` (memcheck, racecheck): small, and it touches every
-    kernel. Also checks each result against the ``torch`` backend.
+    kernel. Each result is compared as in ``stages`` below.
 
 ``python bench/gpu_checks.py profile``  per op, stage shape and backend:
     the wall time of a forward + backward call beside the GPU time of its
@@ -18,7 +18,8 @@
     (the reference formula run in that dtype). Fails when a fused result is
     NaN or its error exceeds max(2 x PyTorch's, the dtype's floor).
 
-Both exit non-zero on any failure and print one line per case.
+``small`` and ``stages`` exit non-zero on any failure and print one line per
+case.
 """
 
 from __future__ import annotations

@@ -72,16 +72,16 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     (BLOCK_S 16, the other sizes 32).
     """
     if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
-        nchw = channels_last = [(16,) + (32,) * (len(names) - 1) + (4,)]
-    elif not AUTOTUNE:
+        tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names)
+        return triton.autotune(configs=tile, key=key)
+    if not AUTOTUNE:
         nchw, channels_last = nchw[:1], channels_last[:1]
     by_layout = (_configs(nchw, names), _configs(channels_last, names))
-    configs = by_layout[0] + [c for c in by_layout[1] if c not in by_layout[0]]
 
     def prune(configs, named_args, **kwargs):
         return by_layout[1] if named_args["LAYOUT"] else by_layout[0]
 
-    return triton.autotune(configs=configs, key=key,
+    return triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
                            prune_configs_by={"early_config_prune": prune})
 
 

@@ -341,7 +341,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW
         # matmuls; in the storage dtype for bf16/fp16, as autocast's conv
         # backward has it (cuBLAS accumulates in float32)
-        low = sdt != u.dtype and u.dtype != torch.float64
+        low = u.dtype != sdt  # bf16/fp16 (float32 and float64 compute in themselves)
         dv = torch.empty(n, s, k, dtype=u.dtype if low else sdt, device=u.device)
         sdv = (s * k, 1, k)
         x0, wx0 = _carry_shift(x, w2)  # the forward's shift: same x, same x0
