@@ -10,6 +10,13 @@
     the wall time of a forward + backward call beside the GPU time of its
     kernels (torch.profiler), and the costliest kernels.
 
+``python bench/gpu_checks.py host``  where a Triton call's host time goes, at
+    the first stage shape (bf16, channels_last, forward + backward): the
+    host time of each kernel launch, the wrapper's time with every launch
+    replaced by a no-op (Python and the torch ops around the kernels), and
+    the functions that take the most (cProfile). ``--device cpu`` (with
+    TRITON_INTERPRET=1) measures the wrapper alone on a CPU.
+
 ``python bench/gpu_checks.py stages``  the same comparison at the three
     ResFuse-19 stage shapes (batch 128), with the autotuned configurations
     the benchmarks time: relative error ||fused - oracle|| / ||oracle|| of the
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -185,9 +193,99 @@ def profile() -> int:
     return 0
 
 
+class _TimedLaunches:
+    """Stands in for ``resfuse_kernels.triton._launch.launch`` in the Triton
+    modules: records the host time of every launch per kernel, or skips the
+    launches (``noop``) so that what remains is the wrapper's own time."""
+
+    def __init__(self, noop: bool):
+        self.noop, self.times = noop, {}
+
+    def __call__(self, kernel):
+        real = None if self.noop else kernel  # launched directly, as direct_launches() does
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+
+        def with_grid(grid):
+            def run(*args, **kwargs):
+                t0 = time.perf_counter()
+                if real is not None:
+                    real[grid](*args, **kwargs)
+                self.times.setdefault(name, []).append(time.perf_counter() - t0)
+            return run
+
+        return _Subscript(with_grid)
+
+    def install(self):
+        import resfuse_kernels.triton._launch as launch_mod
+        import resfuse_kernels.triton.highway_gate as hg
+        import resfuse_kernels.triton.resfuse_tail as rt
+        saved = [(m, m.launch) for m in (launch_mod, hg, rt)]
+        for m, _ in saved:
+            m.launch = self
+        return saved
+
+
+class _Subscript:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn(grid)
+
+
+def host(reps: int = 30) -> int:
+    import cProfile
+    import io
+    import pstats
+
+    shape = (128, 64, 64, 64) if DEVICE == "cuda" else (2, 64, 8, 8)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    for op in OPS:
+        case = Case(op, shape, DEVICE, torch.bfloat16, True, seed=0)
+
+        def step():
+            return run_case(case, "triton")
+
+        for noop in ((False, True) if DEVICE == "cuda" else (True,)):
+            timed = _TimedLaunches(noop)
+            saved = timed.install()
+            try:
+                for _ in range(3):
+                    step()
+                sync()
+                timed.times.clear()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    step()
+                host_s = time.perf_counter() - t0  # no sync inside: enqueue time
+                sync()
+                per = {k: 1e6 * sum(v) / reps for k, v in timed.times.items()}
+                launches = sum(len(v) for v in timed.times.values()) / reps
+                print(f"{op:18s} {'x'.join(map(str, shape))} triton "
+                      f"{'wrapper (no-op launches)' if noop else 'call'}: "
+                      f"{1e6 * host_s / reps:7.0f} us host per fwd+bwd, "
+                      f"{launches:.0f} launches taking {sum(per.values()):.0f} us"
+                      + ("" if noop else ": " + "; ".join(f"{k} {v:.0f}" for k, v in per.items())),
+                      flush=True)
+                if noop == (DEVICE != "cuda") or not noop:
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(reps):
+                        step()
+                    sync()
+                    prof.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
+                    print("\n".join(buf.getvalue().splitlines()[6:]), flush=True)
+            finally:
+                for m, original in saved:
+                    m.launch = original
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("small", "stages", "profile"))
+    p.add_argument("what", choices=("small", "stages", "profile", "host"))
     p.add_argument("--quick", action="store_true",
                    help="stages: bf16 channels_last only; small: fp32 training only")
     p.add_argument("--backend", default=None, help="small: this backend only")
@@ -203,6 +301,8 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.what == "stages":
         return stages(args.quick)
+    if args.what == "host":
+        return host()
     return small(args.backend, args.quick) if args.what == "small" else profile()
 
 

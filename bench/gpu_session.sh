@@ -9,6 +9,8 @@
 #     check    build + whole test suite + sanitizer + stage check (~6 min)
 #     quick    build + the contract tests of ops, blocks, compile (~2 min)
 #     profile  wall time vs kernel time per op, stage shapes (bench/gpu_checks.py)
+#     host     where a Triton call's host time goes: per-launch host time, the
+#              wrapper with no-op launches, cProfile (bench/gpu_checks.py host)
 #     ops      op benchmark, bf16 channels_last (the issue's targets)
 #     stages   stage shapes vs the float64 oracle, bf16 channels_last
 #     table3   Table 3 step times, batch 128, bf16 (extrapolated)
@@ -105,6 +107,12 @@ profile() {
   say "profile exit ${PIPESTATUS[0]}"
 }
 
+host() {
+  say "host time of a Triton call (bf16, channels_last, fwd+bwd, 128x64x64x64)"
+  timeout "$(($(left) < 60 ? $(left) : 60))" "$PY" bench/gpu_checks.py host 2>&1
+  say "host exit $?"
+}
+
 stages() {
   say "stage shapes vs the float64 oracle (autotuned)"
   timeout "$(left)" "$PY" bench/gpu_checks.py stages ${STAGES_ARGS:---quick} 2>&1
@@ -135,7 +143,7 @@ slug=$("$PY" -c 'import torch; from resfuse_kernels.bench.common import device_s
 print(device_slug(torch.device("cuda")))')
 for phase in "$@"; do
   case "$phase" in
-    check|quick|profile|stages) "$phase" ;;
+    check|quick|profile|host|stages) "$phase" ;;
     ops|table3) "$phase" "$slug" ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac 2>&1 | tee -a "$OUT/session.log"

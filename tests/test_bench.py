@@ -69,6 +69,21 @@ def test_table3_plot(tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_table3_default_dtypes_follow_native_bf16(monkeypatch, native):
+    """bf16 is measured on a CPU only where it runs in hardware; asking for it
+    explicitly always wins."""
+    from resfuse_kernels.bench import common, table3
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+    parser = __import__("argparse").ArgumentParser()
+    table3.add_arguments(parser)
+    s = table3.settings_from_args(parser.parse_args(["--device", "cpu"]))
+    assert s.dtypes == (("fp32", "bf16") if native else ("fp32",))
+    assert any("bf16 skipped" in n for n in s.notes) != native
+    s = table3.settings_from_args(parser.parse_args(["--device", "cpu", "--dtypes", "fp32,bf16"]))
+    assert s.dtypes == ("fp32", "bf16")
+
+
 def test_ops_tiny_run_writes_json_and_markdown(tmp_path):
     rc = bench_main(["ops", "--device", "cpu", "--ops", "highway_gate,resfuse_tail,"
                      "resfuse_tail_carry", "--shapes", "2x8x4x4", "--providers",

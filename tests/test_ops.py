@@ -223,6 +223,33 @@ def test_zero_stride_output_gradient(backend):
         assert_close(g, r, torch.float32, f"gradient of input {index}")
 
 
+class _NoGradient(torch.autograd.Function):
+    """Identity whose backward returns an undefined gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("op", ["highway", "tail"])
+def test_undefined_output_gradient_gives_zero_gradients(backend, op):
+    """The ops do not materialise gradients (their statistics never have one),
+    so an undefined gradient of y reaches backward as None: every input
+    gradient is then zero, as for the reference."""
+    case = (HighwayCase.random((2, 5, 3, 3)) if op == "highway"
+            else TailCase.random((2, 5, 3, 3), carry_channels=4))
+    y = case.run()
+    first = case.inputs()[0]
+    grads = torch.autograd.grad(_NoGradient.apply(y).sum() + first.sum(), case.inputs())
+    assert torch.equal(grads[0], torch.ones_like(first))
+    for index, g in enumerate(grads[1:], 1):
+        assert torch.equal(g, torch.zeros_like(g)), f"gradient of input {index}"
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU autocast (the GPU run covers cuda)")
 def test_autocast_promotes_mixed_activations(backend):
     """Under autocast, bf16 conv outputs meet an fp32 identity: the op

@@ -357,7 +357,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: the first five)")
     p.add_argument("--providers", default=",".join(PROVIDERS),
                    help=f"comma-separated, of {', '.join(PROVIDERS)} (default: all)")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated: fp32, bf16 (default both; fp32 only on a CPU "
+                        "without native bf16)")
     p.add_argument("--compile-models", default=None,
                    help="models that get the compiled providers (default: all on a GPU, "
                         f"{','.join(CPU_COMPILE_MODELS)} on a CPU); 'all' for every model")
@@ -396,12 +398,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings(
         models=_split(args.models, MODELS + OPTIONAL_MODELS),
         providers=_split(args.providers, PROVIDERS),
-        dtypes=_split(args.dtypes, tuple(DTYPES)),
+        dtypes=_split(args.dtypes or ",".join(DTYPES), tuple(DTYPES)),
         batch=args.batch or (128 if gpu else 16),
         steps=args.steps or (20 if gpu else 5),
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
         full=args.full, epochs=args.epochs, epoch_images=args.epoch_images,
         classes=args.classes, data=args.data, channels_last=not args.nchw, device=device)
+    if args.dtypes is None and not gpu and not common.cpu_has_native_bf16():
+        s.dtypes = tuple(d for d in s.dtypes if d != "bf16")
+        s.notes.append("bf16 skipped: this CPU has no native bf16 (AVX512-BF16, AMX or Arm "
+                       "BF16), so PyTorch emulates it and a bf16 step measures the emulation "
+                       "(~9x an fp32 convolution on an AVX2 CPU); --dtypes fp32,bf16 runs it")
     if args.compile_models is None:
         s.compile_models = None if gpu else CPU_COMPILE_MODELS
     elif args.compile_models != "all":

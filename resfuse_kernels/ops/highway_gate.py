@@ -115,6 +115,7 @@ def _setup_context(ctx, inputs, output) -> None:
     (a, b, x, weight_h, bias_h, _, _, weight_t, bias_t, _, _, training, eps_h, eps_t) = inputs
     _, mean_h, var_h, mean_t, var_t = output
     ctx.mark_non_differentiable(mean_h, var_h, mean_t, var_t)
+    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
     ctx.save_for_backward(a, b, x, weight_h, bias_h, mean_h, var_h,
                           weight_t, bias_t, mean_t, var_t)
     ctx.training, ctx.eps_h, ctx.eps_t = training, eps_h, eps_t
@@ -129,6 +130,8 @@ def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_y, *_stat_grads):
         (a, b, x, weight_h, bias_h, mean_h, var_h,
          weight_t, bias_t, mean_t, var_t) = ctx.saved_tensors
+        if grad_y is None:  # grads are not materialised (the statistics never have one)
+            grad_y = torch.zeros_like(a, memory_format=memory_format(a))
         # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
         grad_y = grad_y.contiguous(memory_format=memory_format(a))
         with backends.use(ctx.backend):

@@ -144,6 +144,7 @@ def _setup_context(ctx, inputs, output) -> None:
     (u, h, weight_d, bias_d, _, _, x, w, weight_k, bias_k, _, _, training, eps_d, eps_k) = inputs
     _, mean_d, var_d, mean_k, var_k = output
     ctx.mark_non_differentiable(mean_d, var_d, mean_k, var_k)
+    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
     ctx.save_for_backward(u, h, weight_d, bias_d, mean_d, var_d,
                           x, w, weight_k, bias_k, mean_k, var_k)
     ctx.training, ctx.eps_d, ctx.eps_k = training, eps_d, eps_k
@@ -158,6 +159,8 @@ def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_y, *_stat_grads):
         (u, h, weight_d, bias_d, mean_d, var_d,
          x, w, weight_k, bias_k, mean_k, var_k) = ctx.saved_tensors
+        if grad_y is None:  # grads are not materialised (the statistics never have one)
+            grad_y = torch.zeros_like(u, memory_format=memory_format(u))
         # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
         grad_y = grad_y.contiguous(memory_format=memory_format(u))
         with backends.use(ctx.backend):

@@ -150,15 +150,14 @@ def layout_flag(strides: tuple[int, int, int]) -> int:
     return int(strides[1] == 1 and strides[2] != 1)
 
 
-def bn_params(mean: torch.Tensor, var: torch.Tensor, eps: float, weight: torch.Tensor,
+def bn_params(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor) -> list[torch.Tensor]:
-    """``[mean, rstd, weight, bias]`` of one BatchNorm as dense vectors, with
-    ``rstd = 1 / sqrt(var + eps)`` formed here in the stat dtype: the
-    kernels take no float scalars, which Triton would pass as float32 (a
-    float64 op would lose eps's digits) and Inductor as float64."""
+    """``[mean, var, weight, bias]`` of one BatchNorm as dense vectors, the
+    statistics in ``mean``'s (the stat) dtype. The kernels form ``rstd``
+    themselves (:func:`rstd_vector`), with eps a constexpr: no torch ops
+    per BatchNorm on the host."""
     sdt = mean.dtype
-    rstd = (var.to(sdt) + eps).rsqrt()
-    return [mean.contiguous(), rstd, weight.contiguous(), bias.contiguous()]
+    return [mean.contiguous(), var.to(sdt).contiguous(), weight.contiguous(), bias.contiguous()]
 
 
 def scratch(like: torch.Tensor) -> torch.Tensor:
@@ -233,6 +232,24 @@ else:
 @triton.jit
 def channel_vector(ptr, c, mask, CT: tl.constexpr):
     return tl.load(ptr + c, mask=mask, other=0.0).to(CT)
+
+
+@triton.jit
+def rstd_vector(var_ptr, c, mask, EPS: tl.constexpr, CT: tl.constexpr):
+    """``1 / sqrt(var + eps)`` of channels ``c``, correctly rounded.
+
+    ``eps`` is a constexpr made a ``CT`` constant by ``tl.full``, so float64
+    keeps all its digits: as a plain float argument Triton would pass it as
+    float32 and Inductor type it float64. (One compilation per eps value;
+    models use one.) float32 takes the IEEE ``sqrt_rn``/``div_rn``, not the
+    approximate defaults; float64 arithmetic is IEEE anyway."""
+    var = channel_vector(var_ptr, c, mask, CT)
+    x = var + tl.full(var.shape, EPS, CT)
+    if CT == tl.float64:
+        r = 1.0 / tl.sqrt(x)
+    else:
+        r = tl.div_rn(tl.full(var.shape, 1.0, CT), tl.sqrt_rn(x))
+    return r
 
 
 @triton.jit
@@ -353,6 +370,54 @@ def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct) -> Non
     block = 64
     launch(_stats_finalize)[(triton.cdiv(width, block),)](
         cnt, mean_p, m2_p, *outs, cnt.shape[0], width, c, CT=ct, BLOCK=block, BLOCK_P=32)
+
+
+@triton.jit
+def _sum_partials(part_ptr, means_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, P, C, M,
+                  G: tl.constexpr, SRC0: tl.constexpr, SRC1: tl.constexpr, SRC2: tl.constexpr,
+                  SRC3: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
+    """Sum P rows of per-chunk partial sums, G groups of C columns: writes the
+    G*C means (sum / M) and, for k = 0..3 with SRCk >= 0, output k = the sums
+    of group SRCk in its own dtype (the gradients of a BatchNorm's affine)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    for g in tl.static_range(G):
+        acc = tl.zeros([BLOCK], CT)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            acc += tl.sum(tl.load(part_ptr + p.to(tl.int64)[:, None] * (G * C) + g * C + c[None, :],
+                                  mask=(p < P)[:, None] & mask[None, :], other=0.0).to(CT), axis=0)
+        tl.store(means_ptr + g * C + c, acc / M, mask=mask)
+        if SRC0 == g:
+            tl.store(o0_ptr + c, to_storage(acc, o0_ptr), mask=mask)
+        if SRC1 == g:
+            tl.store(o1_ptr + c, to_storage(acc, o1_ptr), mask=mask)
+        if SRC2 == g:
+            tl.store(o2_ptr + c, to_storage(acc, o2_ptr), mask=mask)
+        if SRC3 == g:
+            tl.store(o3_ptr + c, to_storage(acc, o3_ptr), mask=mask)
+
+
+def sum_partials(part: torch.Tensor, count: int, outs: list[tuple[torch.Tensor, int]],
+                 ct) -> torch.Tensor:
+    """Finish a backward reduction in one launch: ``part`` holds per-chunk
+    partial sums, ``(chunks, G*C)`` for G groups of C channels. Writes each
+    ``(out, g)`` of ``outs`` (at most four) with group g's sums, cast to
+    ``out``'s dtype, and returns the ``(G*C,)`` means, sums / ``count``, for
+    the apply pass (where a ``part.sum(0)``, a division and a cast per
+    gradient would take a torch op each)."""
+    chunks, width = part.shape
+    c = outs[0][0].shape[0]
+    means = torch.empty(width, dtype=part.dtype, device=part.device)
+    pointers = [o for o, _ in outs] + [scratch(part) for _ in range(4 - len(outs))]
+    sources = {f"SRC{k}": (g if k < len(outs) else -1) for k, (_, g) in
+               enumerate(outs + [(None, -1)] * (4 - len(outs)))}
+    block = 64
+    launch(_sum_partials)[(triton.cdiv(c, block),)](
+        part, means, *pointers, chunks, c, count, G=width // c, **sources, CT=ct,
+        BLOCK=block, BLOCK_P=32)
+    return means
 
 
 def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):

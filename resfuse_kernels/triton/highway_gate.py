@@ -9,8 +9,9 @@ statistics. The apply pass folds each BatchNorm into a per-channel
 
 Backward: one reduction pass (per-chunk partial sums of ``g_h``,
 ``g_h * a_hat``, ``g_t``, ``g_t * b_hat``, recomputing ``H`` and ``T``;
-one ``torch.sum`` over the chunks) and one apply pass writing ``da, db, dx``.
-Every kernel is fused; only the per-channel finishing touches use torch.
+summed over the chunks by :func:`~._launch.sum_partials`, which also writes
+the four affine gradients) and one apply pass writing ``da, db, dx``.
+Every kernel is fused; the host allocates and launches, no torch arithmetic.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import triton.language as tl
 from ..ops._common import stat_dtype
 from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params,
                       channel_vector, chunk_range, compute_type, empty_like_format, grid_tiles,
-                      launch, layout_flag, num_chunks, offsets, tile_coords, to_storage, view3)
+                      launch, layout_flag, num_chunks, offsets, rstd_vector, sum_partials,
+                      tile_coords, to_storage, view3)
 
 
 @triton.jit
@@ -34,11 +36,11 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _gates(a, b, c, cmask, mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
-           CT: tl.constexpr):
+def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
+           EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr):
     """(a_hat, b_hat, H, T, weight_h * rstd_h, weight_t * rstd_t) of a tile."""
-    rstd_h = channel_vector(rh_ptr, c, cmask, CT)
-    rstd_t = channel_vector(rt_ptr, c, cmask, CT)
+    rstd_h = rstd_vector(vh_ptr, c, cmask, EPS_H, CT)
+    rstd_t = rstd_vector(vt_ptr, c, cmask, EPS_T, CT)
     wh = channel_vector(wh_ptr, c, cmask, CT)
     wt = channel_vector(wt_ptr, c, cmask, CT)
     a_hat = (a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * rstd_h[None, :]
@@ -53,10 +55,11 @@ def _gates(a, b, c, cmask, mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_pt
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
 def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
-                    mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+                    mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
                     N, C, S,
                     san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
-                    CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                    EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -64,8 +67,8 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
     a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-    rstd_h = channel_vector(rh_ptr, c, cmask, CT)
-    rstd_t = channel_vector(rt_ptr, c, cmask, CT)
+    rstd_h = rstd_vector(vh_ptr, c, cmask, EPS_H, CT)
+    rstd_t = rstd_vector(vt_ptr, c, cmask, EPS_T, CT)
     scale_h = channel_vector(wh_ptr, c, cmask, CT) * rstd_h
     scale_t = channel_vector(wt_ptr, c, cmask, CT) * rstd_t
     zh = ((a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * scale_h[None, :]
@@ -80,11 +83,12 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
-def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
-                            mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, pavt_ptr,
+                            mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
                             N, C, S,
                             sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, LAYOUT,
-                            CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                            EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     nsb = tl.cdiv(S, BLOCK_S)
@@ -102,15 +106,15 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
         a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
         b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
         x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, rh_ptr, wh_ptr, bh_ptr,
-                                            mt_ptr, rt_ptr, wt_ptr, bt_ptr, CT)
+        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr,
+                                            mt_ptr, vt_ptr, wt_ptr, bt_ptr, EPS_H, EPS_T, CT)
         g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
         g_t = g * (gh - x) * gt * (1.0 - gt)
         sum_gh += tl.sum(g_h, axis=0)
         sum_gha += tl.sum(g_h * a_hat, axis=0)
         sum_gt += tl.sum(g_t, axis=0)
         sum_gtb += tl.sum(g_t * b_hat, axis=0)
-    row = part_ptr + tl.program_id(0).to(tl.int64) * 4 * C
+    row = pavt_ptr + tl.program_id(0).to(tl.int64) * 4 * C
     tl.store(row + c, sum_gh, mask=cmask)
     tl.store(row + C + c, sum_gha, mask=cmask)
     tl.store(row + 2 * C + c, sum_gt, mask=cmask)
@@ -120,11 +124,12 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
 def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, means_ptr,
-                           mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
+                           mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
                            N, C, S,
                            sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
                            s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
-                           TRAINING: tl.constexpr, CT: tl.constexpr,
+                           TRAINING: tl.constexpr, EPS_H: tl.constexpr, EPS_T: tl.constexpr,
+                           CT: tl.constexpr,
                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -135,8 +140,8 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
     a_hat, b_hat, gh, gt, scale_h, scale_t = _gates(
-        a, b, c, cmask, mh_ptr, rh_ptr, wh_ptr, bh_ptr, mt_ptr, rt_ptr, wt_ptr, bt_ptr,
-        CT)
+        a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
+        EPS_H, EPS_T, CT)
     dx = g * (1.0 - gt)
     g_h = g * gt * (gh > 0.0).to(CT)
     g_t = g * (gh - x) * gt * (1.0 - gt)
@@ -171,11 +176,12 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
     if a.numel() == 0:
         return y, mean_h, var_h, mean_t, var_t
     _, sy = view3(y)
-    params = (bn_params(mean_h, var_h, eps_h, weight_h, bias_h)
-              + bn_params(mean_t, var_t, eps_t, weight_t, bias_t))
+    params = (bn_params(mean_h, var_h, weight_h, bias_h)
+              + bn_params(mean_t, var_t, weight_t, bias_t))
     launch(_forward_kernel)[grid_tiles(n, c, h * w)](
         a3, b3, x3, y, *params, n, c, h * w,
-        *sa, *sb, *sx, *sy, layout_flag(sa), CT=compute_type(a.dtype))
+        *sa, *sb, *sx, *sy, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t),
+        CT=compute_type(a.dtype))
     return y, mean_h, var_h, mean_t, var_t
 
 
@@ -194,20 +200,20 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     b3, sb = view3(b)
     x3, sx = view3(x)
     ct = compute_type(a.dtype)
-    params = (bn_params(mean_h.to(sdt), var_h, eps_h, weight_h, bias_h)
-              + bn_params(mean_t.to(sdt), var_t, eps_t, weight_t, bias_t))
+    params = (bn_params(mean_h.to(sdt), var_h, weight_h, bias_h)
+              + bn_params(mean_t.to(sdt), var_t, weight_t, bias_t))
     chunks = num_chunks(a.device, n * triton.cdiv(s, 16))
     part = torch.empty(chunks, 4 * c, dtype=sdt, device=a.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, n, c, s,
-        *sg, *sa, *sb, *sx, layout_flag(sa), CT=ct)
-    sums = part.sum(0)
-    means = sums / (n * s)  # in the stat dtype: fp64 stays exact
+        *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
+    grads = [torch.empty_like(p) for p in (weight_h, bias_h, weight_t, bias_t)]
+    dweight_h, dbias_h, dweight_t, dbias_t = grads
+    # partial rows: sum g_h, sum g_h * a_hat, sum g_t, sum g_t * b_hat
+    means = sum_partials(part, n * s, [(dbias_h, 0), (dweight_h, 1), (dbias_t, 2),
+                                       (dweight_t, 3)], ct)
     launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
         g3, a3, b3, x3, da, db, dx, means, *params, n, c, s,
         *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
-        TRAINING=bool(training), CT=ct)
-    dbias_h, dweight_h, dbias_t, dweight_t = sums.view(4, c).unbind(0)
-    return (da, db, dx,
-            dweight_h.to(weight_h.dtype, copy=True), dbias_h.to(bias_h.dtype, copy=True),
-            dweight_t.to(weight_t.dtype, copy=True), dbias_t.to(bias_t.dtype, copy=True))
+        TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
+    return (da, db, dx, *grads)

@@ -23,9 +23,9 @@ batches, where the direct route keeps the error of PyTorch's own fp32 BN.
 It costs the same: one read of x and one C x K product per pixel.)
 
 Backward: one reduction pass (recomputing ``z``, with ``W x`` for the
-carry, and summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk; one
-``torch.sum`` over chunks) and one apply pass writing ``du``, ``dh`` and,
-with the carry, ``dv``. **dx and dW are torch matmuls** on that
+carry, and summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk;
+:func:`~._launch.sum_partials` adds the chunks and writes the BN gradients)
+and one apply pass writing ``du``, ``dh`` and, with the carry, ``dv``. **dx and dW are torch matmuls** on that
 materialised ``dv``: ``dx = dv W`` and ``dW = dv^T x`` over the N*H*W
 pixels. For float32/float64 storage ``dv`` is float32/float64 and ``dW``
 takes x shifted by one of its pixels, so that large means do not cancel;
@@ -55,7 +55,8 @@ from ..ops._common import stat_dtype
 from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, autotune, batch_stats, bn_params, chan_merge,
                       channel_vector, chunk_range, compute_type, empty_like_format,
                       finalize_stats, in_output_format, launch, layout_flag, num_chunks,
-                      offsets, scratch, tile_coords, tile_moments, to_storage, view3)
+                      offsets, rstd_vector, scratch, sum_partials, tile_coords,
+                      tile_moments, to_storage, view3)
 
 
 @triton.jit
@@ -84,16 +85,17 @@ def _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
 
 @triton.jit
 def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-            HAS_CARRY: tl.constexpr, CT: tl.constexpr, BLOCK_S: tl.constexpr,
-            BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
+            HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
+            CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+            BLOCK_X: tl.constexpr):
     """(z, u_hat, weight_d * rstd_d, v_hat, weight_k * rstd_k) of a tile
     (the last two are dummies without the carry). ``mk_ptr`` holds the
     carry's mean of the shifted v' = W (x - x0)."""
     u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
     h = tl.load(h_ptr + offsets(n, s, c, shn, shc, shs), mask=mask, other=0.0).to(CT)
-    rstd_d = channel_vector(rd_ptr, c, cmask, CT)
+    rstd_d = rstd_vector(vd_ptr, c, cmask, EPS_D, CT)
     scale_d = channel_vector(wd_ptr, c, cmask, CT) * rstd_d
     u_hat = (u - channel_vector(md_ptr, c, cmask, CT)[None, :]) * rstd_d[None, :]
     z = u_hat * channel_vector(wd_ptr, c, cmask, CT)[None, :] + \
@@ -103,7 +105,7 @@ def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
     if HAS_CARRY:
         v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                         CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        rstd_k = channel_vector(rk_ptr, c, cmask, CT)
+        rstd_k = rstd_vector(vk_ptr, c, cmask, EPS_K, CT)
         wk = channel_vector(wk_ptr, c, cmask, CT)
         scale_k = wk * rstd_k
         v_hat = (v - channel_vector(mk_ptr, c, cmask, CT)[None, :]) * rstd_k[None, :]
@@ -114,19 +116,20 @@ def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
 @triton.jit
 def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
-                    md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                    md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                     N, C, S, CX,
                     sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
-                    HAS_CARRY: tl.constexpr, CT: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
+                    HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
+                    CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_X: tl.constexpr):
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mask = smask[:, None] & cmask[None, :]
     z, _, _, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-                            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-                            HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+                            HAS_CARRY, EPS_D, EPS_K, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     y = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
@@ -134,11 +137,11 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
 @triton.jit
 def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
-                            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                             N, C, S, CX,
                             sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, LAYOUT,
-                            HAS_CARRY: tl.constexpr, CT: tl.constexpr,
-                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                            HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
+                            CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_X: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -155,9 +158,9 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
         mask = smask[:, None] & cmask[None, :]
         z, u_hat, _, v_hat, _ = _tail_z(
             u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-            HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+            HAS_CARRY, EPS_D, EPS_K, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
         g = dy * (z > 0.0).to(CT)  # as composite: dy * [z > 0]; dy is 0 on masked lanes
         sum_g += tl.sum(g, axis=0)
@@ -174,11 +177,12 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
 @triton.jit
 def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr,
                            means_ptr,
-                           md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+                           md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                            N, C, S, CX,
                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
                            s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
-                           HAS_CARRY: tl.constexpr, TRAINING: tl.constexpr, CT: tl.constexpr,
+                           HAS_CARRY: tl.constexpr, TRAINING: tl.constexpr, EPS_D: tl.constexpr,
+                           EPS_K: tl.constexpr, CT: tl.constexpr,
                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_X: tl.constexpr):
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
@@ -187,9 +191,9 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh
     mask = smask[:, None] & cmask[None, :]
     z, u_hat, scale_d, v_hat, scale_k = _tail_z(
         u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-        md_ptr, rd_ptr, wd_ptr, bd_ptr, mk_ptr, rk_ptr, wk_ptr, bk_ptr,
+        md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
         CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-        HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+        HAS_CARRY, EPS_D, EPS_K, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
     g = dy * (z > 0.0).to(CT)
     tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(g, dh_ptr), mask=mask)
@@ -306,13 +310,14 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
             mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
     if u.numel() == 0:
         return y, mean_d, var_d, mean_k, var_k
-    pd = bn_params(mean_d, var_d, eps_d, weight_d, bias_d)
-    pk = bn_params(shifted_mean_k, var_k, eps_k, weight_k, bias_k) if carry else pd
+    pd = bn_params(mean_d, var_d, weight_d, bias_d)
+    pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
+    eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
     launch(_forward_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
                                           triton.cdiv(k, meta["BLOCK_C"]))](
         u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
         *su, *sh, *sx, *view3(y)[1], layout_flag(su),
-        HAS_CARRY=carry, CT=compute_type(u.dtype))
+        HAS_CARRY=carry, **eps, CT=compute_type(u.dtype))
     return y, mean_d, var_d, mean_k, var_k
 
 
@@ -349,22 +354,26 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     else:
         x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
         dv, sdv = scratch(du), (0, 0, 0)  # never written
-    pd = bn_params(mean_d.to(sdt), var_d, eps_d, weight_d, bias_d)
-    pk = bn_params(shifted_mean_k, var_k, eps_k, weight_k, bias_k) if carry else pd
+    pd = bn_params(mean_d.to(sdt), var_d, weight_d, bias_d)
+    pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
+    eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
     chunks = num_chunks(u.device, n * triton.cdiv(s, 16))
     part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, x0, w2, part, *pd, *pk, n, k, s, cx,
-        *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, CT=ct)
-    sums = part.sum(0)
-    means = sums / (n * s)
+        *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, **eps, CT=ct)
+    dweight_d, dbias_d = torch.empty_like(weight_d), torch.empty_like(bias_d)
+    outs = [(dbias_d, 0), (dweight_d, 1)]  # partial rows: sum g, sum g u_hat, sum g v_hat
+    if carry:
+        dweight_k, dbias_k = torch.empty_like(weight_k), torch.empty_like(bias_k)
+        outs += [(dbias_k, 0), (dweight_k, 2)]
+    means = sum_partials(part, n * s, outs, ct)
     launch(_backward_apply_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
                                                  triton.cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, x0, w2, du, dh, dv, means, *pd, *pk,
         n, k, s, cx, *sg, *su, *sh, *sx, *view3(du)[1], *view3(dh)[1], *sdv,
-        layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
-    sum_g, sum_gu, sum_gv = sums.view(3, k).unbind(0)
-    grads = (du, dh, sum_gu.to(weight_d.dtype, copy=True), sum_g.to(bias_d.dtype, copy=True))
+        layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), **eps, CT=ct)
+    grads = (du, dh, dweight_d, dbias_d)
     if not carry:
         none = u.new_empty(0)
         return (*grads, none, none.clone(), none.clone(), none.clone())
@@ -381,5 +390,4 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         dw = dv2.t() @ (x2 - x0) + dv2.sum(0)[:, None] * x0
     # dx is (N, H, W, CX) in memory: the output already when x is channels_last
     dx = in_output_format(dx.to(x.dtype), x)
-    return (*grads, dx, dw.reshape(w.shape).to(w.dtype),
-            sum_gv.to(weight_k.dtype, copy=True), sum_g.to(bias_k.dtype, copy=True))
+    return (*grads, dx, dw.reshape(w.shape).to(w.dtype), dweight_k, dbias_k)
