@@ -245,6 +245,25 @@ def test_carry_stats_large_mean(channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_carry_shift_centres_only_offset_channels(channels_last):
+    """The carry's shift x0: the mean of the first SHIFT_SAMPLE pixels
+    (image-major) on channels whose mean exceeds their spread, exactly 0 on
+    centred ones (a shift there would only add rounding to W x)."""
+    from resfuse_kernels.triton import resfuse_tail as rt
+    n, c, h = 3, 20, 7  # 147 pixels: more than the 128 sampled
+    x = _act(n, c, h, torch.float32, channels_last)
+    offset = torch.arange(c, device=DEVICE) % 2 == 1
+    x = x + 50.0 * offset.view(1, c, 1, 1)  # odd channels far from 0, even ones centred
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    x3, sx = tk._launch.view3(x)
+    x0 = rt._carry_shift(x3, sx)
+    sample = x.double().permute(0, 2, 3, 1).reshape(-1, c)[:rt.SHIFT_SAMPLE]
+    expected = torch.where(offset, sample.mean(0), 0.0).float()
+    assert torch.equal(x0[~offset], torch.zeros_like(x0[~offset]))
+    torch.testing.assert_close(x0, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_many_chunks(monkeypatch, channels_last):
     """More partial rows than _stats_finalize reads in one tile (a GPU has
     4 per multiprocessor): the merged statistics and the whole op still

@@ -126,6 +126,12 @@ def num_chunks(device: torch.device, tiles: int, cap: int | None = None) -> int:
     return max(1, min(target, tiles))
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: ``triton.cdiv`` is a jit function in newer
+    Triton releases, ~10 us a host call through its dispatcher."""
+    return -(-a // b)
+
+
 # ---------------------------------------------------------------------------
 # layouts
 
@@ -185,7 +191,7 @@ def in_output_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def grid_tiles(n: int, c: int, s: int):
     """Grid of the pointwise kernels."""
-    return lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
+    return lambda meta: (n * cdiv(s, meta["BLOCK_S"]), cdiv(c, meta["BLOCK_C"]))
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct) -> Non
     """Launch :func:`_stats_finalize` over ``width`` columns of partials into
     ``outs`` = [mean_x, var_x, mean_y, var_y]."""
     block = 64
-    launch(_stats_finalize)[(triton.cdiv(width, block),)](
+    launch(_stats_finalize)[(cdiv(width, block),)](
         cnt, mean_p, m2_p, *outs, cnt.shape[0], width, c, CT=ct, BLOCK=block, BLOCK_P=32)
 
 
@@ -414,7 +420,7 @@ def sum_partials(part: torch.Tensor, count: int, outs: list[tuple[torch.Tensor, 
     sources = {f"SRC{k}": (g if k < len(outs) else -1) for k, (_, g) in
                enumerate(outs + [(None, -1)] * (4 - len(outs)))}
     block = 64
-    launch(_sum_partials)[(triton.cdiv(c, block),)](
+    launch(_sum_partials)[(cdiv(c, block),)](
         part, means, *pointers, chunks, c, count, G=width // c, **sources, CT=ct,
         BLOCK=block, BLOCK_P=32)
     return means
@@ -435,14 +441,14 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
         zeros = [x.new_zeros(c, dtype=sdt) for _ in range(4 if two else 2)]
         return zeros
     # chunks from the smallest tile height any config uses
-    chunks = num_chunks(x.device, n * triton.cdiv(s, 16))
+    chunks = num_chunks(x.device, n * cdiv(s, 16))
     cnt = torch.empty(chunks, dtype=sdt, device=x.device)
     mean_p = torch.empty(chunks, width, dtype=sdt, device=x.device)
     m2_p = torch.empty_like(mean_p)
     ct = compute_type(x.dtype)
     if y is None:
         y, sy = x, sx
-    launch(_stats_kernel)[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
+    launch(_stats_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         x, y, cnt, mean_p, m2_p, n, c, s, *sx, *sy, layout_flag(sx),
         TWO=two, CT=ct)
     out = [torch.empty(c, dtype=sdt, device=x.device) for _ in range(4 if two else 2)]

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..ops._common import stat_dtype
-from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params,
+from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params, cdiv,
                       channel_vector, chunk_range, compute_type, empty_like_format, grid_tiles,
                       launch, layout_flag, num_chunks, offsets, rstd_vector, sum_partials,
                       tile_coords, to_storage, view3)
@@ -202,9 +202,9 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     ct = compute_type(a.dtype)
     params = (bn_params(mean_h.to(sdt), var_h, weight_h, bias_h)
               + bn_params(mean_t.to(sdt), var_t, weight_t, bias_t))
-    chunks = num_chunks(a.device, n * triton.cdiv(s, 16))
+    chunks = num_chunks(a.device, n * cdiv(s, 16))
     part = torch.empty(chunks, 4 * c, dtype=sdt, device=a.device)
-    launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(c, meta["BLOCK_C"]))](
+    launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, n, c, s,
         *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
     grads = [torch.empty_like(p) for p in (weight_h, bias_h, weight_t, bias_t)]

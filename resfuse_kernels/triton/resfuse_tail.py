@@ -10,11 +10,15 @@ tile with ``tl.dot`` in registers and Chan-merges exact per-tile moments of
 same way as the prologue of the fused BN + add + BN + add + ReLU epilogue.
 Eval: the apply pass alone.
 
-Every kernel computes the carry as ``v' = W (x - x0)``, with ``x0`` the
-first pixel of ``x`` (:func:`_carry_shift`), and normalises it with the
+Every kernel computes the carry as ``v' = W (x - x0)``, with ``x0`` a
+per-channel shift (:func:`_carry_shift`), and normalises it with the
 shifted mean ``mean(v) - W x0`` (formed in float64): when ``x`` has a large
 mean, ``W x`` in float32 would round away the spread that BatchNorm then
-magnifies; ``v'`` is of the size of that spread.
+magnifies; ``v'`` is of the size of that spread. ``x0`` is the mean of a
+sample of x's pixels where that mean exceeds the sample's spread, and 0
+where x is centred: there a shift would only add a rounding (and, by the
+first pixel, double the size of the operands), and W x is what PyTorch
+computes.
 
 (The statistics are not taken from x's covariance, ``var(v_k) = w_k^T
 Cov(x) w_k``: that quadratic form loses ~1e-4 relative accuracy in float32
@@ -25,14 +29,15 @@ It costs the same: one read of x and one C x K product per pixel.)
 Backward: one reduction pass (recomputing ``z``, with ``W x`` for the
 carry, and summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk;
 :func:`~._launch.sum_partials` adds the chunks and writes the BN gradients)
-and one apply pass writing ``du``, ``dh`` and, with the carry, ``dv``. **dx and dW are torch matmuls** on that
-materialised ``dv``: ``dx = dv W`` and ``dW = dv^T x`` over the N*H*W
-pixels. For float32/float64 storage ``dv`` is float32/float64 and ``dW``
-takes x shifted by one of its pixels, so that large means do not cancel;
-for bf16/fp16 storage ``dv`` is stored in that dtype and both are plain
-cuBLAS products with float32 accumulation, as autocast's own convolution
-backward computes them. That is one extra write and two reads of a
-K-channel tensor compared with a fully fused backward.
+and one apply pass writing ``du``, ``dh`` and, with the carry, ``dv``.
+**dx and dW are torch matmuls** on that materialised ``dv``: ``dx = dv W``
+and ``dW = dv^T x`` over the N*H*W pixels. For float32/float64 storage
+``dv`` is float32/float64 and ``dW`` takes x shifted by the kernels' x0,
+so that large means do not cancel; for bf16/fp16 storage ``dv`` is stored
+in that dtype and both are plain cuBLAS products with float32
+accumulation, as autocast's own convolution backward computes them. That
+is one extra write and two reads of a K-channel tensor compared with a
+fully fused backward.
 
 The carry's ``tl.dot`` runs with ``input_precision="ieee"`` (true float32
 products; no TF32, whose 10-bit mantissa costs ~3 digits when the inputs
@@ -52,8 +57,8 @@ import triton
 import triton.language as tl
 
 from ..ops._common import stat_dtype
-from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, autotune, batch_stats, bn_params, chan_merge,
-                      channel_vector, chunk_range, compute_type, empty_like_format,
+from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, autotune, batch_stats, bn_params, cdiv,
+                      chan_merge, channel_vector, chunk_range, compute_type, empty_like_format,
                       finalize_stats, in_output_format, launch, layout_flag, num_chunks,
                       offsets, rstd_vector, scratch, sum_partials, tile_coords,
                       tile_moments, to_storage, view3)
@@ -241,16 +246,75 @@ def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S
     tl.store(m2_ptr + row + c, m2, mask=cmask)
 
 
-def _carry_shift(x: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, W x0): the carry's shift, x at the first pixel of the first image
-    (per input channel, stat dtype), and its image under W in float64.
+# Pixels sampled for the carry's shift: the first ones in image-major order.
+SHIFT_SAMPLE = 128
+
+
+@triton.jit
+def _carry_shift_kernel(x_ptr, x0_ptr, P, S, CX, sxn, sxc, sxs, CT: tl.constexpr,
+                        SAMPLE: tl.constexpr, BLOCK_X: tl.constexpr):
+    """x0 per input channel (program = block of channels): the mean of x's
+    first P <= SAMPLE pixels (image-major) if its square exceeds their
+    variance, else 0."""
+    cx = tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X)
+    xm = cx < CX
+    p = tl.arange(0, SAMPLE)
+    n = (p // S).to(tl.int64)
+    s = (p % S).to(tl.int64)
+    mask = (p < P)[:, None] & xm[None, :]
+    v = tl.load(x_ptr + n[:, None] * sxn + s[:, None] * sxs + cx.to(tl.int64)[None, :] * sxc,
+                mask=mask, other=0.0).to(tl.float64)
+    count = P * 1.0
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    var = tl.sum(d * d, axis=0) / count
+    tl.store(x0_ptr + cx, tl.where(mean * mean > var, mean, 0.0).to(CT), mask=xm)
+
+
+@triton.jit
+def _shift_mean_kernel(mean_ptr, out_ptr, w_ptr, x0_ptr, K, CX, SIGN: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_X: tl.constexpr):
+    """out = mean + SIGN * W x0 per output channel, in float64, stored in out's dtype."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    wx0 = tl.zeros([BLOCK_K], tl.float64)
+    for c0 in range(0, CX, BLOCK_X):
+        cx = c0 + tl.arange(0, BLOCK_X)
+        xm = cx < CX
+        x0 = tl.load(x0_ptr + cx, mask=xm, other=0.0).to(tl.float64)
+        wt = tl.load(w_ptr + k.to(tl.int64)[:, None] * CX + cx[None, :],
+                     mask=kmask[:, None] & xm[None, :], other=0.0).to(tl.float64)
+        wx0 += tl.sum(wt * x0[None, :], axis=1)
+    mean = tl.load(mean_ptr + k, mask=kmask, other=0.0).to(tl.float64)
+    tl.store(out_ptr + k, (mean + SIGN * wx0).to(out_ptr.dtype.element_ty), mask=kmask)
+
+
+def _carry_shift(x3: torch.Tensor, sx) -> torch.Tensor:
+    """The carry's shift x0, (CX,) in the stat dtype (one launch; the same x
+    gives the same x0 in the forward and the backward).
 
     The kernels compute v' = W (x - x0) = v - W x0, whose magnitude is that
     of x's spread, not of its mean: W x at a large mean would lose the
     digits of v - mean(v) that BatchNorm keeps.
     """
-    x0 = x[0, :, 0, 0].to(stat_dtype(x.dtype)).contiguous()
-    return x0, w2.double() @ x0.double()
+    n, cx, h, w = x3.shape
+    x0 = torch.empty(cx, dtype=stat_dtype(x3.dtype), device=x3.device)
+    launch(_carry_shift_kernel)[(cdiv(cx, 16),)](
+        x3, x0, min(n * h * w, SHIFT_SAMPLE), h * w, cx, *sx, CT=compute_type(x3.dtype),
+        SAMPLE=SHIFT_SAMPLE, BLOCK_X=16)
+    return x0
+
+
+def _shift_mean(mean: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor,
+                sign: int) -> torch.Tensor:
+    """``mean + sign * W x0`` in float64, returned in x0's (the stat) dtype:
+    +1 turns the mean of v' into mean(v), -1 the other way (one launch, where
+    a float64 torch.mv and its casts would take several)."""
+    k, cx = w2.shape
+    out = torch.empty(k, dtype=x0.dtype, device=x0.device)
+    launch(_shift_mean_kernel)[(cdiv(k, 64),)](
+        mean.contiguous(), out, w2, x0, k, cx, SIGN=sign, BLOCK_K=64, BLOCK_X=32)
+    return out
 
 
 def _carry_stats(x3, sx, x0, w2):
@@ -259,12 +323,12 @@ def _carry_stats(x3, sx, x0, w2):
     k, cx = w2.shape
     s = h * wdt
     sdt = stat_dtype(x3.dtype)
-    chunks = num_chunks(x3.device, n * triton.cdiv(s, 16))
+    chunks = num_chunks(x3.device, n * cdiv(s, 16))
     cnt = torch.empty(chunks, dtype=sdt, device=x3.device)
     mean_p = torch.empty(chunks, k, dtype=sdt, device=x3.device)
     m2_p = torch.empty_like(mean_p)
     ct = compute_type(x3.dtype)
-    launch(_carry_stats_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
+    launch(_carry_stats_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
         x3, x0, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
     mean, var = (torch.empty(k, dtype=sdt, device=x3.device) for _ in range(2))
     finalize_stats(cnt, mean_p, m2_p, [mean, var, scratch(cnt), scratch(cnt)], k, k, ct)
@@ -285,10 +349,7 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
         x3, sx = view3(x)
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
-        if u.numel() == 0:
-            x0, wx0 = u.new_zeros(cx, dtype=sdt), u.new_zeros(k, dtype=torch.float64)
-        else:
-            x0, wx0 = _carry_shift(x, w2)
+        x0 = u.new_zeros(cx, dtype=sdt) if u.numel() == 0 else _carry_shift(x3, sx)
     else:
         x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
     if training:
@@ -299,13 +360,14 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
             mean_k, var_k = u.new_zeros(k, dtype=sdt), u.new_zeros(k, dtype=sdt)
         else:
             shifted_mean_k, var_k = _carry_stats(x3, sx, x0, w2)
-            mean_k = (shifted_mean_k.double() + wx0).to(sdt)
+            mean_k = _shift_mean(shifted_mean_k, w2, x0, 1)
     else:
         mean_d, var_d = running_mean_d.to(sdt, copy=True), running_var_d.to(sdt, copy=True)
         if carry:
             mean_k = running_mean_k.to(sdt, copy=True)
             var_k = running_var_k.to(sdt, copy=True)
-            shifted_mean_k = (running_mean_k.double() - wx0).to(sdt)
+            if u.numel():
+                shifted_mean_k = _shift_mean(running_mean_k, w2, x0, -1)
         else:
             mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
     if u.numel() == 0:
@@ -313,8 +375,8 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     pd = bn_params(mean_d, var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
     eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
-    launch(_forward_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
-                                          triton.cdiv(k, meta["BLOCK_C"]))](
+    launch(_forward_kernel)[lambda meta: (n * cdiv(s, meta["BLOCK_S"]),
+                                          cdiv(k, meta["BLOCK_C"]))](
         u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
         *su, *sh, *sx, *view3(y)[1], layout_flag(su),
         HAS_CARRY=carry, **eps, CT=compute_type(u.dtype))
@@ -349,17 +411,17 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         low = u.dtype != sdt  # bf16/fp16 (float32 and float64 compute in themselves)
         dv = torch.empty(n, s, k, dtype=u.dtype if low else sdt, device=u.device)
         sdv = (s * k, 1, k)
-        x0, wx0 = _carry_shift(x, w2)  # the forward's shift: same x, same x0
-        shifted_mean_k = (mean_k.double() - wx0).to(sdt)
+        x0 = _carry_shift(x3, sx)  # the forward's shift: same x, same x0
+        shifted_mean_k = _shift_mean(mean_k, w2, x0, -1)
     else:
         x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
         dv, sdv = scratch(du), (0, 0, 0)  # never written
     pd = bn_params(mean_d.to(sdt), var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
     eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
-    chunks = num_chunks(u.device, n * triton.cdiv(s, 16))
+    chunks = num_chunks(u.device, n * cdiv(s, 16))
     part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
-    launch(_backward_reduce_kernel)[lambda meta: (chunks, triton.cdiv(k, meta["BLOCK_C"]))](
+    launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, x0, w2, part, *pd, *pk, n, k, s, cx,
         *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, **eps, CT=ct)
     dweight_d, dbias_d = torch.empty_like(weight_d), torch.empty_like(bias_d)
@@ -368,8 +430,8 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         dweight_k, dbias_k = torch.empty_like(weight_k), torch.empty_like(bias_k)
         outs += [(dbias_k, 0), (dweight_k, 2)]
     means = sum_partials(part, n * s, outs, ct)
-    launch(_backward_apply_kernel)[lambda meta: (n * triton.cdiv(s, meta["BLOCK_S"]),
-                                                 triton.cdiv(k, meta["BLOCK_C"]))](
+    launch(_backward_apply_kernel)[lambda meta: (n * cdiv(s, meta["BLOCK_S"]),
+                                                 cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, x0, w2, du, dh, dv, means, *pd, *pk,
         n, k, s, cx, *sg, *su, *sh, *sx, *view3(du)[1], *view3(dh)[1], *sdv,
         layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), **eps, CT=ct)
@@ -384,9 +446,9 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     if low:
         dw = dv2.t() @ x2
     else:
-        # dW = dv^T (x - x0) + (sum dv) x0^T, shifted by one pixel x0 of x: the
+        # dW = dv^T (x - x0) + (sum dv) x0^T with the kernels' shift x0: the
         # products stay O(std(x)) when x has a large mean (sum dv ~ 0 in training)
-        x0 = x2[:1].clone()
+        x0 = x0.to(dv.dtype)[None, :]
         dw = dv2.t() @ (x2 - x0) + dv2.sum(0)[:, None] * x0
     # dx is (N, H, W, CX) in memory: the output already when x is channels_last
     dx = in_output_format(dx.to(x.dtype), x)
