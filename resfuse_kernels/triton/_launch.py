@@ -417,8 +417,7 @@ def sum_partials(part: torch.Tensor, count: int, outs: list[tuple[torch.Tensor, 
     c = outs[0][0].shape[0]
     means = torch.empty(width, dtype=part.dtype, device=part.device)
     pointers = [o for o, _ in outs] + [scratch(part) for _ in range(4 - len(outs))]
-    sources = {f"SRC{k}": (g if k < len(outs) else -1) for k, (_, g) in
-               enumerate(outs + [(None, -1)] * (4 - len(outs)))}
+    sources = {f"SRC{k}": outs[k][1] if k < len(outs) else -1 for k in range(4)}
     block = 64
     launch(_sum_partials)[(cdiv(c, block),)](
         part, means, *pointers, chunks, c, count, G=width // c, **sources, CT=ct,
