@@ -36,11 +36,11 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-           EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr):
-    """(a_hat, b_hat, H, T, weight_h * rstd_h, weight_t * rstd_t) of a tile."""
-    rstd_h = rstd_vector(vh_ptr, c, cmask, EPS_H, CT)
-    rstd_t = rstd_vector(vt_ptr, c, cmask, EPS_T, CT)
+def _gates(a, b, c, cmask, mh_ptr, rstd_h, wh_ptr, bh_ptr, mt_ptr, rstd_t, wt_ptr, bt_ptr,
+           CT: tl.constexpr):
+    """(a_hat, b_hat, H, T, weight_h * rstd_h, weight_t * rstd_t) of a tile;
+    ``rstd_*`` are the channels' vectors (:func:`~._launch.rstd_vector`),
+    formed once per program."""
     wh = channel_vector(wh_ptr, c, cmask, CT)
     wt = channel_vector(wt_ptr, c, cmask, CT)
     a_hat = (a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * rstd_h[None, :]
@@ -83,14 +83,16 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
-def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, pavt_ptr,
+def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
                             mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
                             N, C, S,
                             sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, LAYOUT,
                             EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
+    rstd_h = rstd_vector(vh_ptr, c, cmask, EPS_H, CT)  # once, not per tile
+    rstd_t = rstd_vector(vt_ptr, c, cmask, EPS_T, CT)
     nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
     sum_gh = tl.zeros([BLOCK_C], CT)
@@ -106,15 +108,15 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, pavt_ptr,
         a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
         b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
         x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr,
-                                            mt_ptr, vt_ptr, wt_ptr, bt_ptr, EPS_H, EPS_T, CT)
+        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, rstd_h, wh_ptr, bh_ptr,
+                                            mt_ptr, rstd_t, wt_ptr, bt_ptr, CT)
         g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
         g_t = g * (gh - x) * gt * (1.0 - gt)
         sum_gh += tl.sum(g_h, axis=0)
         sum_gha += tl.sum(g_h * a_hat, axis=0)
         sum_gt += tl.sum(g_t, axis=0)
         sum_gtb += tl.sum(g_t * b_hat, axis=0)
-    row = pavt_ptr + tl.program_id(0).to(tl.int64) * 4 * C
+    row = part_ptr + tl.program_id(0).to(tl.int64) * 4 * C
     tl.store(row + c, sum_gh, mask=cmask)
     tl.store(row + C + c, sum_gha, mask=cmask)
     tl.store(row + 2 * C + c, sum_gt, mask=cmask)
@@ -140,8 +142,8 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
     a_hat, b_hat, gh, gt, scale_h, scale_t = _gates(
-        a, b, c, cmask, mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-        EPS_H, EPS_T, CT)
+        a, b, c, cmask, mh_ptr, rstd_vector(vh_ptr, c, cmask, EPS_H, CT), wh_ptr, bh_ptr,
+        mt_ptr, rstd_vector(vt_ptr, c, cmask, EPS_T, CT), wt_ptr, bt_ptr, CT)
     dx = g * (1.0 - gt)
     g_h = g * gt * (gh > 0.0).to(CT)
     g_t = g * (gh - x) * gt * (1.0 - gt)

@@ -89,18 +89,28 @@ def _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
 
 
 @triton.jit
+def _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr,
+           EPS_K: tl.constexpr, CT: tl.constexpr):
+    """(rstd_d, rstd_k) of channels c; rstd_k is rstd_d without the carry."""
+    rstd_d = rstd_vector(vd_ptr, c, cmask, EPS_D, CT)
+    rstd_k = rstd_d
+    if HAS_CARRY:
+        rstd_k = rstd_vector(vk_ptr, c, cmask, EPS_K, CT)
+    return rstd_d, rstd_k
+
+
+@triton.jit
 def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+            md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-            HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
-            CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-            BLOCK_X: tl.constexpr):
+            HAS_CARRY: tl.constexpr, CT: tl.constexpr, BLOCK_S: tl.constexpr,
+            BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
     """(z, u_hat, weight_d * rstd_d, v_hat, weight_k * rstd_k) of a tile
     (the last two are dummies without the carry). ``mk_ptr`` holds the
-    carry's mean of the shifted v' = W (x - x0)."""
+    carry's mean of the shifted v' = W (x - x0); ``rstd_*`` are the
+    channels' vectors (:func:`_rstds`), formed once per program."""
     u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
     h = tl.load(h_ptr + offsets(n, s, c, shn, shc, shs), mask=mask, other=0.0).to(CT)
-    rstd_d = rstd_vector(vd_ptr, c, cmask, EPS_D, CT)
     scale_d = channel_vector(wd_ptr, c, cmask, CT) * rstd_d
     u_hat = (u - channel_vector(md_ptr, c, cmask, CT)[None, :]) * rstd_d[None, :]
     z = u_hat * channel_vector(wd_ptr, c, cmask, CT)[None, :] + \
@@ -110,7 +120,6 @@ def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
     if HAS_CARRY:
         v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                         CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        rstd_k = rstd_vector(vk_ptr, c, cmask, EPS_K, CT)
         wk = channel_vector(wk_ptr, c, cmask, CT)
         scale_k = wk * rstd_k
         v_hat = (v - channel_vector(mk_ptr, c, cmask, CT)[None, :]) * rstd_k[None, :]
@@ -130,11 +139,12 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
+    rstd_d, rstd_k = _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
     z, _, _, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+                            md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
                             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-                            HAS_CARRY, EPS_D, EPS_K, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+                            HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     y = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
@@ -150,6 +160,7 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
                             BLOCK_X: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
+    rstd_d, rstd_k = _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
     sum_g = tl.zeros([BLOCK_C], CT)
@@ -163,9 +174,9 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
         mask = smask[:, None] & cmask[None, :]
         z, u_hat, _, v_hat, _ = _tail_z(
             u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+            md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-            HAS_CARRY, EPS_D, EPS_K, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+            HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
         g = dy * (z > 0.0).to(CT)  # as composite: dy * [z > 0]; dy is 0 on masked lanes
         sum_g += tl.sum(g, axis=0)
@@ -193,12 +204,13 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
+    rstd_d, rstd_k = _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
     z, u_hat, scale_d, v_hat, scale_k = _tail_z(
         u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-        md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
+        md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
         CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-        HAS_CARRY, EPS_D, EPS_K, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+        HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
     g = dy * (z > 0.0).to(CT)
     tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(g, dh_ptr), mask=mask)
