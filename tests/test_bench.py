@@ -4,6 +4,7 @@ folder of JPEGs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -75,7 +76,7 @@ def test_table3_default_dtypes_follow_native_bf16(monkeypatch, native):
     explicitly always wins."""
     from resfuse_kernels.bench import common, table3
     monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     table3.add_arguments(parser)
     s = table3.settings_from_args(parser.parse_args(["--device", "cpu"]))
     assert s.dtypes == (("fp32", "bf16") if native else ("fp32",))
