@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resfuse_kernels import backends  # noqa: E402
 from resfuse_kernels.bench.ops import Case  # noqa: E402
 
+from launches import kernel_name, launches_replaced  # noqa: E402  (bench/)
+
 # Error floors (relative, normwise) below which a result always passes.
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 OPS = ("highway_gate", "resfuse_tail", "resfuse_tail_carry")
@@ -194,43 +196,17 @@ def profile() -> int:
 
 
 class _TimedLaunches:
-    """Stands in for ``resfuse_kernels.triton._launch.launch`` in the Triton
-    modules: records the host time of every launch per kernel, or skips the
+    """Records the host time of every Triton launch per kernel, or skips the
     launches (``noop``) so that what remains is the wrapper's own time."""
 
     def __init__(self, noop: bool):
         self.noop, self.times = noop, {}
 
-    def __call__(self, kernel):
-        real = None if self.noop else kernel  # launched directly, as direct_launches() does
-        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
-
-        def with_grid(grid):
-            def run(*args, **kwargs):
-                t0 = time.perf_counter()
-                if real is not None:
-                    real[grid](*args, **kwargs)
-                self.times.setdefault(name, []).append(time.perf_counter() - t0)
-            return run
-
-        return _Subscript(with_grid)
-
-    def install(self):
-        import resfuse_kernels.triton._launch as launch_mod
-        import resfuse_kernels.triton.highway_gate as hg
-        import resfuse_kernels.triton.resfuse_tail as rt
-        saved = [(m, m.launch) for m in (launch_mod, hg, rt)]
-        for m, _ in saved:
-            m.launch = self
-        return saved
-
-
-class _Subscript:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __getitem__(self, grid):
-        return self.fn(grid)
+    def __call__(self, kernel, grid, args, kwargs):
+        t0 = time.perf_counter()
+        if not self.noop:
+            kernel[grid](*args, **kwargs)  # launched directly, as direct_launches() does
+        self.times.setdefault(kernel_name(kernel), []).append(time.perf_counter() - t0)
 
 
 def host(reps: int = 30) -> int:
@@ -248,8 +224,7 @@ def host(reps: int = 30) -> int:
 
         for noop in ((False, True) if DEVICE == "cuda" else (True,)):
             timed = _TimedLaunches(noop)
-            saved = timed.install()
-            try:
+            with launches_replaced(timed):
                 for _ in range(3):
                     step()
                 sync()
@@ -277,9 +252,6 @@ def host(reps: int = 30) -> int:
                     buf = io.StringIO()
                     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
                     print("\n".join(buf.getvalue().splitlines()[6:]), flush=True)
-            finally:
-                for m, original in saved:
-                    m.launch = original
     return 0
 
 
