@@ -13,14 +13,17 @@ of ``[BLOCK_S, BLOCK_C]`` tiles inside one image. Reduction kernels run a
 grid ``(chunks, cdiv(C, BLOCK_C))``: program ``(i, j)`` walks the i-th
 ``1/chunks`` of the image-major tile sequence for channel block j and
 writes one row of per-chunk partials; ``chunks`` does not depend on the
-autotuned block sizes, so partial buffers are sized before tuning.
-Offsets are int64.
+autotuned block sizes, so partial buffers are sized before tuning. A
+reduction program accumulates in tiles of registers, one running value
+per element slot of the tile, and reduces across the tile's rows once, at
+the end: the loop over tiles only loads and does arithmetic (no shuffles
+or barriers per tile). Offsets are int64.
 
-Statistics. Each tile gives an exact two-pass (count, mean, M2) in
-registers, merged into the program's running triple with Chan's formula;
-the per-chunk triples are merged the same way by :func:`_stats_finalize`.
-Nothing subtracts two large sums, so the variance is accurate at large
-means and never negative.
+Statistics. Each register slot keeps a Welford (mean, M2) of the values
+it sees; the slots are merged down the tile with Chan's formula at the end
+of the program, and the per-chunk triples the same way by
+:func:`_stats_finalize`. Nothing subtracts two large sums, so the variance
+is accurate at large means and never negative.
 
 Arithmetic is in the compute dtype ``CT`` (a constexpr): float32, or
 float64 for float64 storage; loads upcast to it, stores cast back.
@@ -55,12 +58,14 @@ def launch(kernel):
 AUTOTUNE = os.environ.get("RESFUSE_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _configs(tiles: list[tuple], names: tuple[str, ...]) -> list:
+def _configs(tiles: list[tuple], names: tuple[str, ...], num_stages: int) -> list:
     """``triton.Config`` for each (block sizes..., num_warps) tuple."""
-    return [triton.Config(dict(zip(names, t[:-1])), num_warps=t[-1]) for t in tiles]
+    return [triton.Config(dict(zip(names, t[:-1])), num_warps=t[-1], num_stages=num_stages)
+            for t in tiles]
 
 
-def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ...], key):
+def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ...], key,
+             num_stages: int = 3):
     """``triton.autotune`` over the configurations of the call's layout only.
 
     ``nchw`` / ``channels_last``: (block sizes..., num_warps) tuples, best
@@ -69,14 +74,15 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     and wide ones (unit stride along channels) for channels_last: half the
     compilations of one mixed list. With ``RESFUSE_TRITON_AUTOTUNE=0`` only
     the first of each list is used; under the interpreter one small tile
-    (BLOCK_S 16, the other sizes 32).
+    (BLOCK_S 16, the other sizes 32). ``num_stages``: software pipelining
+    depth of a ``tl.dot`` loop (it stages the loop's loads in shared memory).
     """
     if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
-        tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names)
+        tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names, num_stages)
         return triton.autotune(configs=tile, key=key)
     if not AUTOTUNE:
         nchw, channels_last = nchw[:1], channels_last[:1]
-    by_layout = (_configs(nchw, names), _configs(channels_last, names))
+    by_layout = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
 
     def prune(configs, named_args, **kwargs):
         return by_layout[1] if named_args["LAYOUT"] else by_layout[0]
@@ -91,10 +97,17 @@ TILE_NCHW = [(128, 8, 4), (256, 8, 8), (64, 16, 4), (512, 4, 8)]
 TILE_CL = [(16, 128, 4), (32, 64, 4), (8, 256, 8), (32, 128, 8)]
 
 # [BLOCK_S, BLOCK_C] tiles of the ResFuse tail with BLOCK_X input channels per
-# step of the carry's tl.dot: all >= 16, as tl.dot needs.
+# step of the carry's tl.dot: all >= 16, as tl.dot needs. Chosen with
+# bench/triton_sm90.py: none spills registers on sm_90 in bf16 (the 4-warp
+# 64x64 and 128x32 tiles, and any 128x64 one, spill 100-800 bytes in the
+# carry's backward reduction); 8 warps first, as they halve each thread's
+# share of the tile.
 TAIL = ("BLOCK_S", "BLOCK_C", "BLOCK_X")
-TAIL_NCHW = [(128, 32, 32, 4), (64, 64, 32, 4), (128, 64, 32, 8), (256, 16, 32, 4)]
-TAIL_CL = [(64, 64, 32, 4), (32, 128, 32, 4), (64, 128, 32, 8), (128, 64, 64, 8)]
+TAIL_NCHW = [(128, 32, 32, 8), (64, 64, 32, 8), (256, 16, 32, 8), (64, 32, 32, 4)]
+TAIL_CL = [(64, 64, 32, 8), (128, 32, 32, 8), (64, 32, 32, 4), (32, 64, 32, 4)]
+# The carry's tl.dot loop runs CX / BLOCK_X steps (2 at 64 channels):
+# pipelining it only holds 2-5x the shared memory and more registers.
+TAIL_STAGES = 1
 
 
 def compute_type(dtype: torch.dtype):
@@ -259,6 +272,18 @@ def rstd_vector(var_ptr, c, mask, EPS: tl.constexpr, CT: tl.constexpr):
 
 
 @triton.jit
+def bn_vectors(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, mask, EPS: tl.constexpr,
+               CT: tl.constexpr):
+    """(mean, rstd, weight, bias) of one BatchNorm for channels ``c``, in ``CT``.
+
+    Kernels load these once per program, before any loop over tiles: a load
+    inside the loop is repeated every tile, and so is its move into the
+    tile's register layout (through shared memory, two barriers each)."""
+    return (channel_vector(mean_ptr, c, mask, CT), rstd_vector(var_ptr, c, mask, EPS, CT),
+            channel_vector(weight_ptr, c, mask, CT), channel_vector(bias_ptr, c, mask, CT))
+
+
+@triton.jit
 def chunk_range(N, S, BLOCK_S: tl.constexpr):
     """[t0, t1): the tiles of this reduction program (axis 0 = chunk)."""
     tiles = N * tl.cdiv(S, BLOCK_S)
@@ -277,11 +302,22 @@ def chan_merge(n_a, mean_a, m2_a, n_t, mean_t, m2_t):
 
 
 @triton.jit
-def tile_moments(v, mask, nt):
-    """Exact two-pass (mean, M2) per column of a masked tile of ``nt`` rows."""
-    mean = tl.sum(v, axis=0) / nt
-    d = tl.where(mask, v - mean[None, :], 0.0)
-    return mean, tl.sum(d * d, axis=0)
+def slot_welford(mean, m2, v, rows, inv_count):
+    """Welford's update of running (mean, M2) tiles, one per register slot,
+    with the tile ``v``. Rows where ``rows`` is false (pixels past the image)
+    are left as they were; ``inv_count`` is 1 / each row's count after this
+    tile. No value crosses a thread: the streaming loop has no shuffles or
+    barriers (a per-tile reduction would have several per tile)."""
+    d = tl.where(rows[:, None], v - mean, 0.0)
+    mean = mean + d * inv_count[:, None]
+    return mean, m2 + d * (v - mean)
+
+
+@triton.jit
+def merge_slots(count, mean, m2):
+    """Per-column (count, mean, M2) from per-slot running tiles with
+    ``count`` per row: Chan's merge down the rows, once per program."""
+    return tl.reduce((tl.broadcast_to(count[:, None], mean.shape), mean, m2), 0, chan_merge)
 
 
 # ---------------------------------------------------------------------------
@@ -298,36 +334,36 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr,
     cmask = c < C
     nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
-    n_a = tl.zeros([BLOCK_C], CT)
-    mx = tl.zeros([BLOCK_C], CT)
-    qx = tl.zeros([BLOCK_C], CT)
-    my = tl.zeros([BLOCK_C], CT)
-    qy = tl.zeros([BLOCK_C], CT)
+    count = tl.zeros([BLOCK_S], CT)
+    mx = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    qx = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    my = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    qy = tl.zeros([BLOCK_S, BLOCK_C], CT)
     for t in range(t0, t1):
         n = t // nsb
-        s0 = (t - n * nsb) * BLOCK_S
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < S)[:, None] & cmask[None, :]
-        nt = tl.minimum(S - s0, BLOCK_S).to(CT)
+        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
+        rows = s < S
+        mask = rows[:, None] & cmask[None, :]
+        count += rows.to(CT)
+        inv = 1.0 / tl.maximum(count, 1.0)
         n64 = n.to(tl.int64)
         v = tl.load(x_ptr + offsets(n64, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        mt, qt = tile_moments(v, mask, nt)
-        _, mx, qx = chan_merge(n_a, mx, qx, nt, mt, qt)
+        mx, qx = slot_welford(mx, qx, v, rows, inv)
         if TWO:
             v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask,
                         other=0.0).to(CT)
-            mt, qt = tile_moments(v, mask, nt)
-            _, my, qy = chan_merge(n_a, my, qy, nt, mt, qt)
-        n_a = n_a + nt
+            my, qy = slot_welford(my, qy, v, rows, inv)
+    total, mean_x, m2_x = merge_slots(count, mx, qx)
     chunk = tl.program_id(0)
     width = 2 * C if TWO else C
     row = chunk.to(tl.int64) * width
-    tl.store(cnt_ptr + chunk + c * 0, n_a, mask=c == 0)
-    tl.store(mean_ptr + row + c, mx, mask=cmask)
-    tl.store(m2_ptr + row + c, qx, mask=cmask)
+    tl.store(cnt_ptr + chunk + c * 0, total, mask=c == 0)
+    tl.store(mean_ptr + row + c, mean_x, mask=cmask)
+    tl.store(m2_ptr + row + c, m2_x, mask=cmask)
     if TWO:
-        tl.store(mean_ptr + row + C + c, my, mask=cmask)
-        tl.store(m2_ptr + row + C + c, qy, mask=cmask)
+        _, mean_y, m2_y = merge_slots(count, my, qy)
+        tl.store(mean_ptr + row + C + c, mean_y, mask=cmask)
+        tl.store(m2_ptr + row + C + c, m2_y, mask=cmask)
 
 
 @triton.jit

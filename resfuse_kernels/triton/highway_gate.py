@@ -1,7 +1,7 @@
 """Triton kernels of the highway gate (math: :mod:`resfuse_kernels.ops.highway_gate`).
 
 Forward, training: one statistics pass reading ``a`` and ``b`` together
-(:func:`~._launch.batch_stats`, Chan-merged per-tile moments, plus a tiny
+(:func:`~._launch.batch_stats`, Welford moments per register slot, plus a tiny
 merge kernel over the per-chunk partials), then one apply pass reading
 ``a, b, x`` and writing ``y``. Eval: the apply pass alone, on the running
 statistics. The apply pass folds each BatchNorm into a per-channel
@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from ..ops._common import stat_dtype
-from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params, cdiv,
-                      channel_vector, chunk_range, compute_type, empty_like_format, grid_tiles,
-                      launch, layout_flag, num_chunks, offsets, rstd_vector, sum_partials,
+from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params, bn_vectors,
+                      cdiv, channel_vector, chunk_range, compute_type, empty_like_format,
+                      grid_tiles, launch, layout_flag, num_chunks, offsets, sum_partials,
                       tile_coords, to_storage, view3)
 
 
@@ -36,20 +36,15 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _gates(a, b, c, cmask, mh_ptr, rstd_h, wh_ptr, bh_ptr, mt_ptr, rstd_t, wt_ptr, bt_ptr,
-           CT: tl.constexpr):
-    """(a_hat, b_hat, H, T, weight_h * rstd_h, weight_t * rstd_t) of a tile;
-    ``rstd_*`` are the channels' vectors (:func:`~._launch.rstd_vector`),
-    formed once per program."""
-    wh = channel_vector(wh_ptr, c, cmask, CT)
-    wt = channel_vector(wt_ptr, c, cmask, CT)
-    a_hat = (a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * rstd_h[None, :]
-    b_hat = (b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * rstd_t[None, :]
-    zh = a_hat * wh[None, :] + channel_vector(bh_ptr, c, cmask, CT)[None, :]
+def _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt):
+    """(a_hat, b_hat, H, T) of a tile, from the two BatchNorms' per-channel
+    (mean, rstd, weight, bias) vectors (:func:`~._launch.bn_vectors`)."""
+    a_hat = (a - mh[None, :]) * rh[None, :]
+    b_hat = (b - mt[None, :]) * rt[None, :]
+    zh = a_hat * wh[None, :] + bh[None, :]
     gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
-    zt = b_hat * wt[None, :] + channel_vector(bt_ptr, c, cmask, CT)[None, :]
-    gt = _sigmoid(zt)
-    return a_hat, b_hat, gh, gt, wh * rstd_h, wt * rstd_t
+    gt = _sigmoid(b_hat * wt[None, :] + bt[None, :])
+    return a_hat, b_hat, gh, gt
 
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
@@ -67,14 +62,12 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
     a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-    rstd_h = rstd_vector(vh_ptr, c, cmask, EPS_H, CT)
-    rstd_t = rstd_vector(vt_ptr, c, cmask, EPS_T, CT)
-    scale_h = channel_vector(wh_ptr, c, cmask, CT) * rstd_h
-    scale_t = channel_vector(wt_ptr, c, cmask, CT) * rstd_t
-    zh = ((a - channel_vector(mh_ptr, c, cmask, CT)[None, :]) * scale_h[None, :]
-          + channel_vector(bh_ptr, c, cmask, CT)[None, :])
-    zt = ((b - channel_vector(mt_ptr, c, cmask, CT)[None, :]) * scale_t[None, :]
-          + channel_vector(bt_ptr, c, cmask, CT)[None, :])
+    mh, rh, wh, bh = bn_vectors(mh_ptr, vh_ptr, wh_ptr, bh_ptr, c, cmask, EPS_H, CT)
+    mt, rt, wt, bt = bn_vectors(mt_ptr, vt_ptr, wt_ptr, bt_ptr, c, cmask, EPS_T, CT)
+    scale_h = wh * rh  # BN folded: (a - mean) * scale + bias
+    scale_t = wt * rt
+    zh = (a - mh[None, :]) * scale_h[None, :] + bh[None, :]
+    zt = (b - mt[None, :]) * scale_t[None, :] + bt[None, :]
     gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
     gt = _sigmoid(zt)
     y = x + gt * (gh - x)
@@ -91,14 +84,15 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    rstd_h = rstd_vector(vh_ptr, c, cmask, EPS_H, CT)  # once, not per tile
-    rstd_t = rstd_vector(vt_ptr, c, cmask, EPS_T, CT)
+    mh, rh, wh, bh = bn_vectors(mh_ptr, vh_ptr, wh_ptr, bh_ptr, c, cmask, EPS_H, CT)
+    mt, rt, wt, bt = bn_vectors(mt_ptr, vt_ptr, wt_ptr, bt_ptr, c, cmask, EPS_T, CT)
     nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
-    sum_gh = tl.zeros([BLOCK_C], CT)
-    sum_gha = tl.zeros([BLOCK_C], CT)
-    sum_gt = tl.zeros([BLOCK_C], CT)
-    sum_gtb = tl.zeros([BLOCK_C], CT)
+    # per-slot running sums, reduced down the tile once at the end
+    sum_gh = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    sum_gha = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    sum_gt = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    sum_gtb = tl.zeros([BLOCK_S, BLOCK_C], CT)
     for t in range(t0, t1):
         n = t // nsb
         s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -108,19 +102,18 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
         a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
         b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
         x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        a_hat, b_hat, gh, gt, _, _ = _gates(a, b, c, cmask, mh_ptr, rstd_h, wh_ptr, bh_ptr,
-                                            mt_ptr, rstd_t, wt_ptr, bt_ptr, CT)
+        a_hat, b_hat, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
         g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
         g_t = g * (gh - x) * gt * (1.0 - gt)
-        sum_gh += tl.sum(g_h, axis=0)
-        sum_gha += tl.sum(g_h * a_hat, axis=0)
-        sum_gt += tl.sum(g_t, axis=0)
-        sum_gtb += tl.sum(g_t * b_hat, axis=0)
+        sum_gh += g_h
+        sum_gha += g_h * a_hat
+        sum_gt += g_t
+        sum_gtb += g_t * b_hat
     row = part_ptr + tl.program_id(0).to(tl.int64) * 4 * C
-    tl.store(row + c, sum_gh, mask=cmask)
-    tl.store(row + C + c, sum_gha, mask=cmask)
-    tl.store(row + 2 * C + c, sum_gt, mask=cmask)
-    tl.store(row + 3 * C + c, sum_gtb, mask=cmask)
+    tl.store(row + c, tl.sum(sum_gh, axis=0), mask=cmask)
+    tl.store(row + C + c, tl.sum(sum_gha, axis=0), mask=cmask)
+    tl.store(row + 2 * C + c, tl.sum(sum_gt, axis=0), mask=cmask)
+    tl.store(row + 3 * C + c, tl.sum(sum_gtb, axis=0), mask=cmask)
 
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
@@ -141,9 +134,9 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
     a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-    a_hat, b_hat, gh, gt, scale_h, scale_t = _gates(
-        a, b, c, cmask, mh_ptr, rstd_vector(vh_ptr, c, cmask, EPS_H, CT), wh_ptr, bh_ptr,
-        mt_ptr, rstd_vector(vt_ptr, c, cmask, EPS_T, CT), wt_ptr, bt_ptr, CT)
+    mh, rh, wh, bh = bn_vectors(mh_ptr, vh_ptr, wh_ptr, bh_ptr, c, cmask, EPS_H, CT)
+    mt, rt, wt, bt = bn_vectors(mt_ptr, vt_ptr, wt_ptr, bt_ptr, c, cmask, EPS_T, CT)
+    a_hat, b_hat, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
     dx = g * (1.0 - gt)
     g_h = g * gt * (gh > 0.0).to(CT)
     g_t = g * (gh - x) * gt * (1.0 - gt)
@@ -154,8 +147,8 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
         m_gtb = channel_vector(means_ptr + 3 * C, c, cmask, CT)
         g_h = g_h - m_gh[None, :] - a_hat * m_gha[None, :]
         g_t = g_t - m_gt[None, :] - b_hat * m_gtb[None, :]
-    da = g_h * scale_h[None, :]
-    db = g_t * scale_t[None, :]
+    da = g_h * (wh * rh)[None, :]
+    db = g_t * (wt * rt)[None, :]
     tl.store(da_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(da, da_ptr), mask=mask)
     tl.store(db_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(db, db_ptr), mask=mask)
     tl.store(dx_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dx, dx_ptr), mask=mask)

@@ -5,9 +5,10 @@
 Forward, training: the statistics of ``u`` come from one statistics pass
 (:func:`~._launch.batch_stats`). With the carry, ``v = W x`` is never
 written: :func:`_carry_stats_kernel` reads ``x`` once, computes ``v`` tile by
-tile with ``tl.dot`` in registers and Chan-merges exact per-tile moments of
-``v`` (accurate at large means). The apply pass then recomputes ``W x`` the
-same way as the prologue of the fused BN + add + BN + add + ReLU epilogue.
+tile with ``tl.dot`` in registers and keeps Welford moments of ``v`` per
+register slot (accurate at large means). The apply pass then recomputes
+``W x`` the same way as the prologue of the fused BN + add + BN + add + ReLU
+epilogue.
 Eval: the apply pass alone.
 
 Every kernel computes the carry as ``v' = W (x - x0)``, with ``x0`` a
@@ -57,11 +58,11 @@ import triton
 import triton.language as tl
 
 from ..ops._common import stat_dtype
-from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, autotune, batch_stats, bn_params, cdiv,
-                      chan_merge, channel_vector, chunk_range, compute_type, empty_like_format,
-                      finalize_stats, in_output_format, launch, layout_flag, num_chunks,
-                      offsets, rstd_vector, scratch, sum_partials, tile_coords,
-                      tile_moments, to_storage, view3)
+from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats, bn_params,
+                      bn_vectors, cdiv, channel_vector, chunk_range, compute_type,
+                      empty_like_format, finalize_stats, in_output_format, launch, layout_flag,
+                      merge_slots, num_chunks, offsets, scratch, slot_welford, sum_partials,
+                      tile_coords, to_storage, view3)
 
 
 @triton.jit
@@ -89,45 +90,40 @@ def _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, k, kmask, CX, sxn, sxc, sxs,
 
 
 @triton.jit
-def _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr,
-           EPS_K: tl.constexpr, CT: tl.constexpr):
-    """(rstd_d, rstd_k) of channels c; rstd_k is rstd_d without the carry."""
-    rstd_d = rstd_vector(vd_ptr, c, cmask, EPS_D, CT)
-    rstd_k = rstd_d
+def _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr, c, cmask,
+         HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr, CT: tl.constexpr):
+    """(mean, rstd, weight, bias) vectors of BN_d, then of BN_k (BN_d's again
+    without the carry), loaded once per program (:func:`~._launch.bn_vectors`)."""
+    md, rd, wd, bd = bn_vectors(md_ptr, vd_ptr, wd_ptr, bd_ptr, c, cmask, EPS_D, CT)
+    mk, rk, wk, bk = md, rd, wd, bd
     if HAS_CARRY:
-        rstd_k = rstd_vector(vk_ptr, c, cmask, EPS_K, CT)
-    return rstd_d, rstd_k
+        mk, rk, wk, bk = bn_vectors(mk_ptr, vk_ptr, wk_ptr, bk_ptr, c, cmask, EPS_K, CT)
+    return md, rd, wd, bd, mk, rk, wk, bk
 
 
 @triton.jit
 def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
+            md, rd, wd, bd, mk, rk, wk, bk,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY: tl.constexpr, CT: tl.constexpr, BLOCK_S: tl.constexpr,
             BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
-    """(z, u_hat, weight_d * rstd_d, v_hat, weight_k * rstd_k) of a tile
-    (the last two are dummies without the carry). ``mk_ptr`` holds the
-    carry's mean of the shifted v' = W (x - x0); ``rstd_*`` are the
-    channels' vectors (:func:`_rstds`), formed once per program."""
+    """(z, u_hat, v_hat) of a tile (v_hat is u_hat without the carry), from
+    the vectors of :func:`_bns`; ``mk`` is the mean of the shifted carry
+    v' = W (x - x0)."""
     u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
     h = tl.load(h_ptr + offsets(n, s, c, shn, shc, shs), mask=mask, other=0.0).to(CT)
-    scale_d = channel_vector(wd_ptr, c, cmask, CT) * rstd_d
-    u_hat = (u - channel_vector(md_ptr, c, cmask, CT)[None, :]) * rstd_d[None, :]
-    z = u_hat * channel_vector(wd_ptr, c, cmask, CT)[None, :] + \
-        channel_vector(bd_ptr, c, cmask, CT)[None, :] + h
+    u_hat = (u - md[None, :]) * rd[None, :]
+    z = u_hat * wd[None, :] + bd[None, :] + h
     v_hat = u_hat
-    scale_k = scale_d
     if HAS_CARRY:
         v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                         CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        wk = channel_vector(wk_ptr, c, cmask, CT)
-        scale_k = wk * rstd_k
-        v_hat = (v - channel_vector(mk_ptr, c, cmask, CT)[None, :]) * rstd_k[None, :]
-        z += v_hat * wk[None, :] + channel_vector(bk_ptr, c, cmask, CT)[None, :]
-    return z, u_hat, scale_d, v_hat, scale_k
+        v_hat = (v - mk[None, :]) * rk[None, :]
+        z += v_hat * wk[None, :] + bk[None, :]
+    return z, u_hat, v_hat
 
 
-@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
 def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
                     md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
@@ -139,17 +135,18 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    rstd_d, rstd_k = _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
+    md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
+                                          wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
-    z, _, _, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-                            md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
-                            CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-                            HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
+    z, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
+                      md, rd, wd, bd, mk, rk, wk, bk,
+                      CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+                      HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     y = tl.where(z < 0.0, 0.0, z)  # relu that keeps NaN, as torch.relu
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
 
-@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
 def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
                             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
@@ -160,36 +157,37 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
                             BLOCK_X: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    rstd_d, rstd_k = _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
+    md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
+                                          wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
-    sum_g = tl.zeros([BLOCK_C], CT)
-    sum_gu = tl.zeros([BLOCK_C], CT)
-    sum_gv = tl.zeros([BLOCK_C], CT)
+    # per-slot running sums, reduced down the tile once at the end
+    sum_g = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    sum_gu = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    sum_gv = tl.zeros([BLOCK_S, BLOCK_C], CT)
     for t in range(t0, t1):
         n = t // nsb
         s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
         n = n.to(tl.int64)
         smask = s < S
         mask = smask[:, None] & cmask[None, :]
-        z, u_hat, _, v_hat, _ = _tail_z(
+        z, u_hat, v_hat = _tail_z(
             u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-            md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
-            CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+            md, rd, wd, bd, mk, rk, wk, bk, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
         g = dy * (z > 0.0).to(CT)  # as composite: dy * [z > 0]; dy is 0 on masked lanes
-        sum_g += tl.sum(g, axis=0)
-        sum_gu += tl.sum(g * u_hat, axis=0)
+        sum_g += g
+        sum_gu += g * u_hat
         if HAS_CARRY:
-            sum_gv += tl.sum(g * v_hat, axis=0)
+            sum_gv += g * v_hat
     row = part_ptr + tl.program_id(0).to(tl.int64) * 3 * C
-    tl.store(row + c, sum_g, mask=cmask)
-    tl.store(row + C + c, sum_gu, mask=cmask)
-    tl.store(row + 2 * C + c, sum_gv, mask=cmask)
+    tl.store(row + c, tl.sum(sum_g, axis=0), mask=cmask)
+    tl.store(row + C + c, tl.sum(sum_gu, axis=0), mask=cmask)
+    tl.store(row + 2 * C + c, tl.sum(sum_gv, axis=0), mask=cmask)
 
 
-@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
 def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr,
                            means_ptr,
@@ -204,12 +202,12 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    rstd_d, rstd_k = _rstds(vd_ptr, vk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
+    md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
+                                          wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
-    z, u_hat, scale_d, v_hat, scale_k = _tail_z(
+    z, u_hat, v_hat = _tail_z(
         u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-        md_ptr, rstd_d, wd_ptr, bd_ptr, mk_ptr, rstd_k, wk_ptr, bk_ptr,
-        CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+        md, rd, wd, bd, mk, rk, wk, bk, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
         HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
     dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
     g = dy * (z > 0.0).to(CT)
@@ -220,15 +218,15 @@ def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh
         m_g = channel_vector(means_ptr, c, cmask, CT)[None, :]
         gd = g - m_g - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
         gk = g - m_g - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :]
-    du = gd * scale_d[None, :]
+    du = gd * (wd * rd)[None, :]
     tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(du, du_ptr), mask=mask)
     if HAS_CARRY:
-        dv = gk * scale_k[None, :]
+        dv = gk * (wk * rk)[None, :]
         tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr),
                  mask=mask)
 
 
-@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"])
+@autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
 def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
                         sxn, sxc, sxs, LAYOUT, CT: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -238,22 +236,21 @@ def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S
     cmask = c < C
     nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
-    n_a = tl.zeros([BLOCK_C], CT)
-    mean = tl.zeros([BLOCK_C], CT)
-    m2 = tl.zeros([BLOCK_C], CT)
+    count = tl.zeros([BLOCK_S], CT)
+    mean = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], CT)
     for t in range(t0, t1):
         n = t // nsb
-        s0 = (t - n * nsb) * BLOCK_S
-        s = s0 + tl.arange(0, BLOCK_S)
-        smask = s < S
-        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n.to(tl.int64), s, smask, c, cmask, CX,
+        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
+        rows = s < S
+        count += rows.to(CT)
+        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n.to(tl.int64), s, rows, c, cmask, CX,
                         sxn, sxc, sxs, CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        nt = tl.minimum(S - s0, BLOCK_S).to(CT)
-        mt, qt = tile_moments(v, smask[:, None] & cmask[None, :], nt)
-        n_a, mean, m2 = chan_merge(n_a, mean, m2, nt, mt, qt)
+        mean, m2 = slot_welford(mean, m2, v, rows, 1.0 / tl.maximum(count, 1.0))
+    total, mean, m2 = merge_slots(count, mean, m2)
     chunk = tl.program_id(0)
     row = chunk.to(tl.int64) * C
-    tl.store(cnt_ptr + chunk + c * 0, n_a, mask=c == 0)
+    tl.store(cnt_ptr + chunk + c * 0, total, mask=c == 0)
     tl.store(mean_ptr + row + c, mean, mask=cmask)
     tl.store(m2_ptr + row + c, m2, mask=cmask)
 
