@@ -63,7 +63,8 @@ def occupancy(regs: int, shared: int, num_warps: int) -> float:
 
 def _stand_in_driver():
     """A Triton driver that answers "sm_90, device 0" without a GPU: enough
-    for ``JITFunction.warmup`` to compile (it never loads or launches)."""
+    for ``JITFunction.warmup`` to compile (it never loads or launches) and
+    for the autotuner to pick its one configuration."""
     import torch
     from triton.backends.compiler import GPUTarget
 
@@ -79,6 +80,11 @@ def _stand_in_driver():
 
         def get_active_torch_device(self):
             return torch.device("cpu")
+
+        def get_benchmarker(self):
+            # Triton 3.6's autotuner benchmarks even a single configuration
+            # left by pruning (--dispatch): time nothing, call nothing
+            return lambda fn, quantiles=None, **kwargs: [0.0] * len(quantiles or (0,))
 
     return Driver()
 
