@@ -194,3 +194,48 @@ def test_table3_reads_a_data_folder(tmp_path):
     (row,) = data["results"]
     assert "3 classes" in row["data"] and _positive(row["epoch_s"])
     assert data["settings"]["classes"] == 3
+
+
+def test_table3_interleaves_providers(monkeypatch):
+    """The providers of a model are timed in rounds whose order rotates, and
+    every provider trains from the same weights on the same batches."""
+    from resfuse_kernels.bench import table3
+    order = []
+    timed = table3.Trainer.timed
+
+    def recording(self, steps):
+        order.append(self.provider)
+        return timed(self, steps)
+
+    monkeypatch.setattr(table3.Trainer, "timed", recording)
+    s = table3.Settings(models=("resnet19",), providers=("ref-eager", "fused-eager"),
+                        dtypes=("fp32",), batch=2, steps=3, warmup=2, epoch_images=10,
+                        lr=1e-3)
+    data = table3.Batches(s, torch.device("cpu"), pool=6)
+    rows = table3.measure(s, "resnet19", s.providers, "fp32", data)
+    assert order == ["ref-eager", "fused-eager", "fused-eager", "ref-eager",
+                     "ref-eager", "fused-eager"]
+    assert [r["runs"] for r in rows] == [3, 3]
+    ref, fused = (r["final_loss"] for r in rows)
+    assert fused == pytest.approx(ref, rel=1e-3)
+
+
+def test_ops_interleaves_providers(monkeypatch):
+    """The providers of an op, shape and mode are timed in rotating rounds."""
+    order = []
+    once = bench_ops._time_once
+
+    def recording(case, forward, mode, device):
+        order.append(case)
+        return once(case, forward, mode, device)
+
+    monkeypatch.setattr(bench_ops, "_time_once", recording)
+    providers = ["eager", "fused:torch"]
+    cases = {p: bench_ops.Case("resfuse_tail", (2, 8, 4, 4)) for p in providers}
+    rows = bench_ops.measure("resfuse_tail", (2, 8, 4, 4), "both", providers,
+                             torch.device("cpu"), torch.float32, warmup=1, repeats=3,
+                             cases=cases)
+    names = {id(c): p for p, c in cases.items()}
+    assert [names[id(c)] for c in order] == ["eager", "fused:torch", "fused:torch", "eager",
+                                             "eager", "fused:torch"]
+    assert [(r["provider"], r["runs"]) for r in rows] == [("eager", 3), ("fused:torch", 3)]

@@ -186,7 +186,7 @@ class Case:
         return torch.autograd.grad(y, self.inputs, self.grad_out)
 
     def step(self, forward: Callable[[], Tensor], mode: str) -> Callable[[], object]:
-        """The callable timed for ``mode`` (for ``backward`` see :func:`time_mode`)."""
+        """The callable timed for ``mode`` (for ``backward`` see :func:`_time_once`)."""
         if mode == "forward":
             return forward
         if mode == "both":
@@ -230,30 +230,53 @@ def forward_fn(case: Case, provider: str, compiled: dict) -> Callable[[], Tensor
     return case.fused
 
 
-def time_mode(case: Case, forward: Callable[[], Tensor], mode: str, device: torch.device,
-              warmup: int, repeats: int) -> dict:
-    """Warm up, then time ``repeats`` runs of ``mode``; the median and the peak memory."""
-    first = None
-    for i in range(max(warmup, 1)):                 # forward + backward: compiles both
-        t = common.wall(lambda: case.backward(forward()), device)
-        first = t if i == 0 else first
+def _time_once(case: Case, forward: Callable[[], Tensor], mode: str,
+               device: torch.device) -> tuple[float, Optional[int]]:
+    """One timed run of ``mode`` (a ``backward`` after an untimed forward)
+    and its peak memory above what was allocated before it."""
     base = common.reset_peak(device)
-    times = []
-    for _ in range(repeats):
-        if mode == "backward":
-            y = forward()
-            common.synchronize(device)
-            with common.Timer(device) as t:
-                case.backward(y)
-            del y
-        else:
-            fn = case.step(forward, mode)
-            with common.Timer(device) as t:
-                fn()
-        times.append(t)
-    out = common.summarize(t.seconds for t in times)
-    out["peak_memory_bytes"] = common.read_peak(device, base)
-    out["first_call_s"] = first
+    if mode == "backward":
+        y = forward()
+        common.synchronize(device)
+        with common.Timer(device) as t:
+            case.backward(y)
+        del y
+    else:
+        fn = case.step(forward, mode)
+        with common.Timer(device) as t:
+            fn()
+    return t.seconds, common.read_peak(device, base)
+
+
+def time_providers(cases: dict[str, Case], forwards: dict[str, Callable[[], Tensor]],
+                   mode: str, device: torch.device, warmup: int,
+                   repeats: int) -> dict[str, dict]:
+    """Warm up each provider, then time ``repeats`` rounds of ``mode``, a run
+    of every provider per round in an order that rotates from round to round
+    (a change in the machine's load falls on every provider alike); per
+    provider the median, the first call's time and the peak memory."""
+    names = list(forwards)
+    firsts = {}
+    for name in names:
+        case, forward = cases[name], forwards[name]
+        for i in range(max(warmup, 1)):             # forward + backward: compiles both
+            t = common.wall(lambda: case.backward(forward()), device)
+            firsts.setdefault(name, t)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, list] = {name: [] for name in names}
+    for i in range(repeats):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            seconds, peak = _time_once(cases[name], forwards[name], mode, device)
+            times[name].append(seconds)
+            peaks[name].append(peak)
+    out = {}
+    for name in names:
+        r = common.summarize(times[name])
+        known = [p for p in peaks[name] if p is not None]
+        r["peak_memory_bytes"] = max(known) if known else None
+        r["first_call_s"] = firsts[name]
+        out[name] = r
     return out
 
 
@@ -275,22 +298,40 @@ def time_copy(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     return out
 
 
-def measure(op: str, shape: Sequence[int], mode: str, provider: str, device: torch.device,
-            dtype: torch.dtype, warmup: int, repeats: int, channels_last: bool = False,
-            compiled: Optional[dict] = None, case: Optional[Case] = None) -> dict:
-    """One measurement: time, minimum bytes, GB/s, peak memory."""
-    case = case or Case(op, shape, device, dtype, channels_last)
+def _on_backend(forward: Callable[[], Tensor], backend: Optional[str]) -> Callable[[], Tensor]:
+    """``forward`` run on ``backend`` (None: the device's default); its
+    backward follows the forward's backend by itself."""
+    def call() -> Tensor:
+        with backends.use(backend):
+            return forward()
+    return call
+
+
+def measure(op: str, shape: Sequence[int], mode: str, providers: Sequence[str],
+            device: torch.device, dtype: torch.dtype, warmup: int, repeats: int,
+            channels_last: bool = False, cases: Optional[dict[str, Case]] = None,
+            compiled: Optional[dict] = None) -> list[dict]:
+    """One row per provider, timed together (:func:`time_providers`): time,
+    minimum bytes, GB/s, peak memory. ``cases`` (provider -> :class:`Case`)
+    and ``compiled`` let the modes of one op and shape share their inputs and
+    compiled callables."""
+    if cases is None:
+        cases = {p: Case(op, shape, device, dtype, channels_last) for p in providers}
     compiled = {} if compiled is None else compiled
-    fwd = forward_fn(case, provider, compiled)
-    backend = provider[6:] if provider.startswith("fused:") else None
-    with backends.use(backend):
-        r = time_mode(case, fwd, mode, device, warmup, repeats)
-    r.update(op=op, shape=list(shape), mode=mode, provider=provider,
-             min_bytes=min_bytes(op, mode, shape, dtype), min_tensors=min_tensors(op, mode))
-    r["gb_per_s"] = r["min_bytes"] / r["median_s"] / 1e9
-    if provider == "compile":
-        r["compile_s"] = r["first_call_s"]
-    return r
+    forwards = {p: _on_backend(forward_fn(cases[p], p, compiled),
+                               p[6:] if p.startswith("fused:") else None) for p in providers}
+    timed = time_providers(cases, forwards, mode, device, warmup, repeats)
+    rows = []
+    for p in providers:
+        r = timed[p]
+        r.update(op=op, shape=list(shape), mode=mode, provider=p,
+                 min_bytes=min_bytes(op, mode, shape, dtype),
+                 min_tensors=min_tensors(op, mode))
+        r["gb_per_s"] = r["min_bytes"] / r["median_s"] / 1e9
+        if p == "compile":
+            r["compile_s"] = r["first_call_s"]
+        rows.append(r)
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -419,16 +460,15 @@ def main(args: argparse.Namespace) -> int:
                    f"{copy['gb_per_s']:.1f} GB/s")
         for op in op_names:
             compiled: dict = {}
-            for provider in providers:
-                case = Case(op, shape, device, dtype, args.channels_last)
-                for mode in modes:
-                    r = measure(op, shape, mode, provider, device, dtype, warmup, repeats,
-                                args.channels_last, compiled, case)
+            cases = {p: Case(op, shape, device, dtype, args.channels_last) for p in providers}
+            for mode in modes:
+                for r in measure(op, shape, mode, providers, device, dtype, warmup, repeats,
+                                 args.channels_last, cases, compiled):
                     r["copy_gb_per_s"] = copy["gb_per_s"]
                     r["copy_fraction"] = r["gb_per_s"] / copy["gb_per_s"]
                     rows.append(r)
                     common.log(f"  {op:18s} {'x'.join(map(str, shape)):14s} {mode:8s} "
-                               f"{provider:13s} {common.fmt_time(r['median_s']):>10s} "
+                               f"{r['provider']:13s} {common.fmt_time(r['median_s']):>10s} "
                                f"{r['gb_per_s']:7.1f} GB/s ({r['copy_fraction']:.0%} of copy)"
                                + (f", peak {common.fmt_bytes(r['peak_memory_bytes'])}"
                                   if r["peak_memory_bytes"] is not None else "")

@@ -27,6 +27,9 @@ compile time, reported separately); ``--warmup`` more steps are untimed; then
 ``perf_counter`` on a CPU) and the median step time x steps per epoch is the
 *extrapolated* epoch time. ``--full`` instead runs ``--epochs`` whole epochs
 after the warm-up and reports the measured epoch time (meant for a GPU).
+The providers of one model and precision are timed in interleaved rounds (a
+step, or an epoch, of each per round), so that a change in the machine's
+load during the run skews all of them alike.
 """
 
 from __future__ import annotations
@@ -114,12 +117,13 @@ def parameters_markdown(rows: list[dict]) -> str:
 
 
 class Batches:
-    """Training batches resident on the device, cycled in order.
+    """Training batches resident on the device.
 
     Synthetic: ``pool`` images of standard-normal noise with random labels.
-    ``--data``: the folder's images, normalised once. Each batch is a slice
+    ``--data``: the folder's images, normalised once. Batch ``i`` is a slice
     (channels_last slices stay channels_last); the pool wraps around, so every
-    batch is full-size (no recompilation for a short last batch).
+    batch is full-size (no recompilation for a short last batch). Every
+    provider of a model reads the same sequence of batches.
     """
 
     def __init__(self, s: Settings, device: torch.device, pool: int) -> None:
@@ -138,87 +142,114 @@ class Batches:
         self.x = x.to(device).contiguous(memory_format=fmt)
         self.y = y.to(device)
         self.batch = s.batch
-        self.i = 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.x.shape[0]
-        start = (self.i * self.batch) % n
-        self.i += 1
+        start = (i * self.batch) % n
         if start + self.batch <= n:
             return self.x[start:start + self.batch], self.y[start:start + self.batch]
         idx = torch.arange(start, start + self.batch, device=self.x.device) % n
         return self.x[idx], self.y[idx]
 
 
-# ---------------------------------------------------------------- one measurement
+# ---------------------------------------------------------------- measurement
 
 
-def measure(s: Settings, name: str, provider: str, dtype: str, data: Batches) -> dict:
-    """Train ``name`` with ``provider`` in ``dtype``; time its steps."""
-    device = torch.device(s.device)
-    torch.manual_seed(s.seed)
-    fused = provider.startswith("fused")
-    model = models.build(name, num_classes=s.classes, fused=fused).to(device)
-    if s.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
-                          nesterov=s.nesterov, weight_decay=s.weight_decay)
-    if provider.endswith("compile"):
+class Trainer:
+    """One network trained by one provider in one precision, a step at a time."""
+
+    def __init__(self, s: Settings, name: str, provider: str, dtype: str,
+                 data: Batches) -> None:
+        self.device = torch.device(s.device)
+        self.provider, self.dtype, self.data = provider, dtype, data
+        torch.manual_seed(s.seed)  # every provider starts from the same weights
+        model = models.build(name, num_classes=s.classes, fused=provider.startswith("fused"))
+        model = model.to(self.device)
+        if s.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+                                   nesterov=s.nesterov, weight_decay=s.weight_decay)
+        self.forward = torch.compile(model) if provider.endswith("compile") else model
+        self.steps = 0
+        self.loss: Optional[torch.Tensor] = None
+
+    def step(self) -> None:
+        x, y = self.data[self.steps]
+        self.steps += 1
+        with torch.autocast(self.device.type, dtype=DTYPES[self.dtype],
+                            enabled=self.dtype != "fp32"):
+            loss = F.cross_entropy(self.forward(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.loss = loss
+
+    def timed(self, steps: int) -> tuple[float, int]:
+        """Seconds of ``steps`` steps (one timed region) and the region's peak
+        memory above what was allocated before it (None on a CPU)."""
+        baseline = common.reset_peak(self.device)
+        with common.Timer(self.device) as t:
+            for _ in range(steps):
+                self.step()
+        return t.seconds, common.read_peak(self.device, baseline)
+
+
+def rounds(trainers: list, count: int):
+    """``count`` rounds over ``trainers``, each round in another order (the
+    first trainer of round ``i`` is trainer ``i mod len``): yields (round, trainer)."""
+    for i in range(count):
+        k = i % len(trainers)
+        for t in trainers[k:] + trainers[:k]:
+            yield i, t
+
+
+def measure(s: Settings, name: str, providers: tuple[str, ...], dtype: str,
+            data: Batches) -> list[dict]:
+    """Train ``name`` with each of ``providers`` in ``dtype``; time their steps.
+
+    The providers' timed steps (epochs with ``--full``) are interleaved:
+    round ``i`` times one of each, in an order that rotates from round to
+    round, so a change in the machine's load during the measurement (other
+    jobs on a shared CPU, GPU clocks) falls on every provider alike and the
+    ratios between them stay fair.
+    """
+    if any(p.endswith("compile") for p in providers):
         # Every Net shares one forward code object: start dynamo afresh so the
         # recompile limit never silently sends a later model to eager.
         torch._dynamo.reset()
-        forward = torch.compile(model)
-    else:
-        forward = model
-    amp = dtype != "fp32"
-
-    def step() -> torch.Tensor:
-        x, y = data.next()
-        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=amp):
-            loss = F.cross_entropy(forward(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    first = common.wall(step, device)          # compiles, for compiled providers
-    for _ in range(max(s.warmup - 1, 0)):
-        step()
-    baseline = common.reset_peak(device)
-    result: dict = {"model": name, "provider": provider, "dtype": dtype, "parameters": params,
-                    "first_step_s": first,
-                    "compile_s": first if provider.endswith("compile") else None}
-    if s.full:
-        epochs = []
-        step_times: list[float] = []
-        for _ in range(s.epochs):
-            timers = []
-            with common.Timer(device) as whole:
-                for _ in range(s.steps_per_epoch):
-                    with common.Timer(device) as t:
-                        loss = step()
-                    timers.append(t)
-            epochs.append(whole.seconds)
-            step_times += [t.seconds for t in timers]
-        result.update(common.summarize(step_times))
-        result["epoch_s"] = sorted(epochs)[len(epochs) // 2]
-        result["epoch_times_s"] = epochs
-        result["extrapolated"] = False
-    else:
-        timers = []
-        for _ in range(s.steps):
-            with common.Timer(device) as t:
-                loss = step()
-            timers.append(t)
-        result.update(common.summarize(t.seconds for t in timers))
-        result["epoch_s"] = result["median_s"] * s.steps_per_epoch
-        result["extrapolated"] = True
-    result["images_per_s"] = s.batch / result["median_s"]
-    result["peak_memory_bytes"] = common.read_peak(device, baseline)
-    result["final_loss"] = float(loss.detach().float())
-    return result
+    trainers = [Trainer(s, name, p, dtype, data) for p in providers]
+    results = []
+    for t in trainers:
+        first = common.wall(t.step, t.device)      # compiles, for compiled providers
+        for _ in range(max(s.warmup - 1, 0)):
+            t.step()
+        results.append({"model": name, "provider": t.provider, "dtype": dtype,
+                        "parameters": t.parameters, "first_step_s": first,
+                        "compile_s": first if t.provider.endswith("compile") else None})
+    times: dict[str, list[float]] = {t.provider: [] for t in trainers}
+    peaks: dict[str, list] = {t.provider: [] for t in trainers}
+    per_round = s.steps_per_epoch if s.full else 1
+    for _, t in rounds(trainers, s.epochs if s.full else s.steps):
+        seconds, peak = t.timed(per_round)
+        times[t.provider].append(seconds)
+        peaks[t.provider].append(peak)
+    for t, result in zip(trainers, results):
+        measured = times[t.provider]
+        if s.full:
+            result.update(common.summarize(x / per_round for x in measured))
+            result["epoch_s"] = sorted(measured)[len(measured) // 2]
+            result["epoch_times_s"] = measured
+        else:
+            result.update(common.summarize(measured))
+            result["epoch_s"] = result["median_s"] * s.steps_per_epoch
+        result["extrapolated"] = not s.full
+        result["images_per_s"] = s.batch / result["median_s"]
+        known = [p for p in peaks[t.provider] if p is not None]
+        result["peak_memory_bytes"] = max(known) if known else None
+        result["final_loss"] = float(t.loss.detach().float())
+    return results
 
 
 # ---------------------------------------------------------------- report
@@ -445,16 +476,17 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
     rows: list[dict] = []
     for dtype in s.dtypes:
         for model in s.models:
-            for provider in s.providers:
-                if (provider.endswith("compile") and s.compile_models is not None
-                        and model not in s.compile_models):
-                    continue
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                r = measure(s, model, provider, dtype, data)
+            providers = tuple(p for p in s.providers if not (
+                p.endswith("compile") and s.compile_models is not None
+                and model not in s.compile_models))
+            if not providers:
+                continue
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for r in measure(s, model, providers, dtype, data):
                 r["data"] = data.source
                 rows.append(r)
-                common.log(f"  {model:10s} {provider:13s} {dtype}: step "
+                common.log(f"  {model:10s} {r['provider']:13s} {dtype}: step "
                            f"{common.fmt_time(r['median_s'])} (median of {r['runs']}), "
                            f"epoch {common.fmt_time(r['epoch_s'])}"
                            f"{' extrapolated' if r['extrapolated'] else ''}"
