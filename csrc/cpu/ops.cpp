@@ -7,7 +7,7 @@
 //   highway forward, training: stats(a, b) | y = H*T + x*(1-T)        2 passes
 //   highway backward:          sums(g_h, g_h*a_hat, g_t, g_t*b_hat) | da, db, dx
 //   tail forward, training:    stats(u [, v]) | y = relu(...)         2 passes
-//   tail backward:             sums(g, g*u_hat [, g*v_hat]) | du, dh [, dv]
+//   tail backward:             sums(g, g*u_hat [, g*v_hat]), dh = g | du [, dv]
 // In eval the statistics pass disappears. The carry's 1x1 products v = W x
 // and dx = W^T dv go through ATen (oneDNN's 1x1 convolution for
 // channels_last, a matmul for NCHW: pixel_product) and dW = dv x^T through
@@ -266,21 +266,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     const scalar_t *pu = u.const_data_ptr<scalar_t>(), *ph = h.const_data_ptr<scalar_t>(),
                    *pg = gy.const_data_ptr<scalar_t>();
     const A* pv = carry ? v.const_data_ptr<A>() : nullptr;
-    // g = dy [z > 0], recomputing z.
-    auto masked = [&](int64_t off, int64_t pos, int64_t c, int64_t n, V& uv, V& vv) {
-      uv = load(pu + off, n);
+    scalar_t *pdu = du.mutable_data_ptr<scalar_t>(), *pdh = dh.mutable_data_ptr<scalar_t>();
+    // The reduction pass recomputes z, forms g = dy [z > 0] and writes it as
+    // dh (exact in the storage dtype: dy or 0); the apply pass reads it back
+    // with u (and v) and never needs h or z again: 7 activation passes, not 8.
+    auto sums = channel_sums<3, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
+      const V uv = load(pu + off, n);
       V z = at::vec::fmadd(uv, channel_param(bn_d.scale.data(), g, c, pos, n),
-                     channel_param(bn_d.shift.data(), g, c, pos, n)) + load(ph + off, n);
+                           channel_param(bn_d.shift.data(), g, c, pos, n)) + load(ph + off, n);
+      V vv(0);
       if (pv != nullptr) {
         vv = load(pv + off, n);
         z = z + at::vec::fmadd(vv, channel_param(bn_k.scale.data(), g, c, pos, n),
-                         channel_param(bn_k.shift.data(), g, c, pos, n));
+                               channel_param(bn_k.shift.data(), g, c, pos, n));
       }
-      return V::blendv(V(0), load(pg + off, n), z > V(0));
-    };
-    auto sums = channel_sums<3, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
-      V uv, vv(0);
-      const V gm = V::set(V(0), masked(off, pos, c, n, uv, vv), n);
+      const V gm = V::set(V(0), V::blendv(V(0), load(pg + off, n), z > V(0)), n);
+      store(pdh + off, gm, n);
       out[0] = gm;
       out[1] = gm * (uv - channel_param(bn_d.mean.data(), g, c, pos, n)) *
                channel_param(bn_d.rstd.data(), g, c, pos, n);
@@ -291,15 +292,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     const double M = static_cast<double>(g.count());
     const InputGrad<A> in_d(weight_d, bn_d, sums[0], sums[1], M, training);
     const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sums[2], M, training);
-    scalar_t *pdu = du.mutable_data_ptr<scalar_t>(), *pdh = dh.mutable_data_ptr<scalar_t>();
     A* pdv = carry ? dv.mutable_data_ptr<A>() : nullptr;
     for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
-      V uv, vv(0);
-      const V gm = masked(off, pos, c, n, uv, vv);
-      store(pdu + off, in_d.apply(g, c, pos, n, gm, uv - channel_param(bn_d.mean.data(), g, c, pos, n)), n);
-      store(pdh + off, gm, n);
+      const V gm = load(pdh + off, n);
+      store(pdu + off, in_d.apply(g, c, pos, n, gm, load(pu + off, n) - channel_param(bn_d.mean.data(), g, c, pos, n)), n);
       if (pdv != nullptr)
-        store(pdv + off, in_k.apply(g, c, pos, n, gm, vv - channel_param(bn_k.mean.data(), g, c, pos, n)), n);
+        store(pdv + off, in_k.apply(g, c, pos, n, gm, load(pv + off, n) - channel_param(bn_k.mean.data(), g, c, pos, n)), n);
     });
     dbias_d = channel_tensor(sums[0], bias_d);
     dweight_d = channel_tensor(sums[1], weight_d);
