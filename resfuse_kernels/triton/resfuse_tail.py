@@ -28,9 +28,12 @@ batches, where the direct route keeps the error of PyTorch's own fp32 BN.
 It costs the same: one read of x and one C x K product per pixel.)
 
 Backward: one reduction pass (recomputing ``z``, with ``W x`` for the
-carry, and summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk;
+carry, summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk and writing
+``dh = g = dy [z > 0]``, exact in the storage dtype;
 :func:`~._launch.sum_partials` adds the chunks and writes the BN gradients)
-and one apply pass writing ``du``, ``dh`` and, with the carry, ``dv``.
+and one apply pass reading ``dh`` and ``u`` (and ``x``) and writing ``du``
+and, with the carry, ``dv``: it never reads ``dy`` or ``h``, so the plain
+tail's backward moves 7 activation tensors, not 8 (the carry's 10, not 11).
 **dx and dW are torch matmuls** on that materialised ``dv``: ``dx = dv W``
 and ``dW = dv^T x`` over the N*H*W pixels. For float32/float64 storage
 ``dv`` is float32/float64 and ``dW`` takes x shifted by the kernels' x0,
@@ -148,10 +151,11 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
 
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
-def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
+def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, part_ptr,
                             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                             N, C, S, CX,
-                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs, LAYOUT,
+                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
+                            s2n, s2c, s2s, LAYOUT,
                             HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
                             CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_X: tl.constexpr):
@@ -177,6 +181,8 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
         g = dy * (z > 0.0).to(CT)  # as composite: dy * [z > 0]; dy is 0 on masked lanes
+        # dh is g, exact in the storage dtype (dy or 0): the apply pass reads it
+        tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(g, dh_ptr), mask=mask)
         sum_g += g
         sum_gu += g * u_hat
         if HAS_CARRY:
@@ -189,38 +195,40 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, part_ptr,
 
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
-def _backward_apply_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dh_ptr, dv_ptr,
-                           means_ptr,
+def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, means_ptr,
                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                            N, C, S, CX,
-                           sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-                           s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
+                           s2n, s2c, s2s, sun, suc, sus, sxn, sxc, sxs,
+                           s1n, s1c, s1s, s3n, s3c, s3s, LAYOUT,
                            HAS_CARRY: tl.constexpr, TRAINING: tl.constexpr, EPS_D: tl.constexpr,
                            EPS_K: tl.constexpr, CT: tl.constexpr,
                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_X: tl.constexpr):
+    """du (and dv) from g = dh, written by the reduction pass, and u (and
+    W x): no h, no z."""
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
-    z, u_hat, v_hat = _tail_z(
-        u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
-        md, rd, wd, bd, mk, rk, wk, bk, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-        HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
-    dy = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
-    g = dy * (z > 0.0).to(CT)
-    tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(g, dh_ptr), mask=mask)
+    g = tl.load(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), mask=mask, other=0.0).to(CT)
+    u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
+    u_hat = (u - md[None, :]) * rd[None, :]
     gd = g
-    gk = g
     if TRAINING:
         m_g = channel_vector(means_ptr, c, cmask, CT)[None, :]
         gd = g - m_g - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
-        gk = g - m_g - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :]
     du = gd * (wd * rd)[None, :]
     tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(du, du_ptr), mask=mask)
     if HAS_CARRY:
+        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
+                        CT, BLOCK_S, BLOCK_C, BLOCK_X)
+        v_hat = (v - mk[None, :]) * rk[None, :]
+        gk = g
+        if TRAINING:
+            gk = (g - channel_vector(means_ptr, c, cmask, CT)[None, :]
+                  - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :])
         dv = gk * (wk * rk)[None, :]
         tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr),
                  mask=mask)
@@ -431,8 +439,8 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     chunks = num_chunks(u.device, n * cdiv(s, 16))
     part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
-        g3, u3, h3, x3, x0, w2, part, *pd, *pk, n, k, s, cx,
-        *sg, *su, *sh, *sx, layout_flag(su), HAS_CARRY=carry, **eps, CT=ct)
+        g3, u3, h3, x3, x0, w2, dh, part, *pd, *pk, n, k, s, cx,
+        *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry, **eps, CT=ct)
     dweight_d, dbias_d = torch.empty_like(weight_d), torch.empty_like(bias_d)
     outs = [(dbias_d, 0), (dweight_d, 1)]  # partial rows: sum g, sum g u_hat, sum g v_hat
     if carry:
@@ -441,8 +449,8 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     means = sum_partials(part, n * s, outs, ct)
     launch(_backward_apply_kernel)[lambda meta: (n * cdiv(s, meta["BLOCK_S"]),
                                                  cdiv(k, meta["BLOCK_C"]))](
-        g3, u3, h3, x3, x0, w2, du, dh, dv, means, *pd, *pk,
-        n, k, s, cx, *sg, *su, *sh, *sx, *view3(du)[1], *view3(dh)[1], *sdv,
+        dh, u3, x3, x0, w2, du, dv, means, *pd, *pk,
+        n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
         layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), **eps, CT=ct)
     grads = (du, dh, dweight_d, dbias_d)
     if not carry:
