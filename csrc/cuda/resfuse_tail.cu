@@ -12,10 +12,12 @@
 //     [carry] v = W x         matmul again (recomputed, not saved)
 //     bn_params d [, k]       (C)
 //     sums                    reduce: sum g, g u_hat [, g v_hat]           reads dy, u, h [, v]
+//                             and dh = g = dy [z > 0]                       writes dh
 //                             + finalize: dweight/dbias, coefficients k2, k3
-//     apply                   pointwise: du, dh [, dv]                     reads dy, u, h [, v]
+//     apply                   pointwise: du [, dv] from g = dh             reads dh, u [, v]
 //     [carry] dx = W^T dv,  dW = sum_{n,s} dv x^T       two matmuls
-// g = dy [z > 0] and z are recomputed in every pass, never stored.
+// z is recomputed by the sums pass only; g is exact in the storage dtype (dy
+// or 0), so the apply pass reads it back from dh instead of dy and h.
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 
@@ -85,12 +87,13 @@ struct TailBackward {
     }
   }
 
-  // The three sums: g, g u_hat, g v_hat (0 without the carry).
+  // The three sums: g, g u_hat, g v_hat (0 without the carry); writes dh = g.
   __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t s,
                                              A (&out)[3][V]) const {
     A gm[V], uv[V], vv[V];
     BnLanes<A, V> ld, lk;
     masked(n, c, s, gm, uv, vv, ld, lk);
+    store<V>(at_<CL>(dh, n, c, s), gm);
     const bool carry = v.p != nullptr;
 #pragma unroll
     for (int l = 0; l < V; ++l) {
@@ -100,18 +103,24 @@ struct TailBackward {
     }
   }
 
+  // du [, dv] from g = dh (written by the sums pass) and u [, v].
   __device__ __forceinline__ void apply(int64_t n, int64_t c, int64_t s) const {
     A gm[V], uv[V], vv[V], duv[V], dvv[V];
-    BnLanes<A, V> ld, lk;
-    masked(n, c, s, gm, uv, vv, ld, lk);
+    load<V>(at_<CL>(dh, n, c, s), gm);
+    load<V>(at_<CL>(u, n, c, s), uv);
+    const BnLanes<A, V> ld = bn_d.template lanes<V, CL>(c);
+    BnLanes<A, V> lk;
     const bool carry = v.p != nullptr;
+    if (carry) {
+      load<V>(at_<CL>(v, n, c, s), vv);
+      lk = bn_k.template lanes<V, CL>(c);
+    }
 #pragma unroll
     for (int l = 0; l < V; ++l) {
       duv[l] = ld.input_grad(gm[l], uv[l], l, training);
       if (carry) dvv[l] = lk.input_grad(gm[l], vv[l], l, training);
     }
     store<V>(at_<CL>(du, n, c, s), duv);
-    store<V>(at_<CL>(dh, n, c, s), gm);
     if (carry) store<V>(at_<CL>(dv, n, c, s), dvv);
   }
 };
