@@ -239,3 +239,30 @@ def test_ops_interleaves_providers(monkeypatch):
     assert [names[id(c)] for c in order] == ["eager", "fused:torch", "fused:torch", "eager",
                                              "eager", "fused:torch"]
     assert [(r["provider"], r["runs"]) for r in rows] == [("eager", 3), ("fused:torch", 3)]
+
+
+def test_git_commit_ignores_results_but_not_code(tmp_path):
+    """The commit stamp says -dirty for a changed source file, not for
+    results an earlier benchmark run wrote into bench/results."""
+    import shutil
+    import subprocess
+    from resfuse_kernels.bench import common
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "bench" / "results" / "r.json").write_text("{}\n")
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = common.git_commit(tmp_path / "pkg")
+    assert clean and len(clean) == 40
+    (tmp_path / "bench" / "results" / "r.json").write_text('{"new": 1}\n')
+    assert common.git_commit(tmp_path / "pkg") == clean
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert common.git_commit(tmp_path / "pkg") == clean + "-dirty"

@@ -70,15 +70,19 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def git_commit() -> Optional[str]:
-    """The checkout's commit (with ``-dirty`` if the tree has changes), or None."""
-    here = Path(__file__).resolve().parent
+def git_commit(where: Optional[Path] = None) -> Optional[str]:
+    """The commit of the checkout holding ``where`` (default: this package),
+    with ``-dirty`` if a tracked file outside ``bench/results`` has changes
+    (results written by an earlier run are not a change to the code
+    measured), or None."""
+    here = where or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=10).stdout.strip()
         if not sha:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":(top)", ":(top,exclude)bench/results"],
                                cwd=here, capture_output=True, text=True,
                                timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
