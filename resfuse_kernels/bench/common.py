@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -190,6 +190,15 @@ def wall(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - t0
+
+
+def rounds(items: list, count: int) -> Iterator:
+    """The items of ``count`` interleaved rounds, each round in another order
+    (round ``i`` starts with item ``i mod len``): providers timed this way
+    share whatever the machine's load does during the run."""
+    for i in range(count):
+        k = i % len(items)
+        yield from items[k:] + items[:k]
 
 
 def summarize(times: Iterable[float]) -> dict:

@@ -264,12 +264,10 @@ def time_providers(cases: dict[str, Case], forwards: dict[str, Callable[[], Tens
             firsts.setdefault(name, t)
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks: dict[str, list] = {name: [] for name in names}
-    for i in range(repeats):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            seconds, peak = _time_once(cases[name], forwards[name], mode, device)
-            times[name].append(seconds)
-            peaks[name].append(peak)
+    for name in common.rounds(names, repeats):
+        seconds, peak = _time_once(cases[name], forwards[name], mode, device)
+        times[name].append(seconds)
+        peaks[name].append(peak)
     out = {}
     for name in names:
         r = common.summarize(times[name])

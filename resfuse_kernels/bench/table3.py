@@ -186,7 +186,7 @@ class Trainer:
         self.opt.step()
         self.loss = loss
 
-    def timed(self, steps: int) -> tuple[float, int]:
+    def timed(self, steps: int) -> tuple[float, Optional[int]]:
         """Seconds of ``steps`` steps (one timed region) and the region's peak
         memory above what was allocated before it (None on a CPU)."""
         baseline = common.reset_peak(self.device)
@@ -194,15 +194,6 @@ class Trainer:
             for _ in range(steps):
                 self.step()
         return t.seconds, common.read_peak(self.device, baseline)
-
-
-def rounds(trainers: list, count: int):
-    """``count`` rounds over ``trainers``, each round in another order (the
-    first trainer of round ``i`` is trainer ``i mod len``): yields (round, trainer)."""
-    for i in range(count):
-        k = i % len(trainers)
-        for t in trainers[k:] + trainers[:k]:
-            yield i, t
 
 
 def measure(s: Settings, name: str, providers: tuple[str, ...], dtype: str,
@@ -231,7 +222,7 @@ def measure(s: Settings, name: str, providers: tuple[str, ...], dtype: str,
     times: dict[str, list[float]] = {t.provider: [] for t in trainers}
     peaks: dict[str, list] = {t.provider: [] for t in trainers}
     per_round = s.steps_per_epoch if s.full else 1
-    for _, t in rounds(trainers, s.epochs if s.full else s.steps):
+    for t in common.rounds(trainers, s.epochs if s.full else s.steps):
         seconds, peak = t.timed(per_round)
         times[t.provider].append(seconds)
         peaks[t.provider].append(peak)
