@@ -10,7 +10,7 @@
 //   tail backward:             sums(g, g*u_hat [, g*v_hat]), dh = g | du [, dv]
 // In eval the statistics pass disappears. The carry's 1x1 products v = W x
 // and dx = W^T dv go through ATen (oneDNN's 1x1 convolution for
-// channels_last, a matmul for NCHW: pixel_product) and dW = dv x^T through
+// channels_last, a bmm for NCHW: pixel_product) and dW = dv x^T through
 // its matmul, in fp32; the fused passes read v, and the backward writes dv
 // over it. The math is in the Python ops' docstrings.
 #include "ops.h"
@@ -308,7 +308,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
       const int64_t K = w->size(0), C = w->size(1);
       Tensor w2 = w->reshape({K, C}).to(acc);
       Tensor xa = x.to(acc);
-      // dx = W^T dv per pixel: a 1x1 convolution, as the forward's product.
+      // dx = W^T dv per pixel, as the forward's product.
       dx = pixel_product(dv, w2.t(), g);
       if (g.channels_last) {
         Tensor dv2 = dv.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});

@@ -216,19 +216,19 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
     u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
     u_hat = (u - md[None, :]) * rd[None, :]
     gd = g
+    gc = g  # g less its mean, shared by both BNs' input gradients
     if TRAINING:
-        m_g = channel_vector(means_ptr, c, cmask, CT)[None, :]
-        gd = g - m_g - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
+        gc = g - channel_vector(means_ptr, c, cmask, CT)[None, :]
+        gd = gc - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
     du = gd * (wd * rd)[None, :]
     tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(du, du_ptr), mask=mask)
     if HAS_CARRY:
         v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                         CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        v_hat = (v - mk[None, :]) * rk[None, :]
-        gk = g
+        gk = gc
         if TRAINING:
-            gk = (g - channel_vector(means_ptr, c, cmask, CT)[None, :]
-                  - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :])
+            v_hat = (v - mk[None, :]) * rk[None, :]
+            gk = gc - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :]
         dv = gk * (wk * rk)[None, :]
         tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr),
                  mask=mask)
