@@ -22,6 +22,14 @@ import resfuse_kernels as rk
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# pytest-xdist runs a worker per core, and torch's default is a thread per
+# core in each worker: on 2 cores that oversubscription made the CPU tests
+# 2.5x slower (OpenMP threads spin waiting for a core). Each worker gets its
+# share of the cores; test_ops.py runs the ops on several threads explicitly.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
 # float32 means float32 in every comparison: cuDNN runs convolutions in TF32
 # by default (the reference's and the composite's carry), which alone would
 # miss the float32 tolerance. The kernels never use TF32.
@@ -57,6 +65,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert err <= bound, (
         f"{what}: max error {err:.3g} exceeds {TOLERANCES[dtype]:.1g} x scale {scale:.3g}"
         f" (and the floor {floor:.3g})")
+
+
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs here through the Triton interpreter: each
+    kernel launch is then a Python run of the kernel body, so tests scale
+    their sizes (never their assertions) down for it."""
+    return backend == "triton" and DEVICE.type == "cpu"
+
+
+# Shapes that put several tiles, with a ragged last one, along the pixels or
+# channels of every compiled kernel; the Triton interpreter's tiles are 16
+# pixels and 32 channels (resfuse_kernels/triton/_launch.py), so there these
+# smaller ones do that at a third of the cost or less.
+INTERPRETER_SHAPES = {(2, 4, 33, 33): (2, 4, 17, 17), (4, 100, 1, 1): (4, 40, 1, 1)}
+
+
+def sized(shape: tuple, backend: str) -> tuple:
+    """``shape``, or its stand-in when ``backend`` runs through the interpreter."""
+    return INTERPRETER_SHAPES.get(shape, shape) if interpreted(backend) else shape
 
 
 def _backends_under_test() -> list[str]:

@@ -250,6 +250,9 @@ EMULATED_CASES = [  # (shape, dtype, layout, training)
 ]
 
 
+# One worker runs every test of the emulation (pytest-xdist --dist loadgroup),
+# so that it is built once (~50 s).
+@pytest.mark.xdist_group("cuda_emulation")
 @pytest.mark.parametrize("shape,dtype,layout,training", EMULATED_CASES,
                          ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-{c[2]}-"
                               f"{'train' if c[3] else 'eval'}" for c in EMULATED_CASES])
@@ -259,6 +262,7 @@ def test_emulated_kernels_match_composite(emulated, shape, dtype, layout, traini
         _compare_tail(emulated, "cpu", shape, dtype, layout, training, carry)
 
 
+@pytest.mark.xdist_group("cuda_emulation")
 def test_emulated_kernels_propagate_nan(emulated):
     shape = (2, 8, 4, 4)
     for training in (True, False):

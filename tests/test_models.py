@@ -10,7 +10,7 @@ from torch import nn
 
 import resfuse_kernels as rk
 from _cases import lay_out
-from conftest import DEVICE, assert_close
+from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized
 
 MODELS = ["resnet19", "highway19", "resfuse19", "resnet25", "resfuse25", "resnet34"]
 
@@ -100,7 +100,21 @@ def _compare_training(reference, fused, make_input, dtype, steps=3):
         assert_close(fused(x), reference(x), dtype, "eval output")
 
 
-@pytest.mark.parametrize("name", ["resnet19", "highway19", "resfuse19", "resfuse25"])
+def _model_cases(names: list[str], interpreted_names: list[str]) -> list:
+    """(backend, network) pairs: under the Triton interpreter, where a whole
+    network costs 40-80 s, only ``interpreted_names``."""
+    return [pytest.param(b, n, id=f"{b}-{n}") for b in BACKENDS for n in names
+            if not interpreted(b) or n in interpreted_names]
+
+
+# Under the interpreter Highway-19 and ResFuse-19 hold every fused block kind
+# between them (gate; tail with and without the carry, with and without
+# downsampling), each also tested on its own below; ResNet-19's and
+# ResFuse-25's blocks are the same kinds.
+@pytest.mark.parametrize("backend, name",
+                         _model_cases(["resnet19", "highway19", "resfuse19", "resfuse25"],
+                                      ["highway19", "resfuse19"]),
+                         indirect=["backend"])
 def test_fused_model_trains_like_reference(backend, name):
     reference = rk.models.build(name, num_classes=7).to(DEVICE, torch.float64)
     fused = rk.convert(copy.deepcopy(reference), fused=True)
@@ -126,6 +140,7 @@ def _block(kind: str, channels: int) -> nn.Module:
 @pytest.mark.parametrize("kind", ["basic", "basic-down", "basic-down-B", "highway", "resfuse"])
 def test_fused_block_trains_like_reference(backend, kind, shape, layout):
     """float64, so any difference beyond rounding is a bug (dtypes: test_ops.py)."""
+    shape = sized(shape, backend)
     reference = _block(kind, shape[1]).to(DEVICE, torch.float64)
     _randomise_batch_norms(reference)
     fused = rk.convert(copy.deepcopy(reference), fused=True)
@@ -159,26 +174,39 @@ def test_momentum_none_cumulative_average(backend, kind):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU autocast (the GPU run covers cuda)")
-@pytest.mark.parametrize("name", ["highway19", "resfuse19"])
+# Under the interpreter ResFuse-19 (both tails) only: the gate's bf16 error
+# is held to 2x PyTorch's by tests/test_ops.py there, and the autocast code
+# path is the backends' common one.
+@pytest.mark.parametrize("backend, name",
+                         _model_cases(["highway19", "resfuse19"], ["resfuse19"]),
+                         indirect=["backend"])
 def test_fused_model_under_bf16_autocast(backend, name):
     """Under bf16 autocast the fused model errs at most ~2x what the
     reference model errs at bf16 (STYLE.md), output and the whole gradient,
-    both against the reference model run in float64."""
-    reference = rk.models.build(name, num_classes=5).to(DEVICE)
-    _randomise_batch_norms(reference)
-    fused = rk.convert(copy.deepcopy(reference), fused=True)
-    oracle = copy.deepcopy(reference).double()
-    x = torch.randn(2, 3, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
-    out64 = oracle(x.double())
-    out64.square().mean().backward()
-    grad64 = torch.cat([p.grad.flatten() for p in oracle.parameters()])
-    errors = []
-    for model in (reference, fused):
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            out = model(x)
-        out.float().square().mean().backward()
-        grad = torch.cat([p.grad.flatten().double() for p in model.parameters()])
-        errors.append(((out.double() - out64).norm() / out64.norm(),
-                       (grad - grad64).norm() / grad64.norm()))
-    (ref_out, ref_grad), (fused_out, fused_grad) = errors
-    assert fused_out <= 2 * ref_out and fused_grad <= 2 * ref_grad, errors
+    both against the reference model run in float64.
+
+    One draw is too noisy to judge: at this size bf16 rounding is amplified
+    through 19 layers, and the fused/reference ratio of the two errors ranged
+    over 0.35-1.8 in 50 draws (either model above), once 2.2 in CI. The
+    errors are therefore averaged over four independent draws (weights,
+    statistics, input): the ratio then ranged over 0.64-1.19 in those 50
+    draws' 12 groups of four, while a wrong kernel errs by far more than 2x."""
+    errors = torch.zeros(2, 2, dtype=torch.float64)   # (reference, fused) x (out, grad)
+    for _ in range(4):
+        reference = rk.models.build(name, num_classes=5).to(DEVICE)
+        _randomise_batch_norms(reference)
+        fused = rk.convert(copy.deepcopy(reference), fused=True)
+        oracle = copy.deepcopy(reference).double()
+        x = torch.randn(2, 3, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+        out64 = oracle(x.double())
+        out64.square().mean().backward()
+        grad64 = torch.cat([p.grad.flatten() for p in oracle.parameters()])
+        for i, model in enumerate((reference, fused)):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().mean().backward()
+            grad = torch.cat([p.grad.flatten().double() for p in model.parameters()])
+            errors[i, 0] += ((out.detach().double() - out64.detach()).norm() / out64.norm()).item()
+            errors[i, 1] += ((grad - grad64).norm() / grad64.norm()).item()
+    (ref_out, ref_grad), (fused_out, fused_grad) = errors / 4
+    assert fused_out <= 2 * ref_out and fused_grad <= 2 * ref_grad, errors / 4

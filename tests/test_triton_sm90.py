@@ -18,6 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One worker runs the whole module (pytest-xdist --dist loadgroup), so that
+# the kernels are compiled once (~60 s).
+pytestmark = pytest.mark.xdist_group("triton_sm90")
+
 # Every kernel the backend launches (a new one must show up here).
 KERNELS = {"_stats_kernel", "_stats_finalize", "_sum_partials", "_forward_kernel",
            "_backward_reduce_kernel", "_backward_apply_kernel", "_carry_stats_kernel",
