@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,23 @@ def lay_out(t: Tensor, layout: str) -> Tensor:
 
 def activation(shape, dtype, layout="nchw", mean=0.0) -> Tensor:
     return lay_out(torch.randn(shape, device=DEVICE).add_(mean).to(dtype), layout)
+
+
+def one_ulp_off(t: Tensor) -> Tensor:
+    """``t`` (a leaf) with every element one unit in the last place of its
+    dtype up or down, at random."""
+    t = t.detach()
+    up = torch.rand(t.shape, device=t.device) < 0.5
+    step = torch.where(up, float("inf"), float("-inf")).to(t.dtype)
+    return torch.nextafter(t, step).requires_grad_()
+
+
+def nudged(case):
+    """A copy of a HighwayCase or TailCase whose activations are each one
+    ulp off: what a backward-stable implementation's rounding amounts to."""
+    names = [f.name for f in dataclasses.fields(case)
+             if f.name in ("a", "b", "x", "u", "h") and getattr(case, f.name) is not None]
+    return dataclasses.replace(case, **{n: one_ulp_off(getattr(case, n)) for n in names})
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import resfuse_kernels as rk
-from _cases import HighwayCase, TailCase
+from _cases import HighwayCase, TailCase, nudged
 from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized
 
 # Odd sizes: 3, 33 and 100 channels; 1x1, 5x5, 7x7 and 33x33 images; batch 1
@@ -35,13 +35,23 @@ def _run_both(case):
     return y, grads, y_ref, ref_grads, ref_bns, gy
 
 
-def _pytorch_errors(case, dtype, gy, y_ref, ref_grads):
+def _pytorch_errors(case, dtype, gy, y_ref, ref_grads, nudges=3):
     """PyTorch's own max errors (output, then each gradient) when it runs
-    the reference formula in ``dtype``, against the float64 oracle."""
-    low, low_inputs, _ = case.reference(dtype)
-    low_grads = torch.autograd.grad(low, low_inputs, gy.to(dtype))
-    return [(t.detach().double() - r).abs().max().item() if r.numel() else 0.0
-            for t, r in zip((low, *low_grads), (y_ref, *ref_grads))]
+    the reference formula in ``dtype``, against the float64 oracle: the
+    largest over the inputs as they are and ``nudges`` copies with every
+    activation one ulp off. Where the problem is ill-conditioned (batch
+    statistics over three values) the error of one run is one draw from a
+    wide spread (the carry's dx: 3.8e-5 to 2.5e-4 over six such copies of
+    one CI case), and a fused kernel's rounding is another draw: one run of
+    PyTorch alone is no yardstick (that case failed at 2.2x it)."""
+    errors = None
+    for c in [case] + [nudged(case) for _ in range(nudges)]:
+        low, low_inputs, _ = c.reference(dtype)
+        low_grads = torch.autograd.grad(low, low_inputs, gy.to(dtype))
+        run = [(t.detach().double() - r).abs().max().item() if r.numel() else 0.0
+               for t, r in zip((low, *low_grads), (y_ref, *ref_grads))]
+        errors = run if errors is None else [max(e, f) for e, f in zip(errors, run)]
+    return errors
 
 
 def _check_against_oracle(case, dtype, first):
