@@ -50,6 +50,22 @@ TOLERANCES = {
 }
 
 
+def _error_and_bound(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                     floor: float) -> tuple[float, float, float]:
+    expected = expected.detach().double()
+    err = (actual.detach().double() - expected).abs().max().item() if expected.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
+    return err, max(TOLERANCES[dtype] * scale, floor), scale
+
+
+def within_tolerance(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`assert_close` without a floor would pass."""
+    if actual.shape != expected.shape:
+        return False
+    err, bound, _ = _error_and_bound(actual, expected, dtype, 0.0)
+    return err <= bound
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
                  what: str = "tensor", floor: float = 0.0) -> None:
     """``actual`` matches ``expected`` (any dtype, compared in float64) within
@@ -58,10 +74,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     for problems that are ill-conditioned at that precision, such as batch
     statistics over three values); shapes must match."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    expected = expected.detach().double()
-    err = (actual.detach().double() - expected).abs().max().item() if expected.numel() else 0.0
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
-    bound = max(TOLERANCES[dtype] * scale, floor)
+    err, bound, scale = _error_and_bound(actual, expected, dtype, floor)
     assert err <= bound, (
         f"{what}: max error {err:.3g} exceeds {TOLERANCES[dtype]:.1g} x scale {scale:.3g}"
         f" (and the floor {floor:.3g})")

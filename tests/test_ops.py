@@ -12,7 +12,7 @@ import torch
 
 import resfuse_kernels as rk
 from _cases import HighwayCase, TailCase, nudged
-from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized
+from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized, within_tolerance
 
 # Odd sizes: 3, 33 and 100 channels; 1x1, 5x5, 7x7 and 33x33 images; batch 1
 # (the last, smaller under the Triton interpreter: conftest.INTERPRETER_SHAPES).
@@ -35,7 +35,7 @@ def _run_both(case):
     return y, grads, y_ref, ref_grads, ref_bns, gy
 
 
-def _pytorch_errors(case, dtype, gy, y_ref, ref_grads, nudges=3):
+def _pytorch_errors(case, dtype, gy, y_ref, ref_grads, nudges=10):
     """PyTorch's own max errors (output, then each gradient) when it runs
     the reference formula in ``dtype``, against the float64 oracle: the
     largest over the inputs as they are and ``nudges`` copies with every
@@ -62,7 +62,10 @@ def _check_against_oracle(case, dtype, first):
     assert y.dtype == dtype and y.shape == first.shape
     if first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
         assert y.is_contiguous(memory_format=torch.channels_last)
-    floors = [2 * e for e in _pytorch_errors(case, dtype, gy, y_ref, ref_grads)]
+    floors = [0.0] * (1 + len(grads))
+    if not all(within_tolerance(t, r, dtype) for t, r in zip((y, *grads), (y_ref, *ref_grads))):
+        # only then: the floor costs 11 runs of the reference
+        floors = [2 * e for e in _pytorch_errors(case, dtype, gy, y_ref, ref_grads)]
     assert_close(y, y_ref, dtype, "y", floors[0])
     for index, (g, r) in enumerate(zip(grads, ref_grads)):
         assert_close(g, r, dtype, f"gradient of input {index}", floors[index + 1])
