@@ -204,8 +204,8 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
                            EPS_K: tl.constexpr, CT: tl.constexpr,
                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_X: tl.constexpr):
-    """du (and dv) from g = dh, written by the reduction pass, and u (and
-    W x): no h, no z."""
+    """du (and dv) from g = dh, written by the reduction pass, and in
+    training u (and W x): no h, no z."""
     n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -213,20 +213,20 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
     g = tl.load(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), mask=mask, other=0.0).to(CT)
-    u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
-    u_hat = (u - md[None, :]) * rd[None, :]
     gd = g
     gc = g  # g less its mean, shared by both BNs' input gradients
-    if TRAINING:
+    if TRAINING:  # in eval dz = w r g: neither u nor W x is read
+        u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
+        u_hat = (u - md[None, :]) * rd[None, :]
         gc = g - channel_vector(means_ptr, c, cmask, CT)[None, :]
         gd = gc - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
     du = gd * (wd * rd)[None, :]
     tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(du, du_ptr), mask=mask)
     if HAS_CARRY:
-        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
-                        CT, BLOCK_S, BLOCK_C, BLOCK_X)
         gk = gc
         if TRAINING:
+            v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
+                            CT, BLOCK_S, BLOCK_C, BLOCK_X)
             v_hat = (v - mk[None, :]) * rk[None, :]
             gk = gc - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :]
         dv = gk * (wk * rk)[None, :]
