@@ -35,6 +35,30 @@ def activation(shape, dtype, layout="nchw", mean=0.0) -> Tensor:
     return lay_out(torch.randn(shape, device=DEVICE).add_(mean).to(dtype), layout)
 
 
+# Images this many elements apart put the last image's offsets past 2**31
+# (int32 overflows there) in a batch of three.
+FAR_STRIDE = 2 ** 30 + 64
+
+
+def far_apart(tensors: list[Tensor], layout: str) -> list[Tensor]:
+    """Copies of ``tensors`` (same shape and dtype) as views of one buffer of
+    over 2**31 elements, image ``n`` of each at ``n * FAR_STRIDE``, laid out
+    inside an image as ``layout`` ("nchw" or "channels_last"). Only the
+    images are written: the OS maps a page on first touch, so the buffer's
+    8 GiB cost a few pages of memory on a CPU."""
+    n, c, h, w = tensors[0].shape
+    inner = {"nchw": (h * w, w, 1), "channels_last": (1, w * c, c)}[layout]
+    slot = c * h * w
+    buffer = torch.empty((n - 1) * FAR_STRIDE + len(tensors) * slot,
+                         dtype=tensors[0].dtype, device=tensors[0].device)
+    views = []
+    for i, t in enumerate(tensors):
+        view = buffer.as_strided(t.shape, (FAR_STRIDE, *inner), i * slot)
+        view.copy_(t.detach())
+        views.append(view.requires_grad_(t.requires_grad))
+    return views
+
+
 def one_ulp_off(t: Tensor) -> Tensor:
     """``t`` (a leaf) with every element one unit in the last place of its
     dtype up or down, at random."""

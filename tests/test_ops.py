@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import resfuse_kernels as rk
-from _cases import HighwayCase, TailCase, nudged
+from _cases import FAR_STRIDE, HighwayCase, TailCase, far_apart, nudged
 from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized, within_tolerance
 
 # Odd sizes: 3, 33 and 100 channels; 1x1, 5x5, 7x7 and 33x33 images; batch 1
@@ -101,6 +101,24 @@ def test_resfuse_tail_carry_stats_at_large_means(backend):
     case = TailCase.random((4, 16, 6, 6), torch.float32, "nchw", True, carry_channels=24,
                            x_mean=300.0)
     _check_error_within_twice_pytorchs(case, torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_offsets_past_two_to_the_31(backend, layout, training):
+    """Activations whose elements lie up to 2**31 + 200 apart (the images
+    FAR_STRIDE apart in a sparse buffer): every offset that a kernel forms
+    must be 64-bit. In the Triton interpreter, as on a GPU, int32 products
+    wrap, so a missing int64 cast reads or writes the wrong element."""
+    shape = (3, 5, 3, 3)
+    case = HighwayCase.random(shape, torch.float32, "nchw", training)
+    case.a, case.b, case.x = far_apart([case.a, case.b, case.x], layout)
+    assert case.a.storage_offset() + 2 * FAR_STRIDE >= 2 ** 31
+    _check_against_oracle(case, torch.float32, case.a)
+    case = TailCase.random(shape, torch.float32, "nchw", training, carry_channels=7)
+    case.u, case.h = far_apart([case.u, case.h], layout)
+    (case.x,) = far_apart([case.x], layout)
+    _check_against_oracle(case, torch.float32, case.u)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend cannot run on this device")

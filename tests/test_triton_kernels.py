@@ -211,7 +211,8 @@ def test_float64(channels_last, training):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_carry_stats_large_mean(channels_last):
-    """mean/var of W x come from x's mean and covariance: exact at large means."""
+    """BN_k's mean and variance of W x at a large mean of x: Welford moments of
+    the shifted carry W (x - x0), accurate where a plain E[v^2] - E[v]^2 is not."""
     args = _tail_case(4, 33, 5, torch.float32, channels_last, True, carry=True, cx=40,
                       shift=100.0)
     _, _, _, mean_k, var_k = tk.resfuse_tail_forward(*args)
