@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import resfuse_kernels as rk
+from _cases import HighwayCase, TailCase
 from resfuse_kernels.ops import composite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,6 +261,49 @@ def test_emulated_kernels_match_composite(emulated, shape, dtype, layout, traini
     _compare_highway(emulated, "cpu", shape, dtype, layout, training)
     for carry in (True, False):
         _compare_tail(emulated, "cpu", shape, dtype, layout, training, carry)
+
+
+def _public_and_autograd_op(emulated, case, momentum=0.25):
+    """(output, gradients, running statistics) of ``case`` through the public
+    op on the torch backend (the composite), and through the emulation's C++
+    autograd op (csrc/autograd.h) from the same running statistics."""
+    runs = []
+    start = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in case.bns()]
+    for via_emulation in (False, True):
+        for bn, (mean, var) in zip(case.bns(), start):
+            bn.momentum = momentum
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        if not via_emulation:
+            with rk.backends.use("torch"):
+                y = case.run()
+        elif isinstance(case, HighwayCase):
+            h, t = case.bn_h, case.bn_t
+            y = emulated.highway_gate_autograd(case.a, case.b, case.x, *h.args(), *t.args(),
+                                               case.training, h.eps, t.eps, momentum, momentum)
+        else:
+            d, k = case.bn_d, case.bn_k
+            y = emulated.resfuse_tail_autograd(case.u, case.h, *d.args(), case.x, case.w,
+                                               *k.args(), case.training, d.eps, k.eps,
+                                               momentum, momentum)
+        grads = torch.autograd.grad(y, case.inputs(), torch.ones_like(y))
+        runs.append([y, *grads, *(t for bn in case.bns() for t in (bn.running_mean,
+                                                                    bn.running_var))])
+    return runs
+
+
+@pytest.mark.xdist_group("cuda_emulation")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_emulated_autograd_ops_match_the_public_ops(emulated, training):
+    """The cuda backend's eager path, resfuse_cuda::*_autograd (kernels,
+    running update and autograd node in C++), built on the emulation: the
+    same output, gradients and running statistics as the public ops."""
+    cases = [HighwayCase.random((2, 8, 3, 5), torch.float32, "channels_last", training),
+             TailCase.random((2, 8, 3, 5), torch.float32, "nchw", training, carry_channels=6)]
+    for case in cases:
+        want, got = _public_and_autograd_op(emulated, case)
+        for index, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, torch.float32, f"{type(case).__name__} output {index}")
 
 
 @pytest.mark.xdist_group("cuda_emulation")

@@ -121,6 +121,43 @@ def test_offsets_past_two_to_the_31(backend, layout, training):
     _check_against_oracle(case, torch.float32, case.u)
 
 
+def _run_with_momentum(case, momentum):
+    """(y, gradients, running statistics after the step) of ``case`` run with
+    every BatchNorm's momentum set to ``momentum``."""
+    for bn in case.bns():
+        bn.momentum = momentum
+    y = case.run()
+    grads = torch.autograd.grad(y, case.inputs(), torch.ones_like(y))
+    return [y, *grads, *(t for bn in case.bns() for t in (bn.running_mean, bn.running_var))]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cpp_autograd_path_matches_python_path(backend, training):
+    """The compiled backends (cpu, cuda) run the public ops through one C++
+    op with its autograd node (csrc/autograd.h); a tensor momentum takes the
+    Python path (an autograd.Function around the same kernels). Both must
+    give the same output, gradients and running statistics, bit for bit."""
+    first = torch.empty(1, device=DEVICE)
+    has_cpp_path = rk.ops._common.fused_autograd("resfuse_tail", first, 0.1) is not None
+    assert has_cpp_path == (backend in ("cpu", "cuda"))
+    if not has_cpp_path:
+        return
+    cases = [HighwayCase.random((2, 5, 3, 4), torch.float32, "channels_last", training),
+             TailCase.random((2, 5, 3, 4), torch.float32, "nchw", training),
+             TailCase.random((2, 5, 3, 4), torch.float32, "channels_last", training,
+                             carry_channels=7)]
+    for case in cases:
+        start = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in case.bns()]
+        cpp = _run_with_momentum(case, 0.25)
+        for bn, (mean, var) in zip(case.bns(), start):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        python = _run_with_momentum(case, torch.tensor(0.25, device=DEVICE))
+        for index, (c, p) in enumerate(zip(cpp, python)):
+            assert torch.equal(c, p), (type(case).__name__, index)
+            assert c.stride() == p.stride(), (type(case).__name__, index)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend cannot run on this device")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_cpu_backend_on_several_threads(layout):

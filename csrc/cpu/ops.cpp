@@ -17,6 +17,7 @@
 
 #include <torch/library.h>
 
+#include "../autograd.h"
 #include "../schemas.h"
 
 #include "kernels.h"
@@ -335,6 +336,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
 
 TORCH_LIBRARY(resfuse_cpu, m) {
   resfuse_schema::define_kernels(m);
+  resfuse_autograd::define_autograd<&highway_gate_forward, &highway_gate_backward,
+                                    &resfuse_tail_forward, &resfuse_tail_backward>(m);
 }
 
 TORCH_LIBRARY_IMPL(resfuse_cpu, CPU, m) {

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (check_activation, check_batch_norm, direct_launches,
-                      eager_function, empty_output, memory_format, no_autocast,
+                      eager_function, empty_output, fused_autograd, memory_format, no_autocast,
                       promote_under_autocast, select_op, stat_dtype,
                       update_running_stats)
 
@@ -187,6 +187,13 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     The math, forward and backward, is in this module's docstring.
     """
     a, b, x = promote_under_autocast([a, b, x])
+    fused = fused_autograd("highway_gate", a, momentum_h, momentum_t)
+    if fused is not None:
+        check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+              weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
+        return fused(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+                     weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t,
+                     momentum_h, momentum_t)
     op = select_op("highway_gate", a, _highway_gate_eager, highway_gate_op)
     y, mean_h, var_h, mean_t, var_t = op(
         a, b, x, weight_h, bias_h, running_mean_h, running_var_h,

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (check_activation, check_batch_norm, direct_launches,
-                      eager_function, empty_output, memory_format, no_autocast,
+                      eager_function, empty_output, fused_autograd, memory_format, no_autocast,
                       promote_under_autocast, select_op, stat_dtype,
                       update_running_stats)
 
@@ -221,6 +221,13 @@ def resfuse_tail(u: Tensor, h: Tensor,
     parameters. The math, forward and backward, is in this module's docstring.
     """
     u, h, x = promote_under_autocast([u, h, x])
+    fused = fused_autograd("resfuse_tail", u, momentum_d, momentum_k)
+    if fused is not None:
+        check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
+              x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
+        return fused(u, h, weight_d, bias_d, running_mean_d, running_var_d,
+                     x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d,
+                     eps_k, momentum_d, momentum_k)
     op = select_op("resfuse_tail", u, _resfuse_tail_eager, resfuse_tail_op)
     y, mean_d, var_d, mean_k, var_k = op(
         u, h, weight_d, bias_d, running_mean_d, running_var_d,
