@@ -16,6 +16,7 @@ Conventions every backend follows:
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -208,6 +209,11 @@ def eager_function(name: str, forward_impl: Callable, setup_context: Callable,
     return fn.apply
 
 
+# RESFUSE_CPP_AUTOGRAD=0: the compiled backends take the Python path too
+# (comparisons, debugging: both give the same bits).
+CPP_AUTOGRAD = os.environ.get("RESFUSE_CPP_AUTOGRAD", "1") != "0"
+
+
 def fused_autograd(name: str, first, *momenta) -> Optional[Callable]:
     """The backend's ``<name>_autograd`` op, where the public entry point
     ``name`` may take it, else None.
@@ -222,7 +228,7 @@ def fused_autograd(name: str, first, *momenta) -> Optional[Callable]:
     ``momentum=None``'s cumulative average, takes the Python path); the
     caller runs the argument checks first.
     """
-    if type(first) is not Tensor or torch.compiler.is_compiling():
+    if not CPP_AUTOGRAD or type(first) is not Tensor or torch.compiler.is_compiling():
         return None
     if not all(isinstance(m, (float, int)) for m in momenta):
         return None
