@@ -215,3 +215,21 @@ class TailCase:
 
     def bns(self) -> tuple:
         return (self.bn_d,) if self.bn_k is None else (self.bn_d, self.bn_k)
+
+
+def steps_from_one_state(case, runs) -> list[list[Tensor]]:
+    """Per ``run`` (a callable taking ``case`` and returning its output y):
+    [y, the gradients of sum(y) for ``case.inputs()``, every running
+    statistic after the step], each run starting from the running
+    statistics ``case`` holds now."""
+    start = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in case.bns()]
+    results = []
+    for run in runs:
+        for bn, (mean, var) in zip(case.bns(), start):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        y = run(case)
+        grads = torch.autograd.grad(y, case.inputs(), torch.ones_like(y))
+        results.append([y, *grads, *(t for bn in case.bns()
+                                     for t in (bn.running_mean, bn.running_var))])
+    return results

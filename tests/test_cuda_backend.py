@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import resfuse_kernels as rk
-from _cases import HighwayCase, TailCase
+from _cases import HighwayCase, TailCase, steps_from_one_state
 from resfuse_kernels.ops import composite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,33 +263,23 @@ def test_emulated_kernels_match_composite(emulated, shape, dtype, layout, traini
         _compare_tail(emulated, "cpu", shape, dtype, layout, training, carry)
 
 
-def _public_and_autograd_op(emulated, case, momentum=0.25):
-    """(output, gradients, running statistics) of ``case`` through the public
-    op on the torch backend (the composite), and through the emulation's C++
-    autograd op (csrc/autograd.h) from the same running statistics."""
-    runs = []
-    start = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in case.bns()]
-    for via_emulation in (False, True):
-        for bn, (mean, var) in zip(case.bns(), start):
-            bn.momentum = momentum
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-        if not via_emulation:
-            with rk.backends.use("torch"):
-                y = case.run()
-        elif isinstance(case, HighwayCase):
+def _on_torch_backend(case):
+    with rk.backends.use("torch"):
+        return case.run()
+
+
+def _through_autograd_op(ops):
+    """A run for :func:`steps_from_one_state`: ``ops``' C++ autograd op."""
+    def run(case):
+        if isinstance(case, HighwayCase):
             h, t = case.bn_h, case.bn_t
-            y = emulated.highway_gate_autograd(case.a, case.b, case.x, *h.args(), *t.args(),
-                                               case.training, h.eps, t.eps, momentum, momentum)
-        else:
-            d, k = case.bn_d, case.bn_k
-            y = emulated.resfuse_tail_autograd(case.u, case.h, *d.args(), case.x, case.w,
-                                               *k.args(), case.training, d.eps, k.eps,
-                                               momentum, momentum)
-        grads = torch.autograd.grad(y, case.inputs(), torch.ones_like(y))
-        runs.append([y, *grads, *(t for bn in case.bns() for t in (bn.running_mean,
-                                                                    bn.running_var))])
-    return runs
+            return ops.highway_gate_autograd(case.a, case.b, case.x, *h.args(), *t.args(),
+                                             case.training, h.eps, t.eps, h.momentum,
+                                             t.momentum)
+        d, k = case.bn_d, case.bn_k
+        return ops.resfuse_tail_autograd(case.u, case.h, *d.args(), case.x, case.w, *k.args(),
+                                         case.training, d.eps, k.eps, d.momentum, k.momentum)
+    return run
 
 
 @pytest.mark.xdist_group("cuda_emulation")
@@ -301,7 +291,8 @@ def test_emulated_autograd_ops_match_the_public_ops(emulated, training):
     cases = [HighwayCase.random((2, 8, 3, 5), torch.float32, "channels_last", training),
              TailCase.random((2, 8, 3, 5), torch.float32, "nchw", training, carry_channels=6)]
     for case in cases:
-        want, got = _public_and_autograd_op(emulated, case)
+        want, got = steps_from_one_state(case, [_on_torch_backend,
+                                                _through_autograd_op(emulated)])
         for index, (g, w) in enumerate(zip(got, want)):
             _close(g, w, torch.float32, f"{type(case).__name__} output {index}")
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import resfuse_kernels as rk
-from _cases import FAR_STRIDE, HighwayCase, TailCase, far_apart, nudged
+from _cases import (FAR_STRIDE, HighwayCase, TailCase, far_apart, nudged,
+                    steps_from_one_state)
 from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized, within_tolerance
 
 # Odd sizes: 3, 33 and 100 channels; 1x1, 5x5, 7x7 and 33x33 images; batch 1
@@ -121,14 +122,14 @@ def test_offsets_past_two_to_the_31(backend, layout, training):
     _check_against_oracle(case, torch.float32, case.u)
 
 
-def _run_with_momentum(case, momentum):
-    """(y, gradients, running statistics after the step) of ``case`` run with
-    every BatchNorm's momentum set to ``momentum``."""
-    for bn in case.bns():
-        bn.momentum = momentum
-    y = case.run()
-    grads = torch.autograd.grad(y, case.inputs(), torch.ones_like(y))
-    return [y, *grads, *(t for bn in case.bns() for t in (bn.running_mean, bn.running_var))]
+def _with_momentum(momentum):
+    """A run for :func:`steps_from_one_state`: the public op with every
+    BatchNorm's momentum set to ``momentum``."""
+    def run(case):
+        for bn in case.bns():
+            bn.momentum = momentum
+        return case.run()
+    return run
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -150,12 +151,8 @@ def test_cpp_autograd_path_matches_python_path(backend, training, monkeypatch):
              TailCase.random((2, 5, 3, 4), torch.float32, "channels_last", training,
                              carry_channels=7)]
     for case in cases:
-        start = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in case.bns()]
-        cpp = _run_with_momentum(case, 0.25)
-        for bn, (mean, var) in zip(case.bns(), start):
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-        python = _run_with_momentum(case, torch.tensor(0.25, device=DEVICE))
+        cpp, python = steps_from_one_state(
+            case, [_with_momentum(0.25), _with_momentum(torch.tensor(0.25, device=DEVICE))])
         for index, (c, p) in enumerate(zip(cpp, python)):
             assert torch.equal(c, p), (type(case).__name__, index)
             assert c.stride() == p.stride(), (type(case).__name__, index)

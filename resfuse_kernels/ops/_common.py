@@ -209,6 +209,13 @@ def eager_function(name: str, forward_impl: Callable, setup_context: Callable,
     return fn.apply
 
 
+def _eager(first) -> bool:
+    """Whether a public entry point runs eagerly on ``first``: a plain tensor
+    (not a fake, functional or other subclass tensor) outside torch.compile's
+    tracing."""
+    return type(first) is Tensor and not torch.compiler.is_compiling()
+
+
 # RESFUSE_CPP_AUTOGRAD=0: the compiled backends take the Python path too
 # (comparisons, debugging: both give the same bits).
 CPP_AUTOGRAD = os.environ.get("RESFUSE_CPP_AUTOGRAD", "1") != "0"
@@ -223,14 +230,12 @@ def fused_autograd(name: str, first, *momenta) -> Optional[Callable]:
     dispatcher call, the backward kernel called from that node
     (csrc/autograd.h), where this module's Python path would spend ~250 us
     of host time per forward + backward. It computes what the Python path
-    computes. Taken for a plain tensor outside torch.compile's tracing (as
-    :func:`select_op`'s eager path) with float momenta (a tensor momentum,
-    ``momentum=None``'s cumulative average, takes the Python path); the
-    caller runs the argument checks first.
+    computes. Taken on the eager path (:func:`_eager`) with float momenta
+    (a tensor momentum, ``momentum=None``'s cumulative average, takes the
+    Python path); the caller runs the argument checks first.
     """
-    if not CPP_AUTOGRAD or type(first) is not Tensor or torch.compiler.is_compiling():
-        return None
-    if not all(isinstance(m, (float, int)) for m in momenta):
+    if not (CPP_AUTOGRAD and _eager(first)
+            and all(isinstance(m, (float, int)) for m in momenta)):
         return None
     try:
         module = backends.kernels(first.device)
@@ -242,13 +247,12 @@ def fused_autograd(name: str, first, *momenta) -> Optional[Callable]:
 def select_op(name: str, first, eager_apply: Callable, opaque_op: Callable) -> Callable:
     """What public entry point ``name`` calls, for first activation ``first``.
 
-    ``eager_apply`` (:func:`eager_function`) for a plain tensor (not a fake,
-    functional or other subclass tensor) outside torch.compile's tracing;
+    ``eager_apply`` (:func:`eager_function`) on the eager path (:func:`_eager`);
     under tracing the op's ``triton_op`` twin where the compiled Triton
     backend runs (:func:`~resfuse_kernels.backends.traceable_op`), else
     ``opaque_op``, the registered ``resfuse::`` op.
     """
-    if type(first) is Tensor and not torch.compiler.is_compiling():
+    if _eager(first):
         return eager_apply
     twin = backends.traceable_op(name, first.device.type) if isinstance(first, Tensor) else None
     return twin or opaque_op
