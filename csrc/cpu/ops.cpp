@@ -50,7 +50,7 @@ struct InputGrad {
     const size_t C = w.size();
     k1.resize(C), k2.assign(C, 0), k3.assign(C, 0);
     for (size_t c = 0; c < C; ++c) {
-      const double r = bn.rstd[c], wr = w[c] * r;
+      const double r = bn.rstd64[c], wr = w[c] * r;
       k1[c] = static_cast<A>(wr);
       if (training && count > 0) {
         k2[c] = static_cast<A>(-wr * r * sum_gz[c] / count);
