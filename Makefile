@@ -16,7 +16,7 @@ TORCH  ?= torch==2.13.0
 # Triton 3.9 runs its interpreter with numpy >= 2.3 (3.6 needs numpy < 2.3).
 TRITON ?= triton==3.9.0
 
-.PHONY: test bench bench-ops venv ctest cuda-compile clean
+.PHONY: test bench bench-ops venv ctest cuda-compile clean mutants soak
 
 venv: $(VENV)/.ready
 
@@ -40,6 +40,26 @@ ctest: venv
 
 cuda-compile: venv
 	PYTHON=$(PY) csrc/cuda/compile_check.sh
+
+# The soak: the oracle tests of the ops (and of the CUDA emulation's kernels)
+# with SEEDS fresh random seeds each, on SOAK_BACKENDS (comma-separated;
+# the triton interpreter is slow: give it fewer seeds). Prints every failing
+# seed; `make test` itself runs fixed seeds. E.g. make soak SEEDS=2000 SOAK_BACKENDS=cpu
+SEEDS ?= 200
+SOAK_BACKENDS ?= torch,cpu
+SOAK_TESTS ?= tests/test_ops.py -k "oracle or outliers or large_means or low_precision or one_value"
+
+soak: venv
+	RESFUSE_TEST_BACKENDS=$(SOAK_BACKENDS) $(PY) -m pytest -q -n auto -p no:cacheprovider \
+	  $(SOAK_TESTS) --soak $(SEEDS)
+
+# The mutation check of the suite (tests/mutants.py): one planted bug at a time
+# in a scratch copy of the tree, each of which some test must catch. Slow (tens
+# of minutes), so not part of `make test`; e.g. MUTANTS_ARGS="--only cpu-eps-k".
+MUTANTS_ARGS ?=
+
+mutants: venv
+	$(PY) tests/mutants.py $(MUTANTS_ARGS)
 
 # The [bench] extra of pyproject.toml, installed without rebuilding the package.
 BENCH_DEPS ?= matplotlib Pillow pytest-benchmark

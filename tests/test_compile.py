@@ -2,52 +2,33 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch._dynamo.testing
 
 import resfuse_kernels as rk
-from conftest import DEVICE, assert_close
+from _cases import train_against_oracle
+from conftest import DEVICE
 
 
-def _blocks():
+def _block(kind):
     return {
-        "basic-down": rk.nn.BasicBlock(4, 6, stride=2, fused=True),
-        "highway": rk.nn.HighwayBlock(5, fused=True),
-        "resfuse": rk.nn.ResFuseBlock(5, fused=True),
-    }
-
-
-def _train_step(model, x):
-    model.train()
-    out = model(x)
-    out.square().mean().backward()
-    return out, [p.grad.clone() for p in model.parameters()]
+        "basic-down": lambda: rk.nn.BasicBlock(4, 6, stride=2),
+        "highway": lambda: rk.nn.HighwayBlock(5),
+        "resfuse": lambda: rk.nn.ResFuseBlock(5),
+    }[kind]()
 
 
 def _check_compiled(kind, backend_name):
-    eager = _blocks()[kind].to(DEVICE)
-    compiled_module = copy.deepcopy(eager)
+    """The compiled fused block trains as the reference does: against the
+    float64 oracle under the suite's rule, two steps and eval, channels_last."""
+    oracle = _block(kind).to(DEVICE, torch.float64)
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend_name)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend=counter)
-    x = torch.randn(3, eager.conv1.in_channels if kind != "highway" else 5, 6, 6,
-                    device=DEVICE).to(memory_format=torch.channels_last)
-    for step in range(2):
-        want, want_grads = _train_step(eager, x)
-        got, got_grads = _train_step(compiled, x)
-        assert_close(got, want, torch.float32, f"step {step} output")
-        for g, w in zip(got_grads, want_grads):
-            assert_close(g, w, torch.float32, f"step {step} gradient")
-        for (name, b), c in zip(eager.named_buffers(), compiled_module.buffers()):
-            assert_close(c, b, torch.float32, f"step {step} buffer {name}")
-        for m in (eager, compiled_module):
-            m.zero_grad()
-    eager.eval()
-    compiled_module.eval()
-    with torch.no_grad():
-        assert_close(compiled(x), eager(x), torch.float32, "eval output")
+    in_channels = 4 if kind == "basic-down" else 5
+    train_against_oracle(
+        oracle, lambda: torch.randn(3, in_channels, 6, 6, device=DEVICE, dtype=torch.float64
+                                    ).to(memory_format=torch.channels_last),
+        steps=2, wrap=lambda fused: torch.compile(fused, fullgraph=True, backend=counter))
     assert counter.frame_count >= 1
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import resfuse_kernels as rk
-from _cases import lay_out
+from _cases import lay_out, train_against_oracle as _compare_training
 from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized
 
 MODELS = ["resnet19", "highway19", "resfuse19", "resnet25", "resfuse25", "resnet34"]
@@ -65,41 +65,6 @@ def test_convert_switches_every_block_in_place():
     assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def _nag(model):
-    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-
-
-def _compare_training(reference, fused, make_input, dtype, steps=3):
-    """Same weights, same batches: outputs, input and parameter gradients and
-    running statistics agree after every one of several NAG SGD steps, and
-    the eval outputs agree afterwards."""
-    fused.load_state_dict(reference.state_dict())
-    opt_ref, opt_fused = _nag(reference), _nag(fused)
-    for step in range(steps):
-        x = make_input()
-        x_ref, x_fused = (x.detach().clone().requires_grad_() for _ in range(2))
-        outs = []
-        for model, opt, inp in ((reference, opt_ref, x_ref), (fused, opt_fused, x_fused)):
-            model.train()
-            opt.zero_grad()
-            out = model(inp)
-            out.square().mean().backward()
-            outs.append(out)
-        assert_close(outs[1], outs[0], dtype, f"step {step} output")
-        assert_close(x_fused.grad, x_ref.grad, dtype, f"step {step} input gradient")
-        for (name, p), q in zip(reference.named_parameters(), fused.parameters()):
-            assert_close(q.grad, p.grad, dtype, f"step {step} gradient of {name}")
-        opt_ref.step()
-        opt_fused.step()
-        for (name, b), c in zip(reference.named_buffers(), fused.buffers()):
-            assert_close(c, b, dtype, f"step {step} buffer {name}")
-    x = make_input()
-    reference.eval()
-    fused.eval()
-    with torch.no_grad():
-        assert_close(fused(x), reference(x), dtype, "eval output")
-
-
 def _model_cases(names: list[str], interpreted_names: list[str]) -> list:
     """(backend, network) pairs: under the Triton interpreter, where a whole
     network costs 40-80 s, only ``interpreted_names``."""
@@ -116,11 +81,9 @@ def _model_cases(names: list[str], interpreted_names: list[str]) -> list:
                                       ["highway19", "resfuse19"]),
                          indirect=["backend"])
 def test_fused_model_trains_like_reference(backend, name):
-    reference = rk.models.build(name, num_classes=7).to(DEVICE, torch.float64)
-    fused = rk.convert(copy.deepcopy(reference), fused=True)
-    _compare_training(reference, fused,
-                      lambda: torch.randn(2, 3, 9, 9, device=DEVICE, dtype=torch.float64),
-                      torch.float64)
+    oracle = rk.models.build(name, num_classes=7).to(DEVICE, torch.float64)
+    _compare_training(oracle, lambda: torch.randn(2, 3, 9, 9, device=DEVICE,
+                                                  dtype=torch.float64))
 
 
 def _block(kind: str, channels: int) -> nn.Module:
@@ -139,13 +102,11 @@ def _block(kind: str, channels: int) -> nn.Module:
 @pytest.mark.parametrize("shape", [(2, 3, 7, 7), (1, 33, 5, 5), (4, 100, 1, 1)], ids=str)
 @pytest.mark.parametrize("kind", ["basic", "basic-down", "basic-down-B", "highway", "resfuse"])
 def test_fused_block_trains_like_reference(backend, kind, shape, layout):
-    """float64, so any difference beyond rounding is a bug (dtypes: test_ops.py)."""
     shape = sized(shape, backend)
-    reference = _block(kind, shape[1]).to(DEVICE, torch.float64)
-    _randomise_batch_norms(reference)
-    fused = rk.convert(copy.deepcopy(reference), fused=True)
-    _compare_training(reference, fused, lambda: lay_out(
-        torch.randn(shape, device=DEVICE, dtype=torch.float64), layout), torch.float64)
+    oracle = _block(kind, shape[1]).to(DEVICE, torch.float64)
+    _randomise_batch_norms(oracle)
+    _compare_training(oracle, lambda: lay_out(
+        torch.randn(shape, device=DEVICE, dtype=torch.float64), layout))
 
 
 def _randomise_batch_norms(model: nn.Module) -> None:
@@ -162,13 +123,12 @@ def _randomise_batch_norms(model: nn.Module) -> None:
 @pytest.mark.parametrize("kind", ["highway", "resfuse"])
 def test_momentum_none_cumulative_average(backend, kind):
     """momentum=None: running stats are the cumulative average, as nn.BatchNorm2d's."""
-    reference = _block(kind, 6).to(DEVICE, torch.float64)
-    for m in reference.modules():
+    oracle = _block(kind, 6).to(DEVICE, torch.float64)
+    for m in oracle.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = None
-    fused = rk.convert(copy.deepcopy(reference), fused=True)
-    _compare_training(reference, fused, lambda: torch.randn(
-        3, 6, 4, 4, device=DEVICE, dtype=torch.float64), torch.float64, steps=4)
+    fused = _compare_training(oracle, lambda: torch.randn(3, 6, 4, 4, device=DEVICE,
+                                                          dtype=torch.float64), steps=4)
     assert all(int(m.num_batches_tracked) == 4 for m in fused.modules()
                if isinstance(m, nn.BatchNorm2d))
 

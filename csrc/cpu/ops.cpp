@@ -9,10 +9,9 @@
 //   tail forward, training:    stats(u [, v]) | y = relu(...)         2 passes
 //   tail backward:             sums(g, g*u_hat [, g*v_hat]), dh = g | du [, dv]
 // In eval the statistics pass disappears. The carry's 1x1 products v = W x
-// and dx = W^T dv go through ATen (oneDNN's 1x1 convolution for
-// channels_last, a bmm for NCHW: pixel_product) and dW = dv x^T through
-// its matmul, in fp32; the fused passes read v, and the backward writes dv
-// over it. The math is in the Python ops' docstrings.
+// and dx = W^T dv, and dW = dv x^T, go through ATen's matmuls in double
+// (pixel_product says why), rounded once to fp32; the fused passes read
+// v, and the backward writes dv over it. The math is in the Python ops' docstrings.
 #include "ops.h"
 
 #include <torch/library.h>
@@ -44,8 +43,10 @@ std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, b
 template <typename A>
 struct InputGrad {
   std::vector<A> k1, k2, k3;
+  bool batch;  // the batch-statistics terms (k2, k3) are there
   InputGrad(const Tensor& weight, const Affine<A>& bn, const std::vector<double>& sum_g,
-            const std::vector<double>& sum_gz, double count, bool training) {
+            const std::vector<double>& sum_gz, double count, bool training)
+      : batch(training && count > 0) {
     auto w = channel_vector<double>(weight);
     const size_t C = w.size();
     k1.resize(C), k2.assign(C, 0), k3.assign(C, 0);
@@ -58,15 +59,28 @@ struct InputGrad {
       }
     }
   }
-  // dz for a group of lanes, given g and the centred input z - m.
+  // dz for a group of lanes, given g and the centred input z - m. In eval
+  // k1 g alone: 0 * (z - m) would make an infinite z's gradient NaN where
+  // PyTorch's (and the composite's) is finite.
   at::vec::Vectorized<A> apply(const Geometry& geo, int64_t c, int64_t pos, int64_t n,
                                const at::vec::Vectorized<A>& g,
                                const at::vec::Vectorized<A>& centred) const {
+    if (!batch) return channel_param(k1.data(), geo, c, pos, n) * g;
     return at::vec::fmadd(channel_param(k1.data(), geo, c, pos, n), g,
                           at::vec::fmadd(channel_param(k2.data(), geo, c, pos, n), centred,
                                          channel_param(k3.data(), geo, c, pos, n)));
   }
 };
+
+// sum(g z_hat) = rstd sum(g (z - m)), from the hi and lo sums of
+// product_of_difference, in double.
+template <typename A>
+std::vector<double> centred_sum(const std::vector<double>& hi, const std::vector<double>& lo,
+                                const Affine<A>& bn) {
+  std::vector<double> out(hi.size());
+  for (size_t c = 0; c < hi.size(); ++c) out[c] = bn.rstd64[c] * (hi[c] + lo[c]);
+  return out;
+}
 
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type());
@@ -103,7 +117,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
       const V t = sigmoid(at::vec::fmadd(load(pb + off, n), channel_param(bn_t.scale.data(), g, c, pos, n),
                                    channel_param(bn_t.shift.data(), g, c, pos, n)));
       const V xv = load(px + off, n);
-      store(py + off, at::vec::fmadd(t, h - xv, xv), n);  // H T + x (1 - T)
+      // H T + x (1 - T) in that form, not x + T (H - x): an infinite x
+      // gives inf - inf = NaN in the latter, +-Inf (as PyTorch) here.
+      store(py + off, at::vec::fmadd(h, t, xv * (V(1) - t)), n);
     });
   });
   return {y, mean_h, var_h, mean_t, var_t};
@@ -141,19 +157,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
       gt = gt_ * (h - xv) * (V(1) - t);
       dxv = gv - gt_;
     };
-    auto sums = channel_sums<4, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
+    // sums of g_h, g_h (a - m_h) (hi, lo), g_t, g_t (b - m_t) (hi, lo)
+    auto sums = channel_sums<6, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
       V av, bv, gh, gt, dxv;
       gates(off, pos, c, n, av, bv, gh, gt, dxv);
-      const V ah = (av - channel_param(bn_h.mean.data(), g, c, pos, n)) * channel_param(bn_h.rstd.data(), g, c, pos, n);
-      const V bh = (bv - channel_param(bn_t.mean.data(), g, c, pos, n)) * channel_param(bn_t.rstd.data(), g, c, pos, n);
-      out[0] = V::set(V(0), gh, n);
-      out[1] = V::set(V(0), gh * ah, n);
-      out[2] = V::set(V(0), gt, n);
-      out[3] = V::set(V(0), gt * bh, n);
+      gh = V::set(V(0), gh, n);
+      gt = V::set(V(0), gt, n);
+      out[0] = gh;
+      product_of_difference(gh, V::set(V(0), av, n),
+                            V::set(V(0), channel_param(bn_h.mean.data(), g, c, pos, n), n),
+                            out[1], out[2]);
+      out[3] = gt;
+      product_of_difference(gt, V::set(V(0), bv, n),
+                            V::set(V(0), channel_param(bn_t.mean.data(), g, c, pos, n), n),
+                            out[4], out[5]);
     });
     const double M = static_cast<double>(g.count());
-    const InputGrad<A> in_h(weight_h, bn_h, sums[0], sums[1], M, training);
-    const InputGrad<A> in_t(weight_t, bn_t, sums[2], sums[3], M, training);
+    const auto sum_gh = centred_sum(sums[1], sums[2], bn_h);
+    const auto sum_gt = centred_sum(sums[4], sums[5], bn_t);
+    const InputGrad<A> in_h(weight_h, bn_h, sums[0], sum_gh, M, training);
+    const InputGrad<A> in_t(weight_t, bn_t, sums[3], sum_gt, M, training);
     scalar_t *pda = da.mutable_data_ptr<scalar_t>(), *pdb = db.mutable_data_ptr<scalar_t>(),
              *pdx = dx.mutable_data_ptr<scalar_t>();
     for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
@@ -164,9 +187,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
       store(pdx + off, dxv, n);
     });
     dbias_h = channel_tensor(sums[0], bias_h);
-    dweight_h = channel_tensor(sums[1], weight_h);
-    dbias_t = channel_tensor(sums[2], bias_t);
-    dweight_t = channel_tensor(sums[3], weight_t);
+    dweight_h = channel_tensor(sum_gh, weight_h);
+    dbias_t = channel_tensor(sums[3], bias_t);
+    dweight_t = channel_tensor(sum_gt, weight_t);
   });
   return {da.contiguous(Geometry::of(a_in).format()), db.contiguous(Geometry::of(b_in).format()),
           dx.contiguous(Geometry::of(x_in).format()), dweight_h, dbias_h, dweight_t, dbias_t};
@@ -177,25 +200,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
 namespace {
 
 // out = M t per pixel (t: (N, C, H, W) dense in g's layout, M: (K, C)), in
-// the layout of t: the carry's v = W x, and dx = W^T dv in its backward.
-// channels_last: a 1x1 convolution (oneDNN's), which reads it in place.
-// NCHW: a batched matmul, (K, C) x (C, H*W) per image: oneDNN reorders
-// NCHW to its blocked layout, and at 64 channels its 1x1 convolution took
-// ~5x the matmul's time (2-core AMD EPYC, 32x64x32x32 fp32: 17 ms against
-// 3.4 ms; equal at 128 and 256 channels). bmm with M broadcast over the
-// images, not at::matmul, which folds the images into one product and so
-// copies t to (N, H*W, C) and its result back.
-Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g) {
+// the layout of t, as `out` values: the carry's v = W x, and dx = W^T dv in
+// its backward. The product is taken in double and rounded once: BatchNorm
+// over a few values multiplies v's rounding by rstd_v (large where a
+// channel's values nearly agree), and a float32 product's rounding made
+// the carry's gradients err up to 12x PyTorch's (whose single-threaded
+// 1x1 convolution rounds about half as much as a float32 matmul) at
+// BatchNorm over three values. A bmm per image for NCHW (M broadcast over
+// the images: at::matmul would fold them and copy t to (N, H*W, C)), one
+// matmul over the pixels for channels_last.
+Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g, at::ScalarType out) {
   const int64_t K = m.size(0), C = m.size(1);
-  if (g.channels_last) return at::conv2d(t, m.reshape({K, C, 1, 1})).contiguous(g.format());
-  return at::bmm(m.expand({g.N, K, C}), t.reshape({g.N, C, g.S}))
+  const Tensor t64 = t.to(at::kDouble), m64 = m.to(at::kDouble);
+  if (g.channels_last) {
+    return at::mm(t64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}), m64.t())
+        .to(out)
+        .reshape({g.N, t.size(2), t.size(3), K})
+        .permute({0, 3, 1, 2});
+  }
+  return at::bmm(m64.expand({g.N, K, C}), t64.reshape({g.N, C, g.S}))
+      .to(out)
       .reshape({g.N, K, t.size(2), t.size(3)});
 }
 
 // v = W x for the 1x1 carry, in the stats dtype and x's geometry.
 Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx, at::ScalarType acc) {
   const int64_t K = w.size(0), C = w.size(1);
-  return pixel_product(x.to(acc), w.reshape({K, C}).to(acc), gx);
+  return pixel_product(x, w.reshape({K, C}), gx, acc);
 }
 
 }  // namespace
@@ -274,7 +305,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     // The reduction pass recomputes z, forms g = dy [z > 0] and writes it as
     // dh (exact in the storage dtype: dy or 0); the apply pass reads it back
     // with u (and v) and never needs h or z again: 7 activation passes, not 8.
-    auto sums = channel_sums<3, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
+    // sums of g, g (u - m_d) (hi, lo), g (v - m_k) (hi, lo)
+    auto sums = channel_sums<5, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
       const V uv = load(pu + off, n);
       V z = at::vec::fmadd(uv, channel_param(bn_d.scale.data(), g, c, pos, n),
                            channel_param(bn_d.shift.data(), g, c, pos, n)) + load(ph + off, n);
@@ -287,15 +319,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
       const V gm = V::set(V(0), V::blendv(V(0), load(pg + off, n), z > V(0)), n);
       store(pdh + off, gm, n);
       out[0] = gm;
-      out[1] = gm * (uv - channel_param(bn_d.mean.data(), g, c, pos, n)) *
-               channel_param(bn_d.rstd.data(), g, c, pos, n);
-      out[2] = pv == nullptr ? V(0)
-                             : gm * (vv - channel_param(bn_k.mean.data(), g, c, pos, n)) *
-                                   channel_param(bn_k.rstd.data(), g, c, pos, n);
+      product_of_difference(gm, V::set(V(0), uv, n),
+                            V::set(V(0), channel_param(bn_d.mean.data(), g, c, pos, n), n),
+                            out[1], out[2]);
+      out[3] = out[4] = V(0);
+      if (pv != nullptr)
+        product_of_difference(gm, V::set(V(0), vv, n),
+                              V::set(V(0), channel_param(bn_k.mean.data(), g, c, pos, n), n),
+                              out[3], out[4]);
     });
     const double M = static_cast<double>(g.count());
-    const InputGrad<A> in_d(weight_d, bn_d, sums[0], sums[1], M, training);
-    const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sums[2], M, training);
+    const auto sum_gu = centred_sum(sums[1], sums[2], bn_d);
+    const auto sum_gv = centred_sum(sums[3], sums[4], bn_k);
+    const InputGrad<A> in_d(weight_d, bn_d, sums[0], sum_gu, M, training);
+    const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sum_gv, M, training);
     A* pdv = carry ? dv.mutable_data_ptr<A>() : nullptr;
     for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
       const V gm = load(pdh + off, n);
@@ -304,25 +341,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
         store(pdv + off, in_k.apply(g, c, pos, n, gm, load(pv + off, n) - channel_param(bn_k.mean.data(), g, c, pos, n)), n);
     });
     dbias_d = channel_tensor(sums[0], bias_d);
-    dweight_d = channel_tensor(sums[1], weight_d);
+    dweight_d = channel_tensor(sum_gu, weight_d);
     if (carry) {
       const int64_t K = w->size(0), C = w->size(1);
-      Tensor w2 = w->reshape({K, C}).to(acc);
-      Tensor xa = x.to(acc);
-      // dx = W^T dv per pixel, as the forward's product.
-      dx = pixel_product(dv, w2.t(), g);
+      // dx = W^T dv per pixel, as the forward's product; dW = dv x^T in
+      // double too, for the same reason.
+      dx = pixel_product(dv, w->reshape({K, C}).t(), g, acc);
+      Tensor dv64 = dv.to(at::kDouble), x64 = x.to(at::kDouble);
       if (g.channels_last) {
-        Tensor dv2 = dv.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
-        Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, C});
-        dw = at::matmul(dv2.t(), x2);
+        dw = at::mm(dv64.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
+                    x64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}));
       } else {
-        Tensor dv3 = dv.reshape({g.N, K, g.S}), x3 = xa.reshape({g.N, C, g.S});
-        dw = at::matmul(dv3, x3.transpose(1, 2)).sum(0);
+        dw = at::bmm(dv64.reshape({g.N, K, g.S}), x64.reshape({g.N, C, g.S}).transpose(1, 2))
+                 .sum(0);
       }
       dx = dx.to(x_in->scalar_type()).contiguous(Geometry::of(*x_in).format());
       dw = dw.reshape(w->sizes()).to(w->scalar_type());
       dbias_k = channel_tensor(sums[0], *bias_k);
-      dweight_k = channel_tensor(sums[2], *weight_k);
+      dweight_k = channel_tensor(sum_gv, *weight_k);
     } else {
       dx = at::empty({0}, u.options());
       dw = at::empty({0}, u.options());

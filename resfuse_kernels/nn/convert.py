@@ -13,6 +13,9 @@ def convert(model: nn.Module, fused: bool = True) -> nn.Module:
     Parameters, buffers and state_dict keys do not change, so this is safe at
     any point, mid-training included. Returns ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert takes an nn.Module (a model or block, changed in place), "
+                        f"got {type(model).__name__}")
     for module in model.modules():
         if isinstance(module, FusableBlock):
             module.fused = fused

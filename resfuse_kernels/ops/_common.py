@@ -16,6 +16,7 @@ Conventions every backend follows:
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from typing import Callable, Optional, Sequence
 
@@ -74,8 +75,10 @@ def check_activation(name: str, t: object, like: Optional[Tensor] = None,
                          f"input {tuple(like.shape)}")
 
 
-def check_channel_param(name: str, t: object, channels: int, device: torch.device) -> None:
-    """A 1-D floating tensor of ``channels`` values on ``device``."""
+def check_channel_param(name: str, t: object, channels: int, device: torch.device,
+                        dtype: Optional[torch.dtype] = None, like: str = "") -> None:
+    """A 1-D floating tensor of ``channels`` values on ``device``; with
+    ``dtype``, of that dtype (the dtype of BatchNorm parameter ``like``)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if t.dim() != 1 or t.shape[0] != channels:
@@ -85,14 +88,37 @@ def check_channel_param(name: str, t: object, channels: int, device: torch.devic
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {like} has {dtype}: a BatchNorm's "
+                        "weight, bias and running statistics share one dtype (as "
+                        "torch.nn.functional.batch_norm requires)")
+
+
+# Activation dtypes whose BatchNorm may keep float32 parameters (modules keep
+# fp32 parameters under autocast), as torch.nn.functional.batch_norm allows.
+_FLOAT32_PARAMS_OK = (torch.bfloat16, torch.float16)
 
 
 def check_batch_norm(prefix: str, first: Tensor, channels: int, weight: Tensor, bias: Tensor,
                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      training: bool, eps: float) -> None:
-    """The parameters of one BatchNorm, checked against activation ``first``."""
-    for suffix, t in (("weight", weight), ("bias", bias)):
-        check_channel_param(f"{suffix}_{prefix}", t, channels, first.device)
+    """The parameters of one BatchNorm, checked against activation ``first``.
+
+    Their dtypes follow ``torch.nn.functional.batch_norm`` (on CPU): weight,
+    bias and the running statistics share one dtype, the activations' or,
+    for bfloat16/float16 activations, float32; anything else is an error
+    naming the argument.
+    """
+    name = f"weight_{prefix}"
+    check_channel_param(name, weight, channels, first.device)
+    dtype = weight.dtype
+    if dtype != first.dtype and not (dtype == torch.float32 and first.dtype in _FLOAT32_PARAMS_OK):
+        allowed = (f"{first.dtype} or torch.float32" if first.dtype in _FLOAT32_PARAMS_OK
+                   else f"{first.dtype}")
+        raise TypeError(f"{name} has dtype {dtype} but the activations have {first.dtype}: "
+                        f"BatchNorm parameters and running statistics must be {allowed} (as "
+                        "torch.nn.functional.batch_norm requires); cast them, or the module")
+    check_channel_param(f"bias_{prefix}", bias, channels, first.device, dtype, name)
     if training:
         values = first.numel() // channels if channels else 0
         if values == 1:
@@ -100,11 +126,47 @@ def check_batch_norm(prefix: str, first: Tensor, channels: int, weight: Tensor, 
                              f"of size {tuple(first.shape)} for BatchNorm {prefix!r}")
     for suffix, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
-            check_channel_param(f"{suffix}_{prefix}", t, channels, first.device)
+            check_channel_param(f"{suffix}_{prefix}", t, channels, first.device, dtype, name)
         elif not training:
             raise ValueError(f"{suffix}_{prefix} is required in eval mode (training=False)")
     if not eps > 0:
         raise ValueError(f"eps_{prefix} must be positive, got {eps}")
+
+
+def check_momenta(**momenta: object) -> None:
+    """Each momentum is a number or a 0-dim floating tensor.
+
+    Called by the public entry points only when a momentum is not a float
+    (the common case costs them one isinstance check). ``momentum=None``
+    is rejected: nn.BatchNorm2d's None is the cumulative average
+    ``1 / num_batches_tracked``, and the op has no batch count.
+    """
+    for name, m in momenta.items():
+        if isinstance(m, numbers.Real) and not isinstance(m, bool):  # numpy's too
+            continue
+        if isinstance(m, Tensor) and m.dim() == 0 and m.is_floating_point():
+            continue
+        if m is None:
+            raise ValueError(
+                f"{name}=None is not supported by the op: nn.BatchNorm2d's momentum=None "
+                "means the cumulative average 1 / num_batches_tracked, and the op does not "
+                f"know the batch count. Pass {name}=1 / num_batches_tracked (a float or a "
+                "0-dim tensor, after counting this batch), or use the fused blocks "
+                "(rk.nn.*), which do that bookkeeping")
+        got = (f"a {m.dim()}-D {m.dtype} tensor" if isinstance(m, Tensor)
+               else f"{type(m).__name__} {m!r}")
+        raise TypeError(f"{name} must be a float (the weight of the batch statistics in the "
+                        f"running update, as F.batch_norm's momentum) or a 0-dim floating "
+                        f"tensor, got {got}")
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for ``device_type``; False for device types
+    autocast does not know, such as 'meta' (where torch raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
 
 
 def promote_under_autocast(tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
@@ -114,7 +176,7 @@ def promote_under_autocast(tensors: Sequence[Optional[Tensor]]) -> list[Optional
     mismatch is left for the checks to report.
     """
     present = [t for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
-    if not present or not torch.is_autocast_enabled(present[0].device.type):
+    if not present or not _autocast_enabled(present[0].device.type):
         return list(tensors)
     dtype = present[0].dtype
     for t in present[1:]:
@@ -148,7 +210,7 @@ def no_autocast(t: Tensor):
     A no-op context when autocast is off (building an autocast context costs
     microseconds of host time per call).
     """
-    if not torch.is_autocast_enabled(t.device.type):
+    if not _autocast_enabled(t.device.type):
         return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
 
@@ -250,9 +312,11 @@ def select_op(name: str, first, eager_apply: Callable, opaque_op: Callable) -> C
     ``eager_apply`` (:func:`eager_function`) on the eager path (:func:`_eager`);
     under tracing the op's ``triton_op`` twin where the compiled Triton
     backend runs (:func:`~resfuse_kernels.backends.traceable_op`), else
-    ``opaque_op``, the registered ``resfuse::`` op.
+    ``opaque_op``, the registered ``resfuse::`` op. Meta tensors take
+    ``opaque_op`` too: its fake implementation infers the outputs' shapes,
+    dtypes and strides, whatever backend is chosen.
     """
-    if _eager(first):
+    if _eager(first) and not first.is_meta:
         return eager_apply
     twin = backends.traceable_op(name, first.device.type) if isinstance(first, Tensor) else None
     return twin or opaque_op

@@ -1,7 +1,9 @@
 """The ``torch`` backend: each fused op written as a composite of PyTorch ops.
 
 This is the formula of the op docstrings made executable, forward and the
-hand-derived backward, computed in float32 (float64 for float64 inputs).
+hand-derived backward, computed in float32 (float64 for float64 inputs),
+with the batch statistics, the backward's per-channel sums and the carry's
+backward products in float64.
 It runs wherever PyTorch does and is what every faster backend must match.
 It is not fast: it makes one pass over memory per PyTorch op.
 
@@ -37,8 +39,10 @@ def _stats(z: Tensor, training: bool, running_mean: Optional[Tensor],
     if z.numel() == 0:
         zeros = z.new_zeros(z.shape[1])
         return zeros, zeros.clone()
-    var, mean = torch.var_mean(z, dim=_DIMS, correction=0)
-    return mean, var
+    # in float64, rounded once: as accurate as statistics stored in z's
+    # precision can be (PyTorch's CPU BatchNorm accumulates in double too)
+    var, mean = torch.var_mean(z.double(), dim=_DIMS, correction=0)
+    return mean.to(z.dtype), var.to(z.dtype)
 
 
 def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -47,21 +51,31 @@ def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor
     return (z - _c(mean)) * _c(rstd), rstd
 
 
-def _bn_backward(g: Tensor, z_hat: Tensor, weight: Tensor, rstd: Tensor,
+def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
                  training: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of BN's input, weight and bias given g = dL/dBN(z).
 
     training: dz = weight * rstd * (g - mean(g) - z_hat * mean(g * z_hat));
     eval:     dz = weight * rstd * g.
+
+    Taken, as the cpu backend takes it, as k1 g + k2 (z - mean) + k3 with the
+    per-channel coefficients in float64, and sum(g * z_hat) as
+    rstd * sum(g (z - mean)) with the differences, products and sum in
+    float64, as PyTorch's CPU BatchNorm takes it: where the sum cancels
+    (BatchNorm over few values) float32 products made dweight err 5x
+    PyTorch's in a trained block.
     """
-    dbias = g.sum(_DIMS)
-    dweight = (g * z_hat).sum(_DIMS)
-    scale = _c(weight * rstd)
+    dbias = g.sum(_DIMS, dtype=torch.float64)
+    centred = (g.double() * (z.double() - _c(mean.double()))).sum(_DIMS)
+    r, wr = rstd.double(), weight.double() * rstd.double()
+    dweight = centred * r
     if not training:
-        return g * scale, dweight, dbias
+        return g * _c(wr.to(g.dtype)), dweight.to(g.dtype), dbias.to(g.dtype)
     count = max(g.numel() // max(g.shape[1], 1), 1)
-    dz = (g - _c(dbias / count) - z_hat * _c(dweight / count)) * scale
-    return dz, dweight, dbias
+    k2, k3 = -wr * r * dweight / count, -wr * dbias / count
+    dz = torch.addcmul(_c(k3.to(g.dtype)) + g * _c(wr.to(g.dtype)), z - _c(mean),
+                       _c(k2.to(g.dtype)))
+    return dz, dweight.to(g.dtype), dbias.to(g.dtype)
 
 
 def _out(t: Tensor, like: Tensor) -> Tensor:
@@ -98,8 +112,8 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     dx = g * (1 - gate_t)
     g_h = g * gate_t * (gate_h > 0)
     g_t = g * (gate_h - x_) * gate_t * (1 - gate_t)
-    da, dweight_h, dbias_h = _bn_backward(g_h, a_hat, weight_h.to(ct), rstd_h, training)
-    db, dweight_t, dbias_t = _bn_backward(g_t, b_hat, weight_t.to(ct), rstd_t, training)
+    da, dweight_h, dbias_h = _bn_backward(g_h, a_, mean_h, rstd_h, weight_h.to(ct), training)
+    db, dweight_t, dbias_t = _bn_backward(g_t, b_, mean_t, rstd_t, weight_t.to(ct), training)
     return (_out(da, a), _out(db, b), _out(dx, x),
             dweight_h.to(weight_h.dtype), dbias_h.to(bias_h.dtype),
             dweight_t.to(weight_t.dtype), dbias_t.to(bias_t.dtype))
@@ -140,17 +154,22 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
     if x is not None:
         x_, w_ = x.to(ct), w.to(ct)
-        v_hat, rstd_k = _normalise(_carry(x_, w_), mean_k, var_k, eps_k)
+        v = _carry(x_, w_)
+        v_hat, rstd_k = _normalise(v, mean_k, var_k, eps_k)
         z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
     g = g * (z > 0)
-    du, dweight_d, dbias_d = _bn_backward(g, u_hat, weight_d.to(ct), rstd_d, training)
+    du, dweight_d, dbias_d = _bn_backward(g, u_, mean_d, rstd_d, weight_d.to(ct), training)
     grads = [_out(du, u), _out(g, h), dweight_d.to(weight_d.dtype), dbias_d.to(bias_d.dtype)]
     if x is None:  # no carry: its four gradients are empty tensors
         none = u.new_empty(0)
         return (*grads, none, none.clone(), none.clone(), none.clone())
-    dv, dweight_k, dbias_k = _bn_backward(g, v_hat, weight_k.to(ct), rstd_k, training)
-    w2 = w_.reshape(w.shape[0], w.shape[1])
-    dx = torch.einsum("kc,nkhw->nchw", w2, dv)
-    dw = torch.einsum("nkhw,nchw->kc", dv, x_)
+    dv, dweight_k, dbias_k = _bn_backward(g, v, mean_k, rstd_k, weight_k.to(ct), training)
+    # dx = W^T dv and dW = dv x^T in float64 for float32 storage, rounded
+    # once, as the cpu backend's: BatchNorm over few values amplifies their
+    # rounding (csrc/cpu/ops.cpp, pixel_product)
+    prod = torch.float64 if ct == torch.float32 else ct
+    w2, dv_ = w_.reshape(w.shape[0], w.shape[1]).to(prod), dv.to(prod)
+    dx = torch.einsum("kc,nkhw->nchw", w2, dv_).to(ct)
+    dw = torch.einsum("nkhw,nchw->kc", dv_, x_.to(prod)).to(ct)
     return (*grads, _out(dx, x), dw.reshape(w.shape).to(w.dtype),
             dweight_k.to(weight_k.dtype), dbias_k.to(bias_k.dtype))

@@ -36,10 +36,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_activation, check_batch_norm, direct_launches,
+from ._common import (check_activation, check_batch_norm, check_momenta, direct_launches,
                       eager_function, empty_output, fused_autograd, memory_format, no_autocast,
-                      promote_under_autocast, select_op, stat_dtype,
-                      update_running_stats)
+                      promote_under_autocast, select_op, stat_dtype, update_running_stats)
 
 __all__ = ["highway_gate"]
 
@@ -178,6 +177,9 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
         momentum_h, momentum_t: weight of the batch statistics in the running
             update (``F.batch_norm``'s momentum; a 0-dim tensor works too).
             The running statistics are updated in place when ``training``.
+            None is an error: nn.BatchNorm2d's ``momentum=None`` (the
+            cumulative average) is ``1 / num_batches_tracked``, which the
+            caller passes (the fused blocks do).
         eps_h, eps_t: added to the variances.
 
     Returns:
@@ -186,6 +188,8 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     Gradients flow to ``a``, ``b``, ``x`` and the four affine parameters.
     The math, forward and backward, is in this module's docstring.
     """
+    if not (isinstance(momentum_h, float) and isinstance(momentum_t, float)):
+        check_momenta(momentum_h=momentum_h, momentum_t=momentum_t)
     a, b, x = promote_under_autocast([a, b, x])
     fused = fused_autograd("highway_gate", a, momentum_h, momentum_t)
     if fused is not None:

@@ -39,10 +39,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_activation, check_batch_norm, direct_launches,
+from ._common import (check_activation, check_batch_norm, check_momenta, direct_launches,
                       eager_function, empty_output, fused_autograd, memory_format, no_autocast,
-                      promote_under_autocast, select_op, stat_dtype,
-                      update_running_stats)
+                      promote_under_autocast, select_op, stat_dtype, update_running_stats)
 
 __all__ = ["resfuse_tail"]
 
@@ -212,6 +211,9 @@ def resfuse_tail(u: Tensor, h: Tensor,
         momentum_d, momentum_k: weight of the batch statistics in the running
             update (``F.batch_norm``'s momentum; a 0-dim tensor works too).
             The running statistics are updated in place when ``training``.
+            None is an error: nn.BatchNorm2d's ``momentum=None`` (the
+            cumulative average) is ``1 / num_batches_tracked``, which the
+            caller passes (the fused blocks do).
         eps_d, eps_k: added to the variances.
 
     Returns:
@@ -220,6 +222,8 @@ def resfuse_tail(u: Tensor, h: Tensor,
     Gradients flow to ``u``, ``h``, ``x``, ``w`` and the four affine
     parameters. The math, forward and backward, is in this module's docstring.
     """
+    if not (isinstance(momentum_d, float) and isinstance(momentum_k, float)):
+        check_momenta(momentum_d=momentum_d, momentum_k=momentum_k)
     u, h, x = promote_under_autocast([u, h, x])
     fused = fused_autograd("resfuse_tail", u, momentum_d, momentum_k)
     if fused is not None:

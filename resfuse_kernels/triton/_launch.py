@@ -32,6 +32,7 @@ float64 for float64 storage; loads upcast to it, stores cast back.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -78,23 +79,59 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     the first of each list is used; under the interpreter one small tile
     (BLOCK_S 16, the other sizes 32). ``num_stages``: software pipelining
     depth of a ``tl.dot`` loop (it stages the loop's loads in shared memory).
+    The full lists stay reachable, whatever runs by default, as the
+    tuner's ``configs_by_layout`` (NCHW list, channels_last list), which
+    :func:`forced_config` launches.
     """
+    full = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
     if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
         tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names, num_stages)
-        return lambda fn: _remember_configs(triton.autotune(configs=tile, key=key)(fn), key)
-    if not AUTOTUNE:
-        nchw, channels_last = nchw[:1], channels_last[:1]
-    by_layout = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
+        return lambda fn: _remember_configs(triton.autotune(configs=tile, key=key)(fn), key,
+                                            full)
+    by_layout = (full[0][:1], full[1][:1]) if not AUTOTUNE else full
 
     def prune(configs, named_args, **kwargs):
         return by_layout[1] if named_args["LAYOUT"] else by_layout[0]
 
     return lambda fn: _remember_configs(
         triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
-                        prune_configs_by={"early_config_prune": prune})(fn), key)
+                        prune_configs_by={"early_config_prune": prune})(fn), key, full)
 
 
-def _remember_configs(tuner, key: list[str]):
+# Index of the configuration every eager launch of an autotuned kernel uses
+# (None: tune as usual); set by forced_config, read by _remember_configs.
+_FORCED: int | None = None
+
+
+@contextlib.contextmanager
+def forced_config(index: int):
+    """Within the block, every eager launch of an autotuned kernel skips
+    tuning (and the remembered choices) and uses configuration ``index`` of
+    its layout's list (``configs_by_layout``; NCHW or channels_last by the
+    ``LAYOUT`` argument), taken modulo that list's length: one loop up to
+    the longest list (:func:`num_configs`) runs every configuration of every
+    list. For tests: under the interpreter and with
+    ``RESFUSE_TRITON_AUTOTUNE=0`` only one configuration runs otherwise, yet
+    production tuning can pick any. (torch.compile's traced launches are
+    Inductor's, not affected.)"""
+    global _FORCED
+    previous, _FORCED = _FORCED, int(index)
+    try:
+        yield
+    finally:
+        _FORCED = previous
+
+
+# Every autotuned kernel (its Autotuner), in definition order.
+TUNED: list = []
+
+
+def num_configs() -> int:
+    """Length of the longest configuration list of any autotuned kernel."""
+    return max(len(c) for tuner in TUNED for c in tuner.configs_by_layout)
+
+
+def _remember_configs(tuner, key: list[str], configs_by_layout: tuple[list, list]):
     """``tuner`` (Triton's ``Autotuner``) launching, once a key is tuned, its
     kernel with the chosen configuration directly.
 
@@ -106,12 +143,23 @@ def _remember_configs(tuner, key: list[str]):
     passes by position, and the first argument's dtype; a new key goes
     through the ``Autotuner`` (tuning, pruning) and its ``best_config`` is
     kept. The object stays an ``Autotuner``, so torch.compile's
-    ``wrap_triton`` still sees its configurations."""
+    ``wrap_triton`` still sees its configurations.
+
+    Under :func:`forced_config` a launch takes the forced configuration of
+    ``configs_by_layout`` and neither reads nor writes ``chosen``: no forced
+    choice outlives the block, and no remembered one overrides it."""
     tune = tuner.run
     where = [tuner.fn.arg_names.index(k) for k in key]
+    at_layout = tuner.fn.arg_names.index("LAYOUT")
+    tuner.configs_by_layout = configs_by_layout
     chosen: dict[tuple, dict] = {}
 
     def run(*args, grid, warmup=False, **kwargs):
+        if _FORCED is not None:  # the only check the normal path pays
+            layout = args[at_layout] if len(args) > at_layout else kwargs["LAYOUT"]
+            configs = configs_by_layout[1 if layout else 0]
+            return tuner.fn.run(*args, grid=grid, warmup=warmup, **kwargs,
+                                **configs[_FORCED % len(configs)].all_kwargs())
         if len(args) <= max(where):  # a key argument by keyword: not ours
             return tune(*args, grid=grid, warmup=warmup, **kwargs)
         k = (*[args[i] for i in where], args[0].dtype)
@@ -123,6 +171,7 @@ def _remember_configs(tuner, key: list[str]):
         return tuner.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config)
 
     tuner.run = run
+    TUNED.append(tuner)
     return tuner
 
 
@@ -268,13 +317,16 @@ if INTERPRET:
 
         The interpreter truncates float32 -> bfloat16 (a GPU rounds to
         nearest even), which biases every stored value by half an ulp: round
-        first by adding 0x7FFF plus the lowest kept bit, so its truncation
-        gives the GPU's result (NaN is left alone: the carry could make it Inf).
+        the float32 bits (adding 0x7FFF plus the lowest kept bit) and take
+        the top 16 as the bfloat16's own bits. (Handing the rounded float32
+        back to the interpreter's conversion instead made 0 the subnormal
+        1.2e-38.) NaN is converted as it is: the carry could make it Inf.
         """
         if ptr.dtype.element_ty == tl.bfloat16:
             bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
             bits += 0x7FFF + ((bits >> 16) & 1)
-            v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return tl.where(v != v, v.to(tl.bfloat16), rounded)
         return v.to(ptr.dtype.element_ty)
 else:
     @triton.jit
@@ -328,6 +380,36 @@ def chunk_range(N, S, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def twelve_bits(v):
+    """``v`` (float32 or float64) to 12 significant bits, in its dtype (the
+    float32 rounded half-way up, its low 12 bits dropped): a shift ``z0``
+    so rounded makes ``z - z0`` exact for every |z| < 2^12 |z0|. With all
+    24 bits, ``z - z0`` rounds z0's low bits away alike for every z of a
+    binade: a bias in every shifted sum. The cpu backend rounds its shifts
+    the same way (channel_shift, csrc/cpu/kernels.h)."""
+    bits = (v.to(tl.float32).to(tl.uint32, bitcast=True) + 0x800) & 0xFFFFF000
+    return bits.to(tl.float32, bitcast=True).to(v.dtype)
+
+
+@triton.jit
+def sample_shift(ptr, c, cmask, S, sc, ss, CT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per channel ``c``: the mean of image 0's first BLOCK_S pixels, to 12
+    bits (:func:`twelve_bits`), where its square exceeds their variance (a
+    mean far from 0), else 0 (a centred channel keeps its own digits); 0
+    where the sample is not finite. Every program of a launch loads the
+    same sample, so all shift alike."""
+    p = tl.arange(0, BLOCK_S)
+    mask = (p < S)[:, None] & cmask[None, :]
+    v = tl.load(ptr + p.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc, mask=mask,
+                other=0.0).to(CT)
+    count = tl.minimum(S, BLOCK_S) * 1.0
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    far = mean * mean > tl.sum(d * d, axis=0) / count
+    return tl.where(far & (mean - mean == 0.0), twelve_bits(mean), 0.0)
+
+
+@triton.jit
 def slot_welford(mean, m2, v, rows, inv_count):
     """Welford's update of running (mean, M2) tiles, one per register slot,
     with the tile ``v``. Rows where ``rows`` is false (pixels past the image)
@@ -359,7 +441,7 @@ def merge_slots(count, mean, m2):
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
-def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr,
+def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
                   N, C, S, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                   TWO: tl.constexpr, CT: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -367,6 +449,14 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr,
     cmask = c < C
     nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
+    # Welford runs on z - z0 (sample_shift), and the partials stay shifted
+    # until _stats_finalize adds z0 (shift_ptr) to the mean: at a large mean
+    # float32 means of z itself round at ulp(mean) (the variance erred 30x
+    # PyTorch's at a mean of 1000).
+    x0 = sample_shift(x_ptr, c, cmask, S, sxc, sxs, CT, BLOCK_S)
+    y0 = x0
+    if TWO:
+        y0 = sample_shift(y_ptr, c, cmask, S, syc, sys_, CT, BLOCK_S)
     count = tl.zeros([BLOCK_S], CT)
     mx = tl.zeros([BLOCK_S, BLOCK_C], CT)
     qx = tl.zeros([BLOCK_S, BLOCK_C], CT)
@@ -381,29 +471,35 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr,
         inv = 1.0 / tl.maximum(count, 1.0)
         n64 = n.to(tl.int64)
         v = tl.load(x_ptr + offsets(n64, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        mx, qx = slot_welford(mx, qx, v, rows, inv)
+        mx, qx = slot_welford(mx, qx, v - x0[None, :], rows, inv)
         if TWO:
             v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask,
                         other=0.0).to(CT)
-            my, qy = slot_welford(my, qy, v, rows, inv)
+            my, qy = slot_welford(my, qy, v - y0[None, :], rows, inv)
     total, mean_x, m2_x = merge_slots(count, mx, qx)
     chunk = tl.program_id(0)
     width = 2 * C if TWO else C
     row = chunk.to(tl.int64) * width
     tl.store(cnt_ptr + chunk + c * 0, total, mask=c == 0)
+    first_chunk = (c * 0 + chunk) == 0
+    tl.store(shift_ptr + c, x0, mask=cmask & first_chunk)
     tl.store(mean_ptr + row + c, mean_x, mask=cmask)
     tl.store(m2_ptr + row + c, m2_x, mask=cmask)
     if TWO:
         _, mean_y, m2_y = merge_slots(count, my, qy)
+        tl.store(shift_ptr + C + c, y0, mask=cmask & first_chunk)
         tl.store(mean_ptr + row + C + c, mean_y, mask=cmask)
         tl.store(m2_ptr + row + C + c, m2_y, mask=cmask)
 
 
 @triton.jit
-def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr, var_y_ptr,
-                    P, W, C, CT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, shift_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr,
+                    var_y_ptr, P, W, C, SHIFTED: tl.constexpr, CT: tl.constexpr,
+                    BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
     """Merge P per-chunk (count, mean, M2) rows of width W into (mean, biased var);
-    columns [0, C) go to the x outputs, [C, W) to the y outputs. Reads
+    columns [0, C) go to the x outputs, [C, W) to the y outputs. With
+    ``SHIFTED`` the partial means are of values less the column's shift
+    (``shift_ptr``), added back to the mean at the end. Reads
     [BLOCK_P, BLOCK] tiles of the partials: a loop over single rows would
     wait out one memory latency per chunk."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -431,6 +527,9 @@ def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr
         m2 += tl.sum(tl.where(tile, q + cnt[:, None] * d * d, 0.0), axis=0)
     var = m2 / tl.maximum(total, 1.0)
     var = tl.where(var < 0.0, 0.0, var)  # never negative; NaN stays NaN
+    if SHIFTED:  # in float64, rounded once: the shifted mean is small, the shift not
+        shift = tl.load(shift_ptr + c, mask=mask, other=0.0).to(tl.float64)
+        mean = (mean.to(tl.float64) + shift).to(CT)
     first = mask & (c < C)
     second = mask & (c >= C)
     tl.store(mean_x_ptr + c, mean, mask=first)
@@ -439,12 +538,15 @@ def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr
     tl.store(var_y_ptr + (c - C), var, mask=second)
 
 
-def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct) -> None:
+def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct,
+                   shift: torch.Tensor | None = None) -> None:
     """Launch :func:`_stats_finalize` over ``width`` columns of partials into
-    ``outs`` = [mean_x, var_x, mean_y, var_y]."""
+    ``outs`` = [mean_x, var_x, mean_y, var_y]; ``shift``: the per-column
+    shift of the partial means, if any."""
     block = 64
     launch(_stats_finalize)[(cdiv(width, block),)](
-        cnt, mean_p, m2_p, *outs, cnt.shape[0], width, c, CT=ct, BLOCK=block, BLOCK_P=32)
+        cnt, mean_p, m2_p, scratch(cnt) if shift is None else shift, *outs, cnt.shape[0],
+        width, c, SHIFTED=shift is not None, CT=ct, BLOCK=block, BLOCK_P=32)
 
 
 @triton.jit
@@ -513,13 +615,14 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     cnt = torch.empty(chunks, dtype=sdt, device=x.device)
     mean_p = torch.empty(chunks, width, dtype=sdt, device=x.device)
     m2_p = torch.empty_like(mean_p)
+    shift = torch.empty(width, dtype=sdt, device=x.device)
     ct = compute_type(x.dtype)
     if y is None:
         y, sy = x, sx
     launch(_stats_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        x, y, cnt, mean_p, m2_p, n, c, s, *sx, *sy, layout_flag(sx),
+        x, y, cnt, mean_p, m2_p, shift, n, c, s, *sx, *sy, layout_flag(sx),
         TWO=two, CT=ct)
     out = [torch.empty(c, dtype=sdt, device=x.device) for _ in range(4 if two else 2)]
     ys = out[2:] if two else [scratch(cnt), scratch(cnt)]  # never written when not two
-    finalize_stats(cnt, mean_p, m2_p, out[:2] + ys, width, c, ct)
+    finalize_stats(cnt, mean_p, m2_p, out[:2] + ys, width, c, ct, shift)
     return out

@@ -70,7 +70,9 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
     zt = (b - mt[None, :]) * scale_t[None, :] + bt[None, :]
     gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
     gt = _sigmoid(zt)
-    y = x + gt * (gh - x)
+    # H T + x (1 - T) in that form, not x + T (H - x): an infinite x gives
+    # inf - inf = NaN in the latter, +-Inf (as PyTorch) here.
+    y = gh * gt + x * (1.0 - gt)
     tl.store(y_ptr + offsets(n, s, c, syn, syc, sys_), to_storage(y, y_ptr), mask=mask)
 
 

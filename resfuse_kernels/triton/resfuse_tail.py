@@ -65,7 +65,7 @@ from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_sta
                       bn_vectors, cdiv, channel_vector, chunk_range, compute_type,
                       empty_like_format, finalize_stats, in_output_format, launch, layout_flag,
                       merge_slots, num_chunks, offsets, scratch, slot_welford, sum_partials,
-                      tile_coords, to_storage, view3)
+                      tile_coords, to_storage, twelve_bits, view3)
 
 
 @triton.jit
@@ -271,8 +271,8 @@ SHIFT_SAMPLE = 128
 def _carry_shift_kernel(x_ptr, x0_ptr, P, S, CX, sxn, sxc, sxs, CT: tl.constexpr,
                         SAMPLE: tl.constexpr, BLOCK_X: tl.constexpr):
     """x0 per input channel (program = block of channels): the mean of x's
-    first P <= SAMPLE pixels (image-major) if its square exceeds their
-    variance, else 0."""
+    first P <= SAMPLE pixels (image-major), to 12 significant bits, if its
+    square exceeds their variance, else 0."""
     cx = tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X)
     xm = cx < CX
     p = tl.arange(0, SAMPLE)
@@ -285,7 +285,10 @@ def _carry_shift_kernel(x_ptr, x0_ptr, P, S, CX, sxn, sxc, sxs, CT: tl.constexpr
     mean = tl.sum(v, axis=0) / count
     d = tl.where(mask, v - mean[None, :], 0.0)
     var = tl.sum(d * d, axis=0) / count
-    tl.store(x0_ptr + cx, tl.where(mean * mean > var, mean, 0.0).to(CT), mask=xm)
+    # 12 significant bits (twelve_bits): with all 24, the bias of x - x0
+    # was amplified by BatchNorm over three values to 4x PyTorch's error in dW
+    x0 = twelve_bits(mean).to(CT)
+    tl.store(x0_ptr + cx, tl.where(mean * mean > var, x0, 0.0), mask=xm)
 
 
 @triton.jit
