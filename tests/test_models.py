@@ -10,7 +10,7 @@ from torch import nn
 
 import resfuse_kernels as rk
 from _cases import lay_out, train_against_oracle as _compare_training
-from conftest import BACKENDS, DEVICE, assert_close, interpreted, sized
+from conftest import BACKENDS, DEVICE, interpreted, sized
 
 MODELS = ["resnet19", "highway19", "resfuse19", "resnet25", "resfuse25", "resnet34"]
 

@@ -159,15 +159,6 @@ inline void product_of_difference(const V& g, const V& z, const V& m, V& hi, V& 
   lo = V::blendv(lo, V(0), (hi - hi) != V(0));  // hi +-Inf or NaN: it alone, as PyTorch
 }
 
-template <typename V>
-inline double horizontal_sum(const V& v) {
-  alignas(64) typename V::value_type tmp[V::size()];
-  v.store(tmp);
-  double s = 0;
-  for (int64_t i = 0; i < V::size(); ++i) s += tmp[i];
-  return s;
-}
-
 // Elementwise pass: f(offset, pos, c, count) for every group of up to
 // Vec::size() consecutive elements; `offset` indexes the dense buffers,
 // `pos` is the position within the run and `c` the run's channel (NCHW).
