@@ -213,10 +213,14 @@ MUTANTS: list[Mutant] = [
     M("cpu-eps-k", "cpu", "eps", "csrc/cpu/ops.cpp",
       "running_mean_d, running_var_d);\n"
       "    const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);\n"
-      "    const Affine<A> bn_k = carry ? Affine<A>(*weight_k, *bias_k, mean_k, var_k, eps_k)",
+      "    // v is centred: BN_k's mean is 0\n"
+      "    const Affine<A> bn_k =\n"
+      "        carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k), var_k, eps_k)",
       "running_mean_d, running_var_d);\n"
       "    const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);\n"
-      "    const Affine<A> bn_k = carry ? Affine<A>(*weight_k, *bias_k, mean_k, var_k, eps_d)",
+      "    // v is centred: BN_k's mean is 0\n"
+      "    const Affine<A> bn_k =\n"
+      "        carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k), var_k, eps_d)",
       ops_tests("cpu", "test_resfuse_tail_matches_oracle"),
       "planted bug (a): the tail forward kernel uses BN_d's eps for BN_k"),
     M("cpu-eps-t", "cpu", "eps", "csrc/cpu/ops.cpp",
@@ -268,8 +272,8 @@ MUTANTS: list[Mutant] = [
       "const Tensor prm_t = bn_params<A>(mean_t, var_t, weight_t, bias_t, eps_h);",
       EMULATION, "the highway forward uses BN_h's eps for BN_t"),
     M("cuda-carry-stats-from-u", "cuda", "wrong tensor", "csrc/cuda/resfuse_tail.cu",
-      "std::tie(mean_k, var_k) = stats_or_running<A>(v, g, training, running_mean_k,",
-      "std::tie(mean_k, var_k) = stats_or_running<scalar_t>(u, g, training, running_mean_k,",
+      "carry_stats(vp, g, training, running_mean_k, running_var_k);",
+      "carry_stats(u.to(vp.scalar_type()), g, training, running_mean_k, running_var_k);",
       EMULATION, "the carry's BN_k statistics taken from u instead of v = W x"),
     M("cuda-ragged-channels", "cuda", "ragged tile", "csrc/cuda/bn.cuh",
       "plan.groups = ceil_div(cv, bx);",

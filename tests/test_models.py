@@ -10,7 +10,7 @@ from torch import nn
 
 import resfuse_kernels as rk
 from _cases import lay_out, train_against_oracle as _compare_training
-from conftest import BACKENDS, DEVICE, interpreted, sized
+from conftest import BACKENDS, DEVICE, RULE, interpreted, sized
 
 MODELS = ["resnet19", "highway19", "resfuse19", "resnet25", "resfuse25", "resnet34"]
 
@@ -141,8 +141,8 @@ def test_momentum_none_cumulative_average(backend, kind):
                          _model_cases(["highway19", "resfuse19"], ["resfuse19"]),
                          indirect=["backend"])
 def test_fused_model_under_bf16_autocast(backend, name):
-    """Under bf16 autocast the fused model errs at most ~2x what the
-    reference model errs at bf16 (STYLE.md), output and the whole gradient,
+    """Under bf16 autocast the fused model errs at most K times what the
+    reference model errs at bf16 (conftest.RULE), output and the whole gradient,
     both against the reference model run in float64.
 
     One draw is too noisy to judge: at this size bf16 rounding is amplified
@@ -169,4 +169,7 @@ def test_fused_model_under_bf16_autocast(backend, name):
             errors[i, 0] += ((out.detach().double() - out64.detach()).norm() / out64.norm()).item()
             errors[i, 1] += ((grad - grad64).norm() / grad64.norm()).item()
     (ref_out, ref_grad), (fused_out, fused_grad) = errors / 4
-    assert fused_out <= 2 * ref_out and fused_grad <= 2 * ref_grad, errors / 4
+    # RULE's K for bf16; its ULPS term (two bf16 ulps, 1.6 % here) would
+    # dwarf the reference's own ~1 % relative error of the output
+    k, _ = RULE[torch.bfloat16]
+    assert fused_out <= k * ref_out and fused_grad <= k * ref_grad, errors / 4

@@ -3,23 +3,28 @@
 //
 // Launch plan (M = N*H*W values per channel, P partial blocks per channel):
 //   forward, training:
-//     [carry] v = W x         ATen matmul (cuBLAS), acc dtype, op layout   reads x; writes v
+//     [carry] v = W x         ATen matmul (cuBLAS), product dtype, op layout  reads x; writes v
 //     stats(u) [, stats(v)]   reduce (C or C/bx, P) + finalize (C) each    reads u [, v]
+//     [carry] v - mean(v)     ATen, rounded to the acc dtype (`centred`)   reads v; writes it
 //     bn_params d [, k]       (C)
 //     apply                   pointwise: y = relu(...)                     reads u, h [, v]; writes y
 //   forward, eval: copies of the running statistics, then as above.
 //   backward:
-//     [carry] v = W x         matmul again (recomputed, not saved)
+//     [carry] v - mean(v)     matmul and mean again (recomputed, not saved)
 //     bn_params d [, k]       (C)
 //     sums                    reduce: sum g, g u_hat [, g v_hat]           reads dy, u, h [, v]
 //                             and dh = g = dy [z > 0]                       writes dh
 //                             + finalize: dweight/dbias, coefficients k2, k3
 //     apply                   pointwise: du [, dv] from g = dh             reads dh, u [, v]
-//     [carry] dx = W^T dv,  dW = sum_{n,s} dv x^T       two matmuls
+//     [carry] dx = W^T dv,  dW = sum_{n,s} dv x^T       two matmuls, product dtype
 // z is recomputed by the sums pass only; g is exact in the storage dtype (dy
 // or 0), so the apply pass reads it back from dh instead of dy and h.
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include "bn.cuh"
 #include "ops.h"
@@ -125,10 +130,19 @@ struct TailBackward {
   }
 };
 
-// x in acc dtype, dense in the op's layout, and W as (K, Cx) in acc dtype.
+// The dtype of the carry's products v = W x, dx = W^T dv and dW = dv x^T:
+// double for float32/float64 storage, as the cpu backend's and the
+// composite's (BatchNorm over few values amplifies a float32 product's
+// rounding: dW erred 5x the composite's at two values a channel); float for
+// bf16/fp16, whose storage rounds more than a float32 product.
+at::ScalarType product_type(at::ScalarType storage) {
+  return storage == at::kFloat || storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x in the product dtype, dense in the op's layout, and W as (K, Cx).
 std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const Geo& g,
-                                         at::ScalarType acc) {
-  return {x.to(acc).contiguous(g.format()), w.reshape({w.size(0), w.size(1)}).to(acc)};
+                                         at::ScalarType prod) {
+  return {x.to(prod).contiguous(g.format()), w.reshape({w.size(0), w.size(1)}).to(prod)};
 }
 
 // v = W x as an (N, K, H, W) tensor in the op's layout, through cuBLAS:
@@ -141,6 +155,32 @@ Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
     return v.view({g.N, H, W, K}).permute({0, 3, 1, 2});
   }
   return at::matmul(w2, xa.reshape({g.N, Cx, g.S})).view({g.N, K, H, W});
+}
+
+// v - centre (per channel, in v's dtype) rounded once to `acc`, in g's
+// layout: the kernels normalise it with mean 0. Centred before rounding:
+// at a mean far from the spread, v itself rounded to float32 loses the
+// digits of v - mean(v) that BatchNorm magnifies.
+Tensor centred(const Tensor& v, const Tensor& centre, const Geo& g, at::ScalarType acc) {
+  return fit(at::sub(v, centre.view({1, -1, 1, 1})).to(acc), g);
+}
+
+// Batch statistics (training) or copies of the running ones (eval) of v, in
+// v's (the product) dtype.
+std::pair<Tensor, Tensor> carry_stats(const Tensor& v, const Geo& g, bool training,
+                                      const std::optional<Tensor>& running_mean,
+                                      const std::optional<Tensor>& running_var) {
+  if (v.scalar_type() == at::kDouble)
+    return stats_or_running<double>(v, g, training, running_mean, running_var);
+  return stats_or_running<float>(v, g, training, running_mean, running_var);
+}
+
+// The carry's centre in v's dtype: the batch mean in training, the running
+// mean (mean_k) in eval.
+Tensor carry_centre(const Tensor& v, const Tensor& mean_k, const Geo& g, bool training) {
+  if (!training) return mean_k.to(v.scalar_type());
+  if (g.N * g.S == 0) return at::zeros({v.size(1)}, v.options());
+  return at::mean(v, {0, 2, 3});
 }
 
 void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const Tensor& bias_d,
@@ -189,11 +229,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
                                                          running_var_d);
     const Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
     if (carry) {
-      auto [xa, w2] = carry_operands(*x_in, *w, g, acc);
-      v = fit(carry_product(xa, w2, g), g);
-      std::tie(mean_k, var_k) = stats_or_running<A>(v, g, training, running_mean_k,
-                                                    running_var_k);
-      prm_k = bn_params<A>(mean_k, var_k, *weight_k, *bias_k, eps_k);
+      auto [xp, w2] = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
+      const Tensor vp = fit(carry_product(xp, w2, g), g);
+      auto [centre, var_v] = carry_stats(vp, g, training, running_mean_k, running_var_k);
+      mean_k = centre.to(acc), var_k = var_v.to(acc);
+      v = centred(vp, centre, g, acc);
+      prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);  // v centred
     } else {
       mean_k = at::empty({0}, u.options().dtype(acc));
       var_k = at::empty({0}, u.options().dtype(acc));
@@ -243,10 +284,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
     dweight_d = at::zeros({C}, opts), dbias_d = at::zeros({C}, opts);
     if (carry) {
-      std::tie(xa, w2) = carry_operands(*x_in, *w, g, acc);
-      v = fit(carry_product(xa, w2, g), g);
+      std::tie(xa, w2) = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
+      const Tensor vp = fit(carry_product(xa, w2, g), g);
+      v = centred(vp, carry_centre(vp, mean_k, g, training), g, acc);
       dv = at::empty(u_in.sizes(), opts.memory_format(g.format()));
-      prm_k = bn_params<A>(mean_k, var_k, *weight_k, *bias_k, eps_k);
+      prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);
       dweight_k = at::zeros({C}, opts), dbias_k = at::zeros({C}, opts);
     }
     const Bn<A> bn_d{prm_d.const_data_ptr<A>(), C};
@@ -274,13 +316,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     });
     if (carry) {
       const int64_t K = w2.size(0), Cx = w2.size(1), H = u_in.size(2), W = u_in.size(3);
+      const Tensor dvp = dv.to(xa.scalar_type());
       if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM each
-        const Tensor dv2 = dv.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
+        const Tensor dv2 = dvp.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
         const Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx});
         dx = at::matmul(dv2, w2).view({g.N, H, W, Cx}).permute({0, 3, 1, 2});
         dw = at::matmul(dv2.t(), x2);
       } else {  // per image (K, S) and (Cx, S)
-        const Tensor dv3 = dv.view({g.N, K, g.S}), x3 = xa.view({g.N, Cx, g.S});
+        const Tensor dv3 = dvp.view({g.N, K, g.S}), x3 = xa.view({g.N, Cx, g.S});
         dx = at::matmul(w2.t(), dv3).view({g.N, Cx, H, W});
         dw = at::bmm(dv3, x3.transpose(1, 2)).sum(0);
       }
