@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <optional>
 
+#include "layout.h"
+
 namespace resfuse_autograd {
 
 using at::Tensor;
@@ -31,13 +33,7 @@ using Opt = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The memory format of an op's output for first activation `t`
-// (resfuse_kernels/ops/_common.py, memory_format).
-inline at::MemoryFormat format_of(const Tensor& t) {
-  if (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
+using resfuse::format_of;
 
 // One BatchNorm's running update from the batch's (mean, biased var) over
 // `count` values per channel, as nn.BatchNorm2d.

@@ -292,7 +292,7 @@ MUTANTS: list[Mutant] = [
       "const A t = sigmoid(-lt.affine(bv[l], l));",
       EMULATION, "the highway forward's gate is sigmoid(-z)"),
     M("cuda-dx-format", "cuda", "memory format", "csrc/cuda/highway_gate.cu",
-      "dx.contiguous(out_format(x_in)),",
+      "dx.contiguous(resfuse::format_of(x_in)),",
       "dx.contiguous(),",
       EMULATION, "the highway backward returns dx contiguous for a channels_last x"),
 ]

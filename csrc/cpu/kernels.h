@@ -23,6 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../layout.h"
+
 namespace resfuse_cpu {
 
 using at::Tensor;
@@ -36,7 +38,7 @@ struct Geometry {
   bool channels_last;
 
   static Geometry of(const Tensor& t) {
-    bool cl = !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const bool cl = resfuse::format_of(t) == at::MemoryFormat::ChannelsLast;
     return {t.size(0), t.size(1), t.size(2) * t.size(3), cl};
   }
   at::MemoryFormat format() const {

@@ -31,6 +31,7 @@
 #include <optional>
 #include <utility>
 
+#include "../layout.h"
 #include "common.cuh"
 
 namespace resfuse_cuda {
@@ -49,16 +50,9 @@ struct Geo {
   int64_t count() const { return N * S; }  // values per channel
 };
 
-// The memory format of an op's output for activation t (ops/_common.py).
-inline at::MemoryFormat out_format(const Tensor& t) {
-  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
-
 inline Geo geometry(const Tensor& first) {
   return {first.size(0), first.size(1), first.size(2) * first.size(3),
-          out_format(first) == at::MemoryFormat::ChannelsLast};
+          resfuse::format_of(first) == at::MemoryFormat::ChannelsLast};
 }
 
 // Stride of the merged S = H*W axis, or -1 when H and W do not merge.

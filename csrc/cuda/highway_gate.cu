@@ -200,8 +200,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
       pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
     });
   });
-  return {da.contiguous(out_format(a_in)), db.contiguous(out_format(b_in)),
-          dx.contiguous(out_format(x_in)),
+  return {da.contiguous(resfuse::format_of(a_in)), db.contiguous(resfuse::format_of(b_in)),
+          dx.contiguous(resfuse::format_of(x_in)),
           dweight_h.to(weight_h.scalar_type()), dbias_h.to(bias_h.scalar_type()),
           dweight_t.to(weight_t.scalar_type()), dbias_t.to(bias_t.scalar_type())};
 }

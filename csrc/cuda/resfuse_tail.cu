@@ -331,13 +331,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
   });
   if (!carry) {  // the carry's four gradients are empty tensors, as the composite's
     const Tensor none = at::empty({0}, u_in.options());
-    return {du.contiguous(out_format(u_in)), dh.contiguous(out_format(h_in)),
+    return {du.contiguous(resfuse::format_of(u_in)), dh.contiguous(resfuse::format_of(h_in)),
             dweight_d.to(weight_d.scalar_type()), dbias_d.to(bias_d.scalar_type()),
             none, none.clone(), none.clone(), none.clone()};
   }
-  return {du.contiguous(out_format(u_in)), dh.contiguous(out_format(h_in)),
+  return {du.contiguous(resfuse::format_of(u_in)), dh.contiguous(resfuse::format_of(h_in)),
           dweight_d.to(weight_d.scalar_type()), dbias_d.to(bias_d.scalar_type()),
-          dx.to(x_in->scalar_type()).contiguous(out_format(*x_in)),
+          dx.to(x_in->scalar_type()).contiguous(resfuse::format_of(*x_in)),
           dw.reshape(w->sizes()).to(w->scalar_type()),
           dweight_k.to(weight_k->scalar_type()), dbias_k.to(bias_k->scalar_type())};
 }
