@@ -198,10 +198,10 @@ def test_statistics_at_a_large_mean():
         torch.testing.assert_close(var.double(), want_var, rtol=1e-3, atol=0)
 
 
-# The same sources compiled as C++ on csrc/cuda/emulation.h (threads for CUDA
+# The same sources compiled as C++ on csrc/cuda/emulation.h (fibers for CUDA
 # threads, barriers for __syncthreads) run on CPU tensors: index math,
 # reductions, block synchronisation and the host code are checked without a
-# GPU. Slow per launch, so the cases are few and small.
+# GPU. Every CUDA thread runs as a fiber, so the cases are few and small.
 
 EMULATION = os.path.join(ROOT, "tests", "cuda_emulation")
 
