@@ -162,7 +162,8 @@ def pytest_generate_tests(metafunc):
     rounds = metafunc.config.getoption("soak")
     if rounds:
         metafunc.fixturenames.append("soak_seed")
-        base = int.from_bytes(os.urandom(4), "little")
+        # RESFUSE_SOAK_BASE=B replays a soak (seeds B, B + 1, ...)
+        base = int(os.environ.get("RESFUSE_SOAK_BASE") or int.from_bytes(os.urandom(4), "little"))
         metafunc.parametrize("soak_seed", [(base + i) % 2 ** 32 for i in range(rounds)],
                              ids=[f"soak{i}" for i in range(rounds)])
 

@@ -110,15 +110,25 @@ def _close(got, oracle, base, dtype, what):
     assert_close(got, oracle, dtype, what, base)
 
 
-def _compare(ops, name, args, names):
-    """ops.<name> against the composite's: returns the composite's outputs."""
+def _compare(ops, name, args, names, chained=None):
+    """ops.<name> against the composite's, the composite at float64 being
+    the oracle. Returns the three runs' outputs (composite, oracle, ops).
+
+    ``chained`` (a backward after a forward): a function of a run's forward
+    outputs giving the statistics to append to its arguments, so that each
+    backward gets the statistics its own forward returned, as autograd hands
+    them (the cpu and cuda backwards centre the carry on the batch mean they
+    recompute in double, not on the rounded mean they are given)."""
     dtype = args[0].dtype
-    base = getattr(composite, name)(*args)
-    oracle = getattr(composite, name)(*_f64(args))
-    got = getattr(ops, name)(*args)
+    runs = [(getattr(composite, name), args), (getattr(composite, name), _f64(args)),
+            (getattr(ops, name), args)]
+    outs = []
+    for i, (fn, a) in enumerate(runs):
+        outs.append(fn(*(a if chained is None else chained(a, i))))
+    base, oracle, got = outs
     for what, g, o, b in zip(names, got, oracle, base):
         _close(g, o, b, dtype, what)
-    return base
+    return outs
 
 
 def _compare_highway(ops, device, shape, dtype, layout, training):
@@ -127,11 +137,18 @@ def _compare_highway(ops, device, shape, dtype, layout, training):
     wh, bh, rmh, rvh = _bn(shape[1], device)
     wt, bt, rmt, rvt = _bn(shape[1], device)
     args = (a, b, x, wh, bh, rmh, rvh, wt, bt, rmt, rvt, training, 1e-5, 1e-3)
-    _, mh, vh, mt, vt = _compare(ops, "highway_gate_forward", args,
-                                 ("y", "mean_h", "var_h", "mean_t", "var_t"))
-    bargs = (g, a, b, x, wh, bh, mh, vh, wt, bt, mt, vt, training, 1e-5, 1e-3)
-    _compare(ops, "highway_gate_backward", bargs,
-             ("da", "db", "dx", "dweight_h", "dbias_h", "dweight_t", "dbias_t"))
+    forwards = _compare(ops, "highway_gate_forward", args,
+                        ("y", "mean_h", "var_h", "mean_t", "var_t"))
+
+    def with_stats(tensors, run):
+        g_, a_, b_, x_, wh_, bh_, wt_, bt_ = tensors
+        _, mh, vh, mt, vt = forwards[run]
+        return (g_, a_, b_, x_, wh_, bh_, mh, vh, wt_, bt_, mt, vt, training, 1e-5, 1e-3)
+
+    tensors = (g, a, b, x, wh, bh, wt, bt)
+    _compare(ops, "highway_gate_backward", tensors,
+             ("da", "db", "dx", "dweight_h", "dbias_h", "dweight_t", "dbias_t"),
+             chained=with_stats)
 
 
 def _compare_tail(ops, device, shape, dtype, layout, training, carry, carry_channels=5):
@@ -146,11 +163,17 @@ def _compare_tail(ops, device, shape, dtype, layout, training, carry, carry_chan
     else:
         x = w = wk = bk = rmk = rvk = None
     args = (u, h, wd, bd, rmd, rvd, x, w, wk, bk, rmk, rvk, training, 0.1, 1e-4)
-    _, md, vd, mk, vk = _compare(ops, "resfuse_tail_forward", args,
-                                 ("y", "mean_d", "var_d", "mean_k", "var_k"))
-    bargs = (g, u, h, wd, bd, md, vd, x, w, wk, bk, mk, vk, training, 0.1, 1e-4)
-    _compare(ops, "resfuse_tail_backward", bargs,
-             ("du", "dh", "dweight_d", "dbias_d", "dx", "dw", "dweight_k", "dbias_k"))
+    forwards = _compare(ops, "resfuse_tail_forward", args,
+                        ("y", "mean_d", "var_d", "mean_k", "var_k"))
+
+    def with_stats(tensors, run):
+        g_, u_, h_, wd_, bd_, x_, w_, wk_, bk_ = tensors
+        _, md, vd, mk, vk = forwards[run]
+        return (g_, u_, h_, wd_, bd_, md, vd, x_, w_, wk_, bk_, mk, vk, training, 0.1, 1e-4)
+
+    _compare(ops, "resfuse_tail_backward", (g, u, h, wd, bd, x, w, wk, bk),
+             ("du", "dh", "dweight_d", "dbias_d", "dx", "dw", "dweight_k", "dbias_k"),
+             chained=with_stats)
 
 
 LAYOUTS = ["nchw", "channels_last", "strided"]

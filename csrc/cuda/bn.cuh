@@ -348,14 +348,21 @@ struct BnLanes {
   __device__ __forceinline__ A affine(A z, int l) const {
     return (z - mean[l]) * scale[l] + bias[l];
   }
-  __device__ __forceinline__ A normalised(A z, int l) const { return (z - mean[l]) * rstd[l]; }
+  // z - mean in double: exact for float z and mean (the backward's sums
+  // take g (z - mean) exactly, as the cpu backend's product_of_difference).
+  __device__ __forceinline__ double centred(A z, int l) const {
+    return static_cast<double>(z) - static_cast<double>(mean[l]);
+  }
   // The input gradient from g = dL/dBN(z):
   //   training: w r (g - sum_g/M - z_hat sum_gz/M) = k1 g + k2 (z - mean) + k3
   //   eval:     w r g
-  // with k1 = w r, k2 = -w r^2 sum_gz/M, k3 = -w r sum_g/M (grad_finalize).
+  // with k1 = w r, k2 = -w r^2 sum_gz/M, k3 = -w r sum_g/M (grad_finalize),
+  // as k1 g + (k2 (z - mean) + k3) with two FMAs, as the cpu backend's: the
+  // terms cancel where the BatchNorm runs over few values, and each rounding
+  // of a term's size counts (three of them made dv err 2x the composite's).
   __device__ __forceinline__ A input_grad(A g, A z, int l, bool training) const {
-    const A k1g = scale[l] * g;
-    return training ? k1g + k2[l] * (z - mean[l]) + k3[l] : k1g;
+    if (!training) return scale[l] * g;
+    return fused_madd(scale[l], g, fused_madd(k2[l], z - mean[l], k3[l]));
   }
 };
 
@@ -481,40 +488,43 @@ reduce_cl_kernel(F f, int64_t N, int64_t C, int64_t S, A* part) {
         for (int l = 0; l < V; ++l) acc[k][l] += v[k][l];
     }
   }
-  __shared__ A sm[kThreads * V * K];
-  const int slot = (ty * bx + tx) * V * K;
+  // one sum at a time through shared memory (all K at once in double would
+  // overflow the 48 KiB of static shared memory at V = 8, K = 4)
+  __shared__ A sm[kThreads * V];
+  const int slot = (ty * bx + tx) * V;
 #pragma unroll
-  for (int k = 0; k < K; ++k)
+  for (int k = 0; k < K; ++k) {
 #pragma unroll
-    for (int l = 0; l < V; ++l) sm[slot + k * V + l] = acc[k][l];
-  __syncthreads();
-  for (int stride = by / 2; stride > 0; stride >>= 1) {
-    if (ty < stride)
-#pragma unroll
-      for (int j = 0; j < V * K; ++j) sm[slot + j] += sm[slot + stride * bx * V * K + j];
+    for (int l = 0; l < V; ++l) sm[slot + l] = acc[k][l];
     __syncthreads();
+    for (int stride = by / 2; stride > 0; stride >>= 1) {
+      if (ty < stride)
+#pragma unroll
+        for (int l = 0; l < V; ++l) sm[slot + l] += sm[slot + stride * bx * V + l];
+      __syncthreads();
+    }
+    if (ty == 0 && active)
+#pragma unroll
+      for (int l = 0; l < V; ++l) part[(k * P + p) * C + cv * V + l] = sm[slot + l];
+    __syncthreads();  // read before the next sum overwrites it
   }
-  if (ty == 0 && active)
-#pragma unroll
-    for (int k = 0; k < K; ++k)
-#pragma unroll
-      for (int l = 0; l < V; ++l) part[(k * P + p) * C + cv * V + l] = sm[slot + k * V + l];
 }
 
 // Where one BN's gradient sums are and where its results go.
 template <typename A>
 struct BnGrad {
-  int sum_g, sum_gz;  // indices of sum(g) and sum(g * z_hat) among the K sums
+  int sum_g, sum_gz;  // indices of sum(g) and sum(g (z - mean)) among the K sums
   A* dweight;
   A* dbias;
   A* table;  // its parameter table: kK2 and kK3 are written
 };
 
-// Adds the P partials of each channel in double (a warp per channel); for
-// each of the `nbn` BNs writes dbias = sum(g), dweight = sum(g z_hat) and the
-// coefficients k2, k3 of Bn::input_grad (zero in eval, and for an empty batch).
+// Adds the P partials of each channel (double, a warp per channel); for
+// each of the `nbn` BNs writes dbias = sum(g), dweight = rstd sum(g (z - mean))
+// and the coefficients k2, k3 of Bn::input_grad (zero in eval, and for an
+// empty batch).
 template <int K, typename A>
-__global__ void grad_finalize_kernel(const A* part, int64_t P, int64_t C, double M,
+__global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, double M,
                                      bool training, int nbn, BnGrad<A> bn0, BnGrad<A> bn1) {
   const int lane = threadIdx.x & 31;
   const int64_t c = blockIdx.x * static_cast<int64_t>(kFinalizeWarps) + (threadIdx.x >> 5);
@@ -523,48 +533,51 @@ __global__ void grad_finalize_kernel(const A* part, int64_t P, int64_t C, double
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     s[k] = 0;
-    for (int64_t p = lane; p < P; p += 32) s[k] += static_cast<double>(part[(k * P + p) * C + c]);
+    for (int64_t p = lane; p < P; p += 32) s[k] += part[(k * P + p) * C + c];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s[k] += __shfl_down_sync(0xffffffffu, s[k], o);
   }
   if (lane != 0) return;
   for (int j = 0; j < nbn; ++j) {
     const BnGrad<A>& b = j == 0 ? bn0 : bn1;
-    double sg = 0, sgz = 0;
+    double sg = 0, sgc = 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) {  // constant indices keep s[] in registers
       if (k == b.sum_g) sg = s[k];
-      if (k == b.sum_gz) sgz = s[k];
+      if (k == b.sum_gz) sgc = s[k];
     }
-    b.dbias[c] = static_cast<A>(sg);
-    b.dweight[c] = static_cast<A>(sgz);
     const double wr = static_cast<double>(b.table[kScale * C + c]);
     const double r = static_cast<double>(b.table[kRstd * C + c]);
+    const double sgz = r * sgc;  // sum(g z_hat)
+    b.dbias[c] = static_cast<A>(sg);
+    b.dweight[c] = static_cast<A>(sgz);
     const bool batch = training && M > 0;
     b.table[kK2 * C + c] = static_cast<A>(batch ? -wr * r * sgz / M : 0.0);
     b.table[kK3 * C + c] = static_cast<A>(batch ? -wr * sg / M : 0.0);
   }
 }
 
-// Runs the K-sum reduction of functor f (built for layout CL and width V)
-// and its finalize for up to two BNs.
+// Runs the K-sum reduction of functor f (built for layout CL and width V;
+// it yields double values, summed in double: as the cpu backend's sums, and
+// float partials of g (z - mean) erred up to 10x the composite's where a
+// BatchNorm runs over two values) and its finalize for up to two BNs.
 template <int K, bool CL, int V, typename A, typename F>
 void grad_sums(const F& f, const Geo& g, const at::TensorOptions& opts, bool training,
                int nbn, BnGrad<A> bn0, BnGrad<A> bn1) {
   if (g.C == 0) return;
   const cudaStream_t stream = current_stream();
   const Plan plan = reduction_plan(g, V);
-  Tensor part = at::empty({K, plan.P, g.C}, opts);
+  Tensor part = at::empty({K, plan.P, g.C}, opts.dtype(at::kDouble));
   if constexpr (CL) {
-    launch(reduce_cl_kernel<K, V, A, F>, dim3(plan.groups, plan.P), dim3(plan.bx, plan.by),
-           stream, f, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+    launch(reduce_cl_kernel<K, V, double, F>, dim3(plan.groups, plan.P), dim3(plan.bx, plan.by),
+           stream, f, g.N, g.C, g.S, part.mutable_data_ptr<double>());
   } else {
-    launch(reduce_nchw_kernel<K, V, A, F>, dim3(g.C, plan.P), dim3(kThreads), stream, f, g.N,
-           g.C, g.S, part.mutable_data_ptr<A>());
+    launch(reduce_nchw_kernel<K, V, double, F>, dim3(g.C, plan.P), dim3(kThreads), stream, f,
+           g.N, g.C, g.S, part.mutable_data_ptr<double>());
   }
   launch(grad_finalize_kernel<K, A>, finalize_grid(g.C), dim3(kThreads), stream,
-         part.const_data_ptr<A>(), plan.P, g.C, static_cast<double>(g.count()), training, nbn,
-         bn0, bn1);
+         part.const_data_ptr<double>(), plan.P, g.C, static_cast<double>(g.count()), training,
+         nbn, bn0, bn1);
 }
 
 // ----------------------------------------------------------------- pointwise

@@ -72,9 +72,9 @@ struct HighwayBackward {
     load<V>(at_<CL>(x, n, c, s), xv);
   }
 
-  // The four sums: g_h, g_h a_hat, g_t, g_t b_hat.
+  // The four sums' terms: g_h, g_h (a - mean_h), g_t, g_t (b - mean_t).
   __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t s,
-                                             A (&out)[4][V]) const {
+                                             double (&out)[4][V]) const {
     A gv[V], av[V], bv[V], xv[V];
     load_all(n, c, s, gv, av, bv, xv);
     const BnLanes<A, V> lh = bn_h.template lanes<V, CL>(c), lt = bn_t.template lanes<V, CL>(c);
@@ -82,9 +82,9 @@ struct HighwayBackward {
     for (int l = 0; l < V; ++l) {
       const GateGrads<A> d = gate_grads(gv[l], av[l], bv[l], xv[l], lh, lt, l);
       out[0][l] = d.g_h;
-      out[1][l] = d.g_h * lh.normalised(av[l], l);
+      out[1][l] = static_cast<double>(d.g_h) * lh.centred(av[l], l);
       out[2][l] = d.g_t;
-      out[3][l] = d.g_t * lt.normalised(bv[l], l);
+      out[3][l] = static_cast<double>(d.g_t) * lt.centred(bv[l], l);
     }
   }
 

@@ -92,9 +92,10 @@ struct TailBackward {
     }
   }
 
-  // The three sums: g, g u_hat, g v_hat (0 without the carry); writes dh = g.
+  // The three sums' terms: g, g (u - mean_d), g v (v centred; 0 without the
+  // carry); writes dh = g.
   __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t s,
-                                             A (&out)[3][V]) const {
+                                             double (&out)[3][V]) const {
     A gm[V], uv[V], vv[V];
     BnLanes<A, V> ld, lk;
     masked(n, c, s, gm, uv, vv, ld, lk);
@@ -103,8 +104,8 @@ struct TailBackward {
 #pragma unroll
     for (int l = 0; l < V; ++l) {
       out[0][l] = gm[l];
-      out[1][l] = gm[l] * ld.normalised(uv[l], l);
-      out[2][l] = carry ? gm[l] * lk.normalised(vv[l], l) : A(0);
+      out[1][l] = static_cast<double>(gm[l]) * ld.centred(uv[l], l);
+      out[2][l] = carry ? static_cast<double>(gm[l]) * lk.centred(vv[l], l) : 0.0;
     }
   }
 

@@ -36,10 +36,11 @@ and, with the carry, ``dv``: it never reads ``dy`` or ``h``, so the plain
 tail's backward moves 7 activation tensors, not 8 (the carry's 10, not 11).
 **dx and dW are torch matmuls** on that materialised ``dv``: ``dx = dv W``
 and ``dW = dv^T x`` over the N*H*W pixels. For float32/float64 storage
-``dv`` is float32/float64 and ``dW`` takes x shifted by the kernels' x0,
-so that large means do not cancel; for bf16/fp16 storage ``dv`` is stored
-in that dtype and both are plain cuBLAS products with float32
-accumulation, as autocast's own convolution backward computes them. That
+``dv`` is float32/float64 and both products run in float64, as every
+backend's (BatchNorm over few values amplifies a float32 product's
+rounding, and a large mean of x cancels in dW); for bf16/fp16 storage
+``dv`` is stored in that dtype and both are plain cuBLAS products with
+float32 accumulation, as autocast's own convolution backward computes them. That
 is one extra write and two reads of a K-channel tensor compared with a
 fully fused backward.
 
@@ -460,16 +461,11 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         none = u.new_empty(0)
         return (*grads, none, none.clone(), none.clone(), none.clone())
     # torch matmuls on the materialised dv (see the module docstring)
-    dv2 = dv.view(n * s, k)
-    dx = (dv2 @ w2.to(dv.dtype)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
-    x2 = x.to(dv.dtype).permute(0, 2, 3, 1).reshape(n * s, cx)  # a view if channels_last
-    if low:
-        dw = dv2.t() @ x2
-    else:
-        # dW = dv^T (x - x0) + (sum dv) x0^T with the kernels' shift x0: the
-        # products stay O(std(x)) when x has a large mean (sum dv ~ 0 in training)
-        x0 = x0.to(dv.dtype)[None, :]
-        dw = dv2.t() @ (x2 - x0) + dv2.sum(0)[:, None] * x0
+    prod = dv.dtype if low else torch.float64
+    dv2 = dv.view(n * s, k).to(prod)
+    dx = (dv2 @ w2.to(prod)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
+    x2 = x.to(prod).permute(0, 2, 3, 1).reshape(n * s, cx)  # a view if channels_last
+    dw = dv2.t() @ x2
     # dx is (N, H, W, CX) in memory: the output already when x is channels_last
     dx = in_output_format(dx.to(x.dtype), x)
     return (*grads, dx, dw.reshape(w.shape).to(w.dtype), dweight_k, dbias_k)
