@@ -11,6 +11,7 @@ per usable backend.
 from __future__ import annotations
 
 import os
+import platform
 import runpy
 import shutil
 import subprocess
@@ -270,6 +271,9 @@ def emulated(tmp_path_factory):
     """torch.ops.resfuse_cuda_emu: the CUDA kernels on the CPU emulation."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler to build the CPU emulation of the CUDA kernels")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"the CUDA emulation's fibers switch stacks in x86-64 assembly, "
+                    f"not on {platform.machine()}")
     if not hasattr(torch.ops.resfuse_cuda_emu, "highway_gate_forward"):
         try:
             lib = _build_emulation(str(tmp_path_factory.mktemp("cuda_emu")))
