@@ -207,7 +207,7 @@ namespace {
 // matmul over the pixels for channels_last.
 Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g, at::ScalarType out) {
   const int64_t K = m.size(0), C = m.size(1);
-  const Tensor t64 = t.to(at::kDouble), m64 = m.to(at::kDouble);
+  const Tensor t64 = t.to(at::kDouble), m64 = m.to(at::kDouble);  // no-ops for double
   if (g.channels_last) {
     return at::mm(t64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}), m64.t())
         .to(out)
@@ -311,10 +311,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
-    Tensor x, v, dv;
+    Tensor x64, v, dv;  // x in double: for v's product and for dW
     if (carry) {
-      x = dense(*x_in, g);
-      const Tensor v64 = carry_product(x, *w, g);
+      x64 = dense(*x_in, g).to(at::kDouble);
+      const Tensor v64 = carry_product(x64, *w, g);
       v = centred(v64, carry_centre(v64, mean_k, g, training), g, acc);
       // dv overwrites v in place: the apply pass reads each v element just
       // before it writes that dv element (one big allocation fewer).
@@ -370,8 +370,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
       const int64_t K = w->size(0), C = w->size(1);
       // dx = W^T dv per pixel, as the forward's product; dW = dv x^T in
       // double too, for the same reason.
-      dx = pixel_product(dv, w->reshape({K, C}).t(), g, acc);
-      Tensor dv64 = dv.to(at::kDouble), x64 = x.to(at::kDouble);
+      const Tensor dv64 = dv.to(at::kDouble);
+      dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type());
       if (g.channels_last) {
         dw = at::mm(dv64.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
                     x64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}));
@@ -379,7 +379,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
         dw = at::bmm(dv64.reshape({g.N, K, g.S}), x64.reshape({g.N, C, g.S}).transpose(1, 2))
                  .sum(0);
       }
-      dx = dx.to(x_in->scalar_type()).contiguous(Geometry::of(*x_in).format());
+      dx = dx.contiguous(Geometry::of(*x_in).format());
       dw = dw.reshape(w->sizes()).to(w->scalar_type());
       dbias_k = channel_tensor(sums[0], *bias_k);
       dweight_k = channel_tensor(sum_gv, *weight_k);
