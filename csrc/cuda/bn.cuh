@@ -335,8 +335,10 @@ std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geo& g, bool t
 
 // ----------------------------------------------------------------- BN parameters
 
-// Rows of the (kParamRows, C) per-channel parameter table of one BN.
-enum ParamRow { kMean = 0, kRstd, kScale, kBias, kK2, kK3, kParamRows };
+// Rows of the (kParamRows, C) per-channel parameter table of one BN. kVar
+// and kWeight keep the inputs of rstd so that the backward's coefficients
+// are formed from the unrounded rstd, as the cpu backend's (Affine::rstd64).
+enum ParamRow { kMean = 0, kRstd, kScale, kBias, kK2, kK3, kVar, kWeight, kParamRows };
 
 // One BN's parameters for the V lanes of a vector, with the BN math on them.
 template <typename A, int V>
@@ -403,16 +405,19 @@ struct Bn {
 
 template <typename A>
 __global__ void bn_params_kernel(const A* mean, const A* var, const A* weight, const A* bias,
-                                 A eps, int64_t C, A* table) {
+                                 double eps, int64_t C, A* table) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
-  const A r = A(1) / sqrt(var[c] + eps);  // IEEE sqrt and division, as torch.rsqrt
+  // in double, each value rounded once: the cpu backend's Affine
+  const double r = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
   table[kMean * C + c] = mean[c];
-  table[kRstd * C + c] = r;
-  table[kScale * C + c] = weight[c] * r;
+  table[kRstd * C + c] = static_cast<A>(r);
+  table[kScale * C + c] = static_cast<A>(static_cast<double>(weight[c]) * r);
   table[kBias * C + c] = bias[c];
   table[kK2 * C + c] = A(0);
   table[kK3 * C + c] = A(0);
+  table[kVar * C + c] = var[c];
+  table[kWeight * C + c] = weight[c];
 }
 
 // The parameter table of one BN from its statistics and affine parameters
@@ -428,7 +433,7 @@ Tensor bn_params(const Tensor& mean, const Tensor& var, const Tensor& weight, co
   if (C > 0) {
     launch(bn_params_kernel<A>, dim3(ceil_div(C, kThreads)), dim3(kThreads), current_stream(),
            m.const_data_ptr<A>(), v.const_data_ptr<A>(), w.const_data_ptr<A>(),
-           b.const_data_ptr<A>(), static_cast<A>(eps), C, table.mutable_data_ptr<A>());
+           b.const_data_ptr<A>(), eps, C, table.mutable_data_ptr<A>());
   }
   return table;
 }
@@ -517,6 +522,7 @@ struct BnGrad {
   A* dweight;
   A* dbias;
   A* table;  // its parameter table: kK2 and kK3 are written
+  double eps;
 };
 
 // Adds the P partials of each channel (double, a warp per channel); for
@@ -546,8 +552,8 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
       if (k == b.sum_g) sg = s[k];
       if (k == b.sum_gz) sgc = s[k];
     }
-    const double wr = static_cast<double>(b.table[kScale * C + c]);
-    const double r = static_cast<double>(b.table[kRstd * C + c]);
+    const double r = 1.0 / sqrt(static_cast<double>(b.table[kVar * C + c]) + b.eps);
+    const double wr = static_cast<double>(b.table[kWeight * C + c]) * r;
     const double sgz = r * sgc;  // sum(g z_hat)
     b.dbias[c] = static_cast<A>(sg);
     b.dweight[c] = static_cast<A>(sgz);

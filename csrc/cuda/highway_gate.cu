@@ -194,9 +194,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_
       grad_sums<4, CL, V, A>(
           f, g, opts, training, 2,
           BnGrad<A>{0, 1, dweight_h.mutable_data_ptr<A>(), dbias_h.mutable_data_ptr<A>(),
-                    prm_h.mutable_data_ptr<A>()},
+                    prm_h.mutable_data_ptr<A>(), eps_h},
           BnGrad<A>{2, 3, dweight_t.mutable_data_ptr<A>(), dbias_t.mutable_data_ptr<A>(),
-                    prm_t.mutable_data_ptr<A>()});
+                    prm_t.mutable_data_ptr<A>(), eps_t});
       pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
     });
   });

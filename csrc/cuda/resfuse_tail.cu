@@ -307,10 +307,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
       const TailBackward<scalar_t, A, V, CL> f{pg, pu, ph, pv, pdu, pdh, pdv,
                                                bn_d, bn_k, training};
       const BnGrad<A> grad_d{0, 1, dweight_d.mutable_data_ptr<A>(), dbias_d.mutable_data_ptr<A>(),
-                             prm_d.mutable_data_ptr<A>()};
+                             prm_d.mutable_data_ptr<A>(), eps_d};
       const BnGrad<A> grad_k =
           carry ? BnGrad<A>{0, 2, dweight_k.mutable_data_ptr<A>(), dbias_k.mutable_data_ptr<A>(),
-                            prm_k.mutable_data_ptr<A>()}
+                            prm_k.mutable_data_ptr<A>(), eps_k}
                 : grad_d;
       grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
       pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
