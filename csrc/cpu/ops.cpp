@@ -17,7 +17,6 @@
 
 #include <torch/library.h>
 
-#include "../autograd.h"
 #include "../schemas.h"
 
 #include "kernels.h"
@@ -85,6 +84,32 @@ std::vector<double> centred_sum(const std::vector<double>& hi, const std::vector
 
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type());
+}
+
+// InputGrad's dz = k1 g + k2 (z - m) + k3 with every term and coefficient in
+// double, for g (the storage dtype) and the centred z - m (double), in g's
+// layout; in eval k1 g alone, as InputGrad::apply.
+template <typename A>
+Tensor carry_input_grad(const Tensor& g_in, const Tensor& centred64, const Tensor& weight,
+                        const Affine<A>& bn, const std::vector<double>& sum_g,
+                        const std::vector<double>& sum_gz, double count, bool training,
+                        const Geometry& geo) {
+  const auto w = channel_vector<double>(weight);
+  const size_t C = w.size();
+  std::vector<double> k1(C), k2(C, 0.0), k3(C, 0.0);
+  const bool batch = training && count > 0;
+  for (size_t c = 0; c < C; ++c) {
+    const double r = bn.rstd64[c], wr = w[c] * r;
+    k1[c] = wr;
+    if (batch) k2[c] = -wr * r * sum_gz[c] / count, k3[c] = -wr * sum_g[c] / count;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const Tensor k1t = at::tensor(k1, opts).view({1, -1, 1, 1});
+  Tensor dz = g_in.to(at::kDouble) * k1t;
+  if (batch)
+    dz = dz + (centred64 * at::tensor(k2, opts).view({1, -1, 1, 1}) +
+               at::tensor(k3, opts).view({1, -1, 1, 1}));
+  return dense(dz, geo);
 }
 
 }  // namespace
@@ -311,11 +336,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
-    Tensor x64, v, dv;  // x in double: for v's product and for dW
+    Tensor x64, v, v64, dv;  // x in double: for v's product and for dW
+    // dv in double for float32/float64 storage (the carry's product dtype,
+    // as the cuda backend's): where BN_k runs over few values the three
+    // terms of dv cancel to a small part of their size, and float32 terms
+    // made dW err 7x the composite's (the CUDA emulation's soak, 3 seeds)
+    const bool dv_double = carry && (u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble);
     if (carry) {
       x64 = dense(*x_in, g).to(at::kDouble);
-      const Tensor v64 = carry_product(x64, *w, g);
+      v64 = carry_product(x64, *w, g);
       v = centred(v64, carry_centre(v64, mean_k, g, training), g, acc);
+      if (dv_double) v64 = dense(v64 - carry_centre(v64, mean_k, g, training).view({1, -1, 1, 1}), g);
       // dv overwrites v in place: the apply pass reads each v element just
       // before it writes that dv element (one big allocation fewer).
       dv = v;
@@ -357,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     const auto sum_gv = centred_sum(sums[3], sums[4], bn_k);
     const InputGrad<A> in_d(weight_d, bn_d, sums[0], sum_gu, M, training);
     const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sum_gv, M, training);
-    A* pdv = carry ? dv.mutable_data_ptr<A>() : nullptr;
+    A* pdv = carry && !dv_double ? dv.mutable_data_ptr<A>() : nullptr;
     for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
       const V gm = load(pdh + off, n);
       store(pdu + off, in_d.apply(g, c, pos, n, gm, load(pu + off, n) - channel_param(bn_d.mean.data(), g, c, pos, n)), n);
@@ -370,7 +401,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
       const int64_t K = w->size(0), C = w->size(1);
       // dx = W^T dv per pixel, as the forward's product; dW = dv x^T in
       // double too, for the same reason.
-      const Tensor dv64 = dv.to(at::kDouble);
+      const Tensor dv64 = dv_double
+          ? carry_input_grad(dh, v64, *weight_k, bn_k, sums[0], sum_gv, M, training, g)
+          : dv.to(at::kDouble);
       dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type());
       if (g.channels_last) {
         dw = at::mm(dv64.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
@@ -396,8 +429,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
 
 TORCH_LIBRARY(resfuse_cpu, m) {
   resfuse_schema::define_kernels(m);
-  resfuse_autograd::define_autograd<&highway_gate_forward, &highway_gate_backward,
-                                    &resfuse_tail_forward, &resfuse_tail_backward>(m);
 }
 
 TORCH_LIBRARY_IMPL(resfuse_cpu, CPU, m) {

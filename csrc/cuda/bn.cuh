@@ -523,6 +523,7 @@ struct BnGrad {
   A* dbias;
   A* table;  // its parameter table: kK2 and kK3 are written
   double eps;
+  double* sums = nullptr;  // if given: (2, C), sum(g) and sum(g (z - mean)) in double
 };
 
 // Adds the P partials of each channel (double, a warp per channel); for
@@ -555,6 +556,10 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
     const double r = 1.0 / sqrt(static_cast<double>(b.table[kVar * C + c]) + b.eps);
     const double wr = static_cast<double>(b.table[kWeight * C + c]) * r;
     const double sgz = r * sgc;  // sum(g z_hat)
+    if (b.sums != nullptr) {
+      b.sums[c] = sg;
+      b.sums[C + c] = sgc;
+    }
     b.dbias[c] = static_cast<A>(sg);
     b.dweight[c] = static_cast<A>(sgz);
     const bool batch = training && M > 0;

@@ -22,6 +22,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mean.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -109,14 +110,15 @@ struct TailBackward {
     }
   }
 
-  // du [, dv] from g = dh (written by the sums pass) and u [, v].
+  // du [, dv] from g = dh (written by the sums pass) and u [, v]; no dv
+  // where dv.p is nullptr (the host forms it in double: carry_input_grad).
   __device__ __forceinline__ void apply(int64_t n, int64_t c, int64_t s) const {
     A gm[V], uv[V], vv[V], duv[V], dvv[V];
     load<V>(at_<CL>(dh, n, c, s), gm);
     load<V>(at_<CL>(u, n, c, s), uv);
     const BnLanes<A, V> ld = bn_d.template lanes<V, CL>(c);
     BnLanes<A, V> lk;
-    const bool carry = v.p != nullptr;
+    const bool carry = v.p != nullptr && dv.p != nullptr;
     if (carry) {
       load<V>(at_<CL>(v, n, c, s), vv);
       lk = bn_k.template lanes<V, CL>(c);
@@ -156,6 +158,25 @@ Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
     return v.view({g.N, H, W, K}).permute({0, 3, 1, 2});
   }
   return at::matmul(w2, xa.reshape({g.N, Cx, g.S})).view({g.N, K, H, W});
+}
+
+// dv = k1 g + k2 (v - m) + k3 (Bn::input_grad) with every term and
+// coefficient in double, from g = dh, the centred v in double and the raw
+// sums (sum(g), sum(g (v - m))) grad_finalize kept: where BN_k runs over
+// few values the three terms cancel to a small part of their size, and
+// float32 terms made dW err 7x the composite's. The cpu backend's
+// carry_input_grad, term by term. In eval k1 g alone.
+Tensor carry_input_grad(const Tensor& gm, const Tensor& centred64, const Tensor& weight,
+                        const Tensor& var, double eps, const Tensor& sums, double count,
+                        bool training, const Geo& g) {
+  const Tensor r = (var.to(at::kDouble) + eps).sqrt().reciprocal();
+  const Tensor wr = weight.to(at::kDouble) * r;
+  Tensor dz = gm.to(at::kDouble) * wr.view({1, -1, 1, 1});
+  if (training && count > 0) {
+    const Tensor k2 = -wr * r * (r * sums[1]) / count, k3 = -wr * sums[0] / count;
+    dz = dz + (centred64 * k2.view({1, -1, 1, 1}) + k3.view({1, -1, 1, 1}));
+  }
+  return fit(dz, g);
 }
 
 // v - centre (per channel, in v's dtype) rounded once to `acc`, in g's
@@ -281,14 +302,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     using A = acc_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
     const auto opts = u.options().dtype(acc);
-    Tensor xa, w2, v, dv, prm_k;
+    Tensor xa, w2, v, dv, prm_k, vc64, sums_k;
+    // dv in double where the product is (float32/float64 storage), as the cpu backend's
+    const bool dv_double = carry && product_type(u.scalar_type()) == at::kDouble;
     Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
     dweight_d = at::zeros({C}, opts), dbias_d = at::zeros({C}, opts);
     if (carry) {
       std::tie(xa, w2) = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xa, w2, g), g);
-      v = centred(vp, carry_centre(vp, mean_k, g, training), g, acc);
-      dv = at::empty(u_in.sizes(), opts.memory_format(g.format()));
+      const Tensor centre = carry_centre(vp, mean_k, g, training);
+      v = centred(vp, centre, g, acc);
+      if (dv_double) {
+        vc64 = fit(vp - centre.view({1, -1, 1, 1}), g);
+        sums_k = at::zeros({2, C}, opts.dtype(at::kDouble));
+      } else {
+        dv = at::empty(u_in.sizes(), opts.memory_format(g.format()));
+      }
       prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);
       dweight_k = at::zeros({C}, opts), dbias_k = at::zeros({C}, opts);
     }
@@ -297,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     const auto pg = act<const scalar_t>(gy, g), pu = act<const scalar_t>(u, g),
                ph = act<const scalar_t>(h, g);
     const Act<const A> pv = carry ? act<const A>(v, g) : Act<const A>{nullptr, 0, 0};
-    const Act<A> pdv = carry ? act<A>(dv, g) : Act<A>{nullptr, 0, 0};
+    const Act<A> pdv = carry && !dv_double ? act<A>(dv, g) : Act<A>{nullptr, 0, 0};
     const auto pdu = act<scalar_t>(du, g), pdh = act<scalar_t>(dh, g);
     constexpr int VW = vec_width<scalar_t>();
     const bool vec = vectorizable<VW>(g, pg, pu, ph, pv, pdv, pdu, pdh);
@@ -310,14 +339,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
                              prm_d.mutable_data_ptr<A>(), eps_d};
       const BnGrad<A> grad_k =
           carry ? BnGrad<A>{0, 2, dweight_k.mutable_data_ptr<A>(), dbias_k.mutable_data_ptr<A>(),
-                            prm_k.mutable_data_ptr<A>(), eps_k}
+                            prm_k.mutable_data_ptr<A>(), eps_k,
+                            dv_double ? sums_k.mutable_data_ptr<double>() : nullptr}
                 : grad_d;
       grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
       pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
     });
     if (carry) {
       const int64_t K = w2.size(0), Cx = w2.size(1), H = u_in.size(2), W = u_in.size(3);
-      const Tensor dvp = dv.to(xa.scalar_type());
+      const Tensor dvp = dv_double ? carry_input_grad(dh, vc64, *weight_k, var_k, eps_k, sums_k,
+                                                      static_cast<double>(g.count()), training, g)
+                                   : dv.to(xa.scalar_type());
       if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM each
         const Tensor dv2 = dvp.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
         const Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx});
