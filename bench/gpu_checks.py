@@ -14,10 +14,8 @@
     the first stage shape (bf16, channels_last, forward + backward): the
     host time of each kernel launch, the wrapper's time with every launch
     replaced by a no-op (Python and the torch ops around the kernels), and
-    the functions that take the most (cProfile); then the cuda backend's
-    call through its C++ autograd op against its Python path. ``--device
-    cpu`` (with TRITON_INTERPRET=1) measures the wrapper alone on a CPU, and
-    the cpu backend's two paths.
+    the functions that take the most (cProfile). ``--device cpu`` (with
+    TRITON_INTERPRET=1) measures the wrapper alone on a CPU.
 
 ``python bench/gpu_checks.py stages``  the same comparison at the three
     ResFuse-19 stage shapes (batch 128), with the autotuned configurations
@@ -254,48 +252,7 @@ def host(reps: int = 30) -> int:
                     buf = io.StringIO()
                     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
                     print("\n".join(buf.getvalue().splitlines()[6:]), flush=True)
-    cpp_autograd_path(shape, reps)
     return 0
-
-
-def cpp_autograd_path(shape, reps: int, rounds: int = 5) -> None:
-    """The compiled backend (cuda; cpu with --device cpu): a forward +
-    backward through its C++ autograd op (csrc/autograd.h) against the
-    Python path (RESFUSE_CPP_AUTOGRAD=0's), in interleaved rounds: the host
-    time to enqueue ``reps`` calls, and with the GPU's work waited for."""
-    from resfuse_kernels.ops import _common
-
-    name = "cuda" if DEVICE == "cuda" else "cpu"
-    if backends.unavailable_reason(name, DEVICE) is not None:
-        print(f"C++ autograd path: backend {name}: {backends.unavailable_reason(name, DEVICE)}")
-        return
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    saved = _common.CPP_AUTOGRAD
-    try:
-        for op in OPS:
-            case = Case(op, shape, DEVICE, torch.bfloat16, True, seed=0)
-            times = {True: [], False: []}  # C++ path?: [(host, waited)] per round
-            for _ in range(rounds):
-                for cpp in (False, True):
-                    _common.CPP_AUTOGRAD = cpp
-                    for _ in range(3):
-                        run_case(case, name)
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        run_case(case, name)
-                    host = time.perf_counter() - t0
-                    sync()
-                    times[cpp].append((host, time.perf_counter() - t0))
-            med = {k: [sorted(v)[len(v) // 2] * 1e6 / reps for v in zip(*pairs)]
-                   for k, pairs in times.items()}
-            ratios = sorted(c[0] / p[0] for c, p in zip(times[True], times[False]))
-            print(f"{op:18s} {'x'.join(map(str, shape))} {name} fwd+bwd, us per call "
-                  f"(host / waited): Python path {med[False][0]:.0f} / {med[False][1]:.0f}, "
-                  f"C++ path {med[True][0]:.0f} / {med[True][1]:.0f}; host C++/Python "
-                  f"{ratios[0]:.2f}-{ratios[-1]:.2f} over {rounds} rounds", flush=True)
-    finally:
-        _common.CPP_AUTOGRAD = saved
 
 
 def main() -> int:

@@ -24,7 +24,3 @@ highway_gate_forward = _ops.highway_gate_forward
 highway_gate_backward = _ops.highway_gate_backward
 resfuse_tail_forward = _ops.resfuse_tail_forward
 resfuse_tail_backward = _ops.resfuse_tail_backward
-# The public ops' eager path: kernels, running update and autograd in C++
-# (csrc/autograd.h; resfuse_kernels/ops/_common.py, fused_autograd).
-highway_gate_autograd = _ops.highway_gate_autograd
-resfuse_tail_autograd = _ops.resfuse_tail_autograd

@@ -55,9 +55,7 @@ def test_forcing_an_unusable_backend_says_why(monkeypatch, name):
 @pytest.mark.parametrize("op", ["highway_gate", "resfuse_tail"])
 def test_backward_runs_on_the_forward_backend(monkeypatch, backend, op):
     """A forward under backends.use(name) is differentiated by the same
-    backend, also when backward() runs after the with block. (A tensor
-    momentum takes the Python path: the compiled backends' C++ path calls
-    its own backward kernel from its autograd node, csrc/autograd.h.)"""
+    backend, also when backward() runs after the with block."""
     module = rk.backends.kernels(DEVICE)  # the forced backend's module
     calls = []
     original = getattr(module, f"{op}_backward")
@@ -65,8 +63,6 @@ def test_backward_runs_on_the_forward_backend(monkeypatch, backend, op):
                         lambda *args: calls.append(op) or original(*args))
     case = (HighwayCase.random((2, 3, 2, 2)) if op == "highway_gate" else
             TailCase.random((2, 3, 2, 2), carry_channels=4))
-    for bn in case.bns():
-        bn.momentum = torch.tensor(0.1, device=DEVICE)
     y = case.run()
     with rk.backends.use(None):  # lift the fixture's forcing: the default backend
         y.sum().backward()

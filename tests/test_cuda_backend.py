@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import resfuse_kernels as rk
-from _cases import HighwayCase, TailCase, steps_from_one_state
 from conftest import assert_close, error_bound
 from resfuse_kernels.ops import composite
 
@@ -305,45 +304,6 @@ def test_emulated_kernels_match_composite(emulated, shape, dtype, layout, traini
     _compare_highway(emulated, "cpu", shape, dtype, layout, training)
     for carry in (True, False):
         _compare_tail(emulated, "cpu", shape, dtype, layout, training, carry)
-
-
-def _on_torch_backend(case):
-    with rk.backends.use("torch"):
-        return case.run()
-
-
-def _through_autograd_op(ops):
-    """A run for :func:`steps_from_one_state`: ``ops``' C++ autograd op."""
-    def run(case):
-        if isinstance(case, HighwayCase):
-            h, t = case.bn_h, case.bn_t
-            return ops.highway_gate_autograd(case.a, case.b, case.x, *h.args(), *t.args(),
-                                             case.training, h.eps, t.eps,
-                                             float(h.op_momentum()), float(t.op_momentum()))
-        d, k = case.bn_d, case.bn_k
-        return ops.resfuse_tail_autograd(case.u, case.h, *d.args(), case.x, case.w, *k.args(),
-                                         case.training, d.eps, k.eps, float(d.op_momentum()),
-                                         float(k.op_momentum()))
-    return run
-
-
-@pytest.mark.xdist_group("cuda_emulation")
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_emulated_autograd_ops_match_the_public_ops(emulated, training):
-    """The cuda backend's eager path, resfuse_cuda::*_autograd (kernels,
-    running update and autograd node in C++), built on the emulation: its
-    output, gradients and running statistics against the float64 oracle,
-    the public ops on the torch backend being PyTorch's own."""
-    cases = [HighwayCase.random((2, 8, 3, 5), torch.float32, "channels_last", training),
-             TailCase.random((2, 8, 3, 5), torch.float32, "nchw", training, carry_channels=6)]
-    for case in cases:
-        y, leaves, bns = case.reference()  # from the running statistics it holds now
-        oracle = [y, *torch.autograd.grad(y, leaves, torch.ones_like(y)),
-                  *(t for bn in bns for t in (bn.running_mean, bn.running_var))]
-        base, got = steps_from_one_state(case, [_on_torch_backend,
-                                                _through_autograd_op(emulated)])
-        for index, (g, o, b) in enumerate(zip(got, oracle, base)):
-            _close(g, o, b, torch.float32, f"{type(case).__name__} output {index}")
 
 
 @pytest.mark.xdist_group("cuda_emulation")

@@ -117,8 +117,8 @@ def test_offsets_past_two_to_the_31(backend, layout, training):
 
 def _momenta_as(tensor: bool):
     """A run for :func:`steps_from_one_state`: the public op with each
-    BatchNorm's own momentum as a float (the C++ path takes it) or as a
-    0-dim tensor (the Python path)."""
+    BatchNorm's own momentum as a float or as a 0-dim tensor (what
+    ``momentum=None``'s cumulative average passes)."""
     def run(case):
         for bn in case.bns():
             momentum = float(bn.op_momentum())
@@ -128,29 +128,20 @@ def _momenta_as(tensor: bool):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_cpp_autograd_path_matches_python_path(backend, training, monkeypatch):
-    """The compiled backends (cpu, cuda) run the public ops through one C++
-    op with its autograd node (csrc/autograd.h); a tensor momentum takes the
-    Python path (an autograd.Function around the same kernels). Both must
-    give the same output, gradients and running statistics, bit for bit."""
-    first = torch.empty(1, device=DEVICE)
-    has_cpp_path = rk.ops._common.fused_autograd("resfuse_tail", first, 0.1) is not None
-    assert has_cpp_path == (backend in ("cpu", "cuda"))
-    with monkeypatch.context() as m:  # what RESFUSE_CPP_AUTOGRAD=0 sets
-        m.setattr(rk.ops._common, "CPP_AUTOGRAD", False)
-        assert rk.ops._common.fused_autograd("resfuse_tail", first, 0.1) is None
-    if not has_cpp_path:
-        return
+def test_float_and_tensor_momenta_agree(backend, training):
+    """The running update takes a float momentum in one foreach lerp and a
+    tensor one lerp by lerp: same output, gradients and running statistics,
+    bit for bit, with strides."""
     cases = [HighwayCase.random((2, 5, 3, 4), torch.float32, "channels_last", training),
              TailCase.random((2, 5, 3, 4), torch.float32, "nchw", training),
              TailCase.random((2, 5, 3, 4), torch.float32, "channels_last", training,
                              carry_channels=7)]
     for case in cases:
-        cpp, python = steps_from_one_state(
+        floats, tensors = steps_from_one_state(
             case, [_momenta_as(tensor=False), _momenta_as(tensor=True)])
-        for index, (c, p) in enumerate(zip(cpp, python)):
-            assert torch.equal(c, p), (type(case).__name__, index)
-            assert c.stride() == p.stride(), (type(case).__name__, index)
+        for index, (f, t) in enumerate(zip(floats, tensors)):
+            assert torch.equal(f, t), (type(case).__name__, index)
+            assert f.stride() == t.stride(), (type(case).__name__, index)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend cannot run on this device")

@@ -28,7 +28,7 @@ def _name(tuner) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
-TUNERS = {_name(t): t for t in L.TUNED}
+TUNERS = {_name(r.tuner): r for r in L.TUNED}  # name -> Remembered
 
 # The autotuned kernels each case launches (eval runs no statistics pass).
 _STATS = {"_launch._stats_kernel"}
@@ -67,8 +67,9 @@ def _ragged(blocks: set[int], square: bool) -> int:
 def launches(monkeypatch):
     """(kernel, block sizes) of every autotuned launch, as the kernel's grid sees them."""
     seen = []
-    for name, tuner in TUNERS.items():
-        run = tuner.fn.run
+    for name, remembered in TUNERS.items():
+        kernel = remembered.tuner.fn
+        run = kernel.run
 
         def recording(*args, grid, name=name, run=run, **kwargs):
             def traced(meta):
@@ -76,7 +77,7 @@ def launches(monkeypatch):
                 return grid(meta)
             return run(*args, grid=traced, **kwargs)
 
-        monkeypatch.setattr(tuner.fn, "run", recording)
+        monkeypatch.setattr(kernel, "run", recording)
     return seen
 
 
@@ -115,11 +116,11 @@ def _unforced(name: str, channels_last: bool) -> dict | None:
     """The block sizes of an unforced launch where only one configuration is
     tried (the interpreter's one tile, or RESFUSE_TRITON_AUTOTUNE=0); None
     where tuning picks."""
-    tuner = TUNERS[name]
-    if len(tuner.configs) == 1:
-        config = tuner.configs[0]
+    remembered = TUNERS[name]
+    if len(remembered.tuner.configs) == 1:
+        config = remembered.tuner.configs[0]
     elif not L.AUTOTUNE:
-        config = tuner.configs_by_layout[int(channels_last)][0]
+        config = remembered.configs_by_layout[int(channels_last)][0]
     else:
         return None
     return {k: v for k, v in config.kwargs.items() if k in BLOCKS}

@@ -14,7 +14,6 @@
 // In eval the statistics pass disappears.
 #include <torch/library.h>
 
-#include "../autograd.h"
 #include "../schemas.h"
 
 #include "ops.h"
@@ -23,8 +22,6 @@ namespace resfuse_cuda {
 
 TORCH_LIBRARY(resfuse_cuda, m) {
   resfuse_schema::define_kernels(m);
-  resfuse_autograd::define_autograd<&highway_gate_forward, &highway_gate_backward,
-                                    &resfuse_tail_forward, &resfuse_tail_backward>(m);
   // No tensor argument to dispatch on: one kernel for every backend.
   m.def("kernels_runnable() -> bool", &kernels_runnable);
 }

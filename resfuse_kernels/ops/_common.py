@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import os
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .. import backends
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
@@ -185,23 +183,6 @@ def promote_under_autocast(tensors: Sequence[Optional[Tensor]]) -> list[Optional
             for t in tensors]
 
 
-try:  # torch >= 2.6
-    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
-except ImportError:  # pragma: no cover - older torch: wrap_triton launches directly
-    _set_wrap_triton_enabled = None
-
-
-def direct_launches():
-    """A context in which ``torch.library.wrap_triton`` kernels launch
-    directly. The ops' implementations only ever see real tensors, but
-    outside a ``triton_op`` wrap_triton defaults to dispatching every launch
-    through its higher-order op, tens of microseconds of Python each; a
-    ``triton_op`` switches it off the same way for its own eager calls."""
-    if _set_wrap_triton_enabled is None:
-        return contextlib.nullcontext()
-    return _set_wrap_triton_enabled(False)
-
-
 def no_autocast(t: Tensor):
     """A context in which autocast is off for ``t``'s device.
 
@@ -213,110 +194,3 @@ def no_autocast(t: Tensor):
     if not _autocast_enabled(t.device.type):
         return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
-
-
-def update_running_stats(count: int, *updates: tuple) -> None:
-    """Fold one batch's statistics into the running ones, as nn.BatchNorm2d does.
-
-    Each update is ``(running_mean, running_var, mean, var, momentum)``:
-    ``running = (1 - momentum) * running + momentum * batch`` with the
-    unbiased variance ``var * count / (count - 1)``; ``var`` is the biased
-    batch variance the ops return. An empty batch, or a BatchNorm without
-    running statistics, leaves them unchanged. Updates with the same float
-    momentum go in one ``torch._foreach_lerp_`` (one launch on a GPU).
-    """
-    if count == 0:
-        return
-    factor = count / max(count - 1, 1)  # training rejects count 1 before this
-    grouped: dict[float, tuple[list, list]] = {}
-    with torch.no_grad():
-        for running_mean, running_var, mean, var, momentum in updates:
-            if running_mean is None or running_var is None:
-                continue
-            batch = (mean.to(running_mean.dtype), (var * factor).to(running_var.dtype))
-            if isinstance(momentum, Tensor):  # momentum=None: a cumulative average
-                momentum = momentum.to(running_mean.dtype)
-                running_mean.lerp_(batch[0], momentum)
-                running_var.lerp_(batch[1], momentum)
-                continue
-            selves, others = grouped.setdefault(float(momentum), ([], []))
-            selves += [running_mean, running_var]
-            others += batch
-        for momentum, (selves, others) in grouped.items():
-            torch._foreach_lerp_(selves, others, momentum)
-
-
-def eager_function(name: str, forward_impl: Callable, setup_context: Callable,
-                   backward: Callable) -> Callable:
-    """``apply`` of an autograd.Function running ``forward_impl`` and
-    ``backward`` (the op's own autograd formula, calling its backward
-    implementation directly).
-
-    The public entry points use it outside torch.compile: it computes what
-    the registered op computes, with the same checks, kernels, saved tensors
-    and gradients, but skips the Python dispatch of ``torch.library``
-    custom ops (argument binding, redispatch, fake-mode checks): about
-    100 us a call on a slow CPU, as much as a fused kernel's whole run at
-    the stage shapes of ResFuse-19 on an H200.
-    """
-    def forward(ctx, *args):
-        # setup_context is called here, not declared: Function.apply binds a
-        # declared one's arguments through inspect.signature on every call.
-        out = forward_impl(*args)
-        setup_context(ctx, args, out)
-        return out
-
-    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                 "backward": staticmethod(backward)})
-    return fn.apply
-
-
-def _eager(first) -> bool:
-    """Whether a public entry point runs eagerly on ``first``: a plain tensor
-    (not a fake, functional or other subclass tensor) outside torch.compile's
-    tracing."""
-    return type(first) is Tensor and not torch.compiler.is_compiling()
-
-
-# RESFUSE_CPP_AUTOGRAD=0: the compiled backends take the Python path too
-# (comparisons, debugging: both give the same bits).
-CPP_AUTOGRAD = os.environ.get("RESFUSE_CPP_AUTOGRAD", "1") != "0"
-
-
-def fused_autograd(name: str, first, *momenta) -> Optional[Callable]:
-    """The backend's ``<name>_autograd`` op, where the public entry point
-    ``name`` may take it, else None.
-
-    The compiled backends (cpu, cuda) have one: the forward kernel, the
-    running-statistics update and the autograd node in C++ in one
-    dispatcher call, the backward kernel called from that node
-    (csrc/autograd.h), where this module's Python path would spend ~250 us
-    of host time per forward + backward. It computes what the Python path
-    computes. Taken on the eager path (:func:`_eager`) with float momenta
-    (a tensor momentum, ``momentum=None``'s cumulative average, takes the
-    Python path); the caller runs the argument checks first.
-    """
-    if not (CPP_AUTOGRAD and _eager(first)
-            and all(isinstance(m, (float, int)) for m in momenta)):
-        return None
-    try:
-        module = backends.kernels(first.device)
-    except backends.BackendUnavailable:
-        return None  # the Python path raises it, after the checks
-    return getattr(module, f"{name}_autograd", None)
-
-
-def select_op(name: str, first, eager_apply: Callable, opaque_op: Callable) -> Callable:
-    """What public entry point ``name`` calls, for first activation ``first``.
-
-    ``eager_apply`` (:func:`eager_function`) on the eager path (:func:`_eager`);
-    under tracing the op's ``triton_op`` twin where the compiled Triton
-    backend runs (:func:`~resfuse_kernels.backends.traceable_op`), else
-    ``opaque_op``, the registered ``resfuse::`` op. Meta tensors take
-    ``opaque_op`` too: its fake implementation infers the outputs' shapes,
-    dtypes and strides, whatever backend is chosen.
-    """
-    if _eager(first) and not first.is_meta:
-        return eager_apply
-    twin = backends.traceable_op(name, first.device.type) if isinstance(first, Tensor) else None
-    return twin or opaque_op

@@ -30,20 +30,15 @@ the four per-channel statistics is saved: ``H``, ``T``, ``a_hat`` and
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 from torch import Tensor
 
-from .. import backends
-from ._common import (check_activation, check_batch_norm, check_momenta, direct_launches,
-                      eager_function, empty_output, fused_autograd, memory_format, no_autocast,
-                      promote_under_autocast, select_op, stat_dtype, update_running_stats)
+from ._common import (check_activation, check_batch_norm, check_momenta, empty_output,
+                      promote_under_autocast, stat_dtype)
+from ._define import FusedOp
 
 __all__ = ["highway_gate"]
-
-_Stats = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
-_Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
@@ -58,101 +53,26 @@ def check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
                      training, eps_t)
 
 
-def forward_impl(a: Tensor, b: Tensor, x: Tensor,
-                 weight_h: Tensor, bias_h: Tensor,
-                 running_mean_h: Optional[Tensor], running_var_h: Optional[Tensor],
-                 weight_t: Tensor, bias_t: Tensor,
-                 running_mean_t: Optional[Tensor], running_var_t: Optional[Tensor],
-                 training: bool, eps_h: float, eps_t: float) -> _Stats:
-    """Returns ``(y, mean_h, var_h, mean_t, var_t)``: the output and the
-    statistics used (the batch's biased ones in training, the running ones in
-    eval). Running statistics are read, never written: see
-    :func:`highway_gate` for the update."""
-    args = (a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-            weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
-    check(*args)
-    with no_autocast(a), direct_launches():
-        return backends.kernels(a.device).highway_gate_forward(*args)
+def signature(a: Tensor, b: Tensor, x: Tensor,
+              weight_h: Tensor, bias_h: Tensor,
+              running_mean_h: Optional[Tensor], running_var_h: Optional[Tensor],
+              weight_t: Tensor, bias_t: Tensor,
+              running_mean_t: Optional[Tensor], running_var_t: Optional[Tensor],
+              training: bool, eps_h: float, eps_t: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernel's: returns ``(y, mean_h, var_h, mean_t, var_t)``,
+    the output and the statistics used (the batch's biased ones in training,
+    the running ones in eval). Running statistics are read, never written:
+    :func:`highway_gate` updates them. The backward kernel's returns
+    ``(da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t)``."""
 
 
-highway_gate_op = torch.library.custom_op("resfuse::highway_gate", forward_impl, mutates_args=())
-
-
-@highway_gate_op.register_fake
-def _(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-      weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t) -> _Stats:
-    check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-          weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
+def fake(a, b, x, *_):
     stats = [a.new_empty(a.shape[1], dtype=stat_dtype(a.dtype)) for _ in range(4)]
     return (empty_output(a), *stats)
 
 
-def backward_impl(grad_y: Tensor, a: Tensor, b: Tensor, x: Tensor,
-                  weight_h: Tensor, bias_h: Tensor, mean_h: Tensor, var_h: Tensor,
-                  weight_t: Tensor, bias_t: Tensor, mean_t: Tensor, var_t: Tensor,
-                  training: bool, eps_h: float, eps_t: float) -> _Grads:
-    """Returns ``(da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t)``."""
-    with no_autocast(a), direct_launches():
-        return backends.kernels(a.device).highway_gate_backward(
-            grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
-            training, eps_h, eps_t)
-
-
-highway_gate_backward_op = torch.library.custom_op("resfuse::highway_gate_backward", backward_impl,
-                                                   mutates_args=())
-
-
-@highway_gate_backward_op.register_fake
-def _(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
-      training, eps_h, eps_t) -> _Grads:
-    return (empty_output(a), empty_output(b), empty_output(x),
-            torch.empty_like(weight_h), torch.empty_like(bias_h),
-            torch.empty_like(weight_t), torch.empty_like(bias_t))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    (a, b, x, weight_h, bias_h, _, _, weight_t, bias_t, _, _, training, eps_h, eps_t) = inputs
-    _, mean_h, var_h, mean_t, var_t = output
-    ctx.mark_non_differentiable(mean_h, var_h, mean_t, var_t)
-    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
-    ctx.save_for_backward(a, b, x, weight_h, bias_h, mean_h, var_h,
-                          weight_t, bias_t, mean_t, var_t)
-    ctx.training, ctx.eps_h, ctx.eps_t = training, eps_h, eps_t
-    # the backward runs on the forward's backend, even outside its backends.use()
-    ctx.backend = backends.forced()
-
-
-def _make_backward(backward_op: Callable) -> Callable:
-    """The op's autograd formula, with ``backward_op`` (the registered
-    backward op, or its implementation) computing the gradients."""
-
-    def backward(ctx, grad_y, *_stat_grads):
-        (a, b, x, weight_h, bias_h, mean_h, var_h,
-         weight_t, bias_t, mean_t, var_t) = ctx.saved_tensors
-        if grad_y is None:  # grads are not materialised (the statistics never have one)
-            grad_y = torch.zeros_like(a, memory_format=memory_format(a))
-        # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
-        grad_y = grad_y.contiguous(memory_format=memory_format(a))
-        with backends.use(ctx.backend):
-            da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t = backward_op(
-                grad_y, a, b, x, weight_h, bias_h, mean_h, var_h, weight_t, bias_t, mean_t, var_t,
-                ctx.training, ctx.eps_h, ctx.eps_t)
-        return (da, db, dx, dweight_h, dbias_h, None, None, dweight_t, dbias_t, None, None,
-                None, None, None)
-
-    return backward
-
-
-def register_autograd(forward_op, backward_op) -> None:
-    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
-    module's schemas): used for the opaque ops here and the traceable Triton
-    twins (:mod:`resfuse_kernels.triton.traceable`)."""
-    forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
-
-
-register_autograd(highway_gate_op, highway_gate_backward_op)
-_highway_gate_eager = eager_function("HighwayGate", forward_impl, _setup_context,
-                                     _make_backward(backward_impl))
+OP = FusedOp("highway_gate", signature, check, fake)
 
 
 def highway_gate(a: Tensor, b: Tensor, x: Tensor,
@@ -191,19 +111,6 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     if not (isinstance(momentum_h, float) and isinstance(momentum_t, float)):
         check_momenta(momentum_h=momentum_h, momentum_t=momentum_t)
     a, b, x = promote_under_autocast([a, b, x])
-    fused = fused_autograd("highway_gate", a, momentum_h, momentum_t)
-    if fused is not None:
-        check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-              weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
-        return fused(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-                     weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t,
-                     momentum_h, momentum_t)
-    op = select_op("highway_gate", a, _highway_gate_eager, highway_gate_op)
-    y, mean_h, var_h, mean_t, var_t = op(
-        a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
-        weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t)
-    if training:
-        count = a.numel() // a.shape[1]
-        update_running_stats(count, (running_mean_h, running_var_h, mean_h, var_h, momentum_h),
-                             (running_mean_t, running_var_t, mean_t, var_t, momentum_t))
-    return y
+    return OP((a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
+               weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t),
+              (momentum_h, momentum_t))

@@ -33,20 +33,15 @@ are recomputed in backward.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 from torch import Tensor
 
-from .. import backends
-from ._common import (check_activation, check_batch_norm, check_momenta, direct_launches,
-                      eager_function, empty_output, fused_autograd, memory_format, no_autocast,
-                      promote_under_autocast, select_op, stat_dtype, update_running_stats)
+from ._common import (check_activation, check_batch_norm, check_momenta, empty_output,
+                      promote_under_autocast, stat_dtype)
+from ._define import FusedOp
 
 __all__ = ["resfuse_tail"]
-
-_Stats = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
-_Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
@@ -77,32 +72,23 @@ def check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
                      training, eps_k)
 
 
-def forward_impl(u: Tensor, h: Tensor,
-                 weight_d: Tensor, bias_d: Tensor,
-                 running_mean_d: Optional[Tensor], running_var_d: Optional[Tensor],
-                 x: Optional[Tensor], w: Optional[Tensor],
-                 weight_k: Optional[Tensor], bias_k: Optional[Tensor],
-                 running_mean_k: Optional[Tensor], running_var_k: Optional[Tensor],
-                 training: bool, eps_d: float, eps_k: float) -> _Stats:
-    """Returns ``(y, mean_d, var_d, mean_k, var_k)``: the output and the
-    statistics used (batch, biased, in training; running in eval). Without
-    the carry ``mean_k`` and ``var_k`` are empty. Running statistics are read,
-    never written: see :func:`resfuse_tail` for the update."""
-    args = (u, h, weight_d, bias_d, running_mean_d, running_var_d,
-            x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
-    check(*args)
-    with no_autocast(u), direct_launches():
-        return backends.kernels(u.device).resfuse_tail_forward(*args)
+def signature(u: Tensor, h: Tensor,
+              weight_d: Tensor, bias_d: Tensor,
+              running_mean_d: Optional[Tensor], running_var_d: Optional[Tensor],
+              x: Optional[Tensor], w: Optional[Tensor],
+              weight_k: Optional[Tensor], bias_k: Optional[Tensor],
+              running_mean_k: Optional[Tensor], running_var_k: Optional[Tensor],
+              training: bool, eps_d: float, eps_k: float
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernel's: returns ``(y, mean_d, var_d, mean_k, var_k)``,
+    the output and the statistics used (batch, biased, in training; running
+    in eval); without the carry ``mean_k`` and ``var_k`` are empty. Running
+    statistics are read, never written: :func:`resfuse_tail` updates them.
+    The backward kernel's returns ``(du, dh, dweight_d, dbias_d, dx, dw,
+    dweight_k, dbias_k)``, the last four empty without the carry."""
 
 
-resfuse_tail_op = torch.library.custom_op("resfuse::resfuse_tail", forward_impl, mutates_args=())
-
-
-@resfuse_tail_op.register_fake
-def _(u, h, weight_d, bias_d, running_mean_d, running_var_d,
-      x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k) -> _Stats:
-    check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
-          x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
+def fake(u, h, weight_d, bias_d, running_mean_d, running_var_d, x, *_):
     dtype = stat_dtype(u.dtype)
     carry_channels = 0 if x is None else u.shape[1]
     return (empty_output(u),
@@ -110,80 +96,7 @@ def _(u, h, weight_d, bias_d, running_mean_d, running_var_d,
             u.new_empty(carry_channels, dtype=dtype), u.new_empty(carry_channels, dtype=dtype))
 
 
-def backward_impl(grad_y: Tensor, u: Tensor, h: Tensor,
-                  weight_d: Tensor, bias_d: Tensor, mean_d: Tensor, var_d: Tensor,
-                  x: Optional[Tensor], w: Optional[Tensor],
-                  weight_k: Optional[Tensor], bias_k: Optional[Tensor],
-                  mean_k: Tensor, var_k: Tensor,
-                  training: bool, eps_d: float, eps_k: float) -> _Grads:
-    """Returns ``(du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k)``;
-    the last four are empty without the carry."""
-    with no_autocast(u), direct_launches():
-        return backends.kernels(u.device).resfuse_tail_backward(
-            grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
-            var_k, training, eps_d, eps_k)
-
-
-resfuse_tail_backward_op = torch.library.custom_op("resfuse::resfuse_tail_backward", backward_impl,
-                                                   mutates_args=())
-
-
-@resfuse_tail_backward_op.register_fake
-def _(grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k, var_k,
-      training, eps_d, eps_k) -> _Grads:
-    grads = (empty_output(u), empty_output(h), torch.empty_like(weight_d),
-             torch.empty_like(bias_d))
-    if x is None:
-        return (*grads, *(u.new_empty(0) for _ in range(4)))
-    return (*grads, empty_output(x), torch.empty_like(w),
-            torch.empty_like(weight_k), torch.empty_like(bias_k))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    (u, h, weight_d, bias_d, _, _, x, w, weight_k, bias_k, _, _, training, eps_d, eps_k) = inputs
-    _, mean_d, var_d, mean_k, var_k = output
-    ctx.mark_non_differentiable(mean_d, var_d, mean_k, var_k)
-    ctx.set_materialize_grads(False)  # no zero gradients for the statistics
-    ctx.save_for_backward(u, h, weight_d, bias_d, mean_d, var_d,
-                          x, w, weight_k, bias_k, mean_k, var_k)
-    ctx.training, ctx.eps_d, ctx.eps_k = training, eps_d, eps_k
-    # the backward runs on the forward's backend, even outside its backends.use()
-    ctx.backend = backends.forced()
-
-
-def _make_backward(backward_op: Callable) -> Callable:
-    """The op's autograd formula, with ``backward_op`` (the registered
-    backward op, or its implementation) computing the gradients."""
-
-    def backward(ctx, grad_y, *_stat_grads):
-        (u, h, weight_d, bias_d, mean_d, var_d,
-         x, w, weight_k, bias_k, mean_k, var_k) = ctx.saved_tensors
-        if grad_y is None:  # grads are not materialised (the statistics never have one)
-            grad_y = torch.zeros_like(u, memory_format=memory_format(u))
-        # Kernels want a dense gradient; an expanded (zero-stride) one is copied.
-        grad_y = grad_y.contiguous(memory_format=memory_format(u))
-        with backends.use(ctx.backend):
-            du, dh, dweight_d, dbias_d, dx, dw, dweight_k, dbias_k = backward_op(
-                grad_y, u, h, weight_d, bias_d, mean_d, var_d, x, w, weight_k, bias_k, mean_k,
-                var_k, ctx.training, ctx.eps_d, ctx.eps_k)
-        if x is None:
-            dx = dw = dweight_k = dbias_k = None
-        return (du, dh, dweight_d, dbias_d, None, None, dx, dw, dweight_k, dbias_k, None, None,
-                None, None, None)
-
-    return backward
-
-
-def register_autograd(forward_op, backward_op) -> None:
-    """Make ``backward_op`` the gradient of ``forward_op`` (both with this
-    module's schemas): used for the opaque ops here and the traceable Triton
-    twins (:mod:`resfuse_kernels.triton.traceable`)."""
-    forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
-
-
-register_autograd(resfuse_tail_op, resfuse_tail_backward_op)
-_resfuse_tail_eager = eager_function("ResfuseTail", forward_impl, _setup_context,
-                                     _make_backward(backward_impl))
+OP = FusedOp("resfuse_tail", signature, check, fake)
 
 
 def resfuse_tail(u: Tensor, h: Tensor,
@@ -225,20 +138,6 @@ def resfuse_tail(u: Tensor, h: Tensor,
     if not (isinstance(momentum_d, float) and isinstance(momentum_k, float)):
         check_momenta(momentum_d=momentum_d, momentum_k=momentum_k)
     u, h, x = promote_under_autocast([u, h, x])
-    fused = fused_autograd("resfuse_tail", u, momentum_d, momentum_k)
-    if fused is not None:
-        check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
-              x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
-        return fused(u, h, weight_d, bias_d, running_mean_d, running_var_d,
-                     x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d,
-                     eps_k, momentum_d, momentum_k)
-    op = select_op("resfuse_tail", u, _resfuse_tail_eager, resfuse_tail_op)
-    y, mean_d, var_d, mean_k, var_k = op(
-        u, h, weight_d, bias_d, running_mean_d, running_var_d,
-        x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k)
-    if training:
-        count = u.numel() // u.shape[1]
-        carry = (running_mean_k, running_var_k, mean_k, var_k, momentum_k)
-        update_running_stats(count, (running_mean_d, running_var_d, mean_d, var_d, momentum_d),
-                             *((carry,) if x is not None else ()))
-    return y
+    return OP((u, h, weight_d, bias_d, running_mean_d, running_var_d,
+               x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k),
+              (momentum_d, momentum_k))

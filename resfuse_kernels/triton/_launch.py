@@ -46,10 +46,32 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def launch(kernel):
-    """``kernel`` as torch.compile can trace it inside a ``triton_op``
-    (:func:`torch.library.wrap_triton`; a plain launch outside one). The
-    interpreter's kernels cannot be traced and are launched as they are."""
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+    """``kernel`` launched as ``launch(kernel)[grid](*args, **kwargs)``: on
+    real tensors (the first argument a plain tensor) directly, an autotuned
+    kernel with the configuration chosen for its key (:class:`Remembered`);
+    on the fake or functional tensors of torch.compile's tracing (inside a
+    ``triton_op``) through :func:`torch.library.wrap_triton`, which
+    Inductor traces."""
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:
+        launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
+    return launcher
+
+
+class _Launcher:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if INTERPRET or type(args[0]) is torch.Tensor:
+                eager = _REMEMBERED.get(self.kernel, self.kernel)
+                return eager[grid](*args, **kwargs)
+            return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
+        return run
+
+
+_LAUNCHERS: dict = {}
 
 # ---------------------------------------------------------------------------
 # configurations
@@ -69,7 +91,7 @@ def _configs(tiles: list[tuple], names: tuple[str, ...], num_stages: int) -> lis
 def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ...], key,
              num_stages: int = 3):
     """``triton.autotune`` over the configurations of the call's layout only
-    (launching through :func:`_remember_configs` once a key is tuned).
+    (launched eagerly through :class:`Remembered` once a key is tuned).
 
     ``nchw`` / ``channels_last``: (block sizes..., num_warps) tuples, best
     guess first; a kernel's ``LAYOUT`` argument (:func:`layout_flag`) picks
@@ -86,20 +108,19 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     full = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
     if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
         tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names, num_stages)
-        return lambda fn: _remember_configs(triton.autotune(configs=tile, key=key)(fn), key,
-                                            full)
+        return lambda fn: _remember(triton.autotune(configs=tile, key=key)(fn), key, full)
     by_layout = (full[0][:1], full[1][:1]) if not AUTOTUNE else full
 
     def prune(configs, named_args, **kwargs):
         return by_layout[1] if named_args["LAYOUT"] else by_layout[0]
 
-    return lambda fn: _remember_configs(
+    return lambda fn: _remember(
         triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
                         prune_configs_by={"early_config_prune": prune})(fn), key, full)
 
 
 # Index of the configuration every eager launch of an autotuned kernel uses
-# (None: tune as usual); set by forced_config, read by _remember_configs.
+# (None: tune as usual); set by forced_config, read by Remembered.
 _FORCED: int | None = None
 
 
@@ -122,56 +143,68 @@ def forced_config(index: int):
         _FORCED = previous
 
 
-# Every autotuned kernel (its Autotuner), in definition order.
-TUNED: list = []
+class Remembered:
+    """The eager launches of autotuned kernel ``tuner`` (Triton's
+    ``Autotuner``, left as it is, so that torch.compile's ``wrap_triton``
+    sees its configurations): a new key goes through the tuner (tuning,
+    pruning) and its ``best_config`` is kept; a known key launches the
+    kernel with it directly.
+
+    The key is the ``key`` arguments, which every launch passes by position,
+    and the first argument's dtype: ``Autotuner.run`` rebuilds its key on
+    every launch from a dict of all ~40-50 arguments, a third to a half of a
+    launch's host time before the driver call (``bench/triton_sm90.py
+    --dispatch``).
+
+    Under :func:`forced_config` a launch takes the forced configuration of
+    ``configs_by_layout`` (NCHW list, channels_last list) and neither reads
+    nor writes ``chosen``: no forced choice outlives the block, and no
+    remembered one overrides it."""
+
+    def __init__(self, tuner, key: list[str], configs_by_layout: tuple[list, list]):
+        self.tuner, self.configs_by_layout = tuner, configs_by_layout
+        names = tuner.fn.arg_names
+        self._key_at = [names.index(k) for k in key]
+        self._layout_at = names.index("LAYOUT")
+        self.chosen: dict[tuple, dict] = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+
+    def run(self, grid, args, kwargs):
+        kernel = self.tuner.fn
+        if _FORCED is not None:  # the only check the normal path pays
+            at = self._layout_at
+            layout = args[at] if len(args) > at else kwargs["LAYOUT"]
+            configs = self.configs_by_layout[1 if layout else 0]
+            return kernel[grid](*args, **kwargs, **configs[_FORCED % len(configs)].all_kwargs())
+        if len(args) <= max(self._key_at):  # a key argument by keyword: not ours
+            return self.tuner[grid](*args, **kwargs)
+        key = (*[args[i] for i in self._key_at], args[0].dtype)
+        config = self.chosen.get(key)
+        if config is None:
+            out = self.tuner[grid](*args, **kwargs)
+            self.chosen[key] = self.tuner.best_config.all_kwargs()
+            return out
+        return kernel[grid](*args, **kwargs, **config)
+
+
+# Every autotuned kernel's Remembered, in definition order.
+TUNED: list[Remembered] = []
+_REMEMBERED: dict = {}
 
 
 def num_configs() -> int:
     """Length of the longest configuration list of any autotuned kernel."""
-    return max(len(c) for tuner in TUNED for c in tuner.configs_by_layout)
+    return max(len(c) for r in TUNED for c in r.configs_by_layout)
 
 
-def _remember_configs(tuner, key: list[str], configs_by_layout: tuple[list, list]):
-    """``tuner`` (Triton's ``Autotuner``) launching, once a key is tuned, its
-    kernel with the chosen configuration directly.
-
-    ``Autotuner.run`` rebuilds its key on every launch from a dict of all the
-    arguments (in Triton 3.6 with a list lookup per argument, and the dtype
-    of every tensor): a third to a half of a launch's host time before the
-    driver call, measured on a 2-core CPU (``bench/triton_sm90.py
-    --dispatch``). Here the key is the ``key`` arguments, which every launch
-    passes by position, and the first argument's dtype; a new key goes
-    through the ``Autotuner`` (tuning, pruning) and its ``best_config`` is
-    kept. The object stays an ``Autotuner``, so torch.compile's
-    ``wrap_triton`` still sees its configurations.
-
-    Under :func:`forced_config` a launch takes the forced configuration of
-    ``configs_by_layout`` and neither reads nor writes ``chosen``: no forced
-    choice outlives the block, and no remembered one overrides it."""
-    tune = tuner.run
-    where = [tuner.fn.arg_names.index(k) for k in key]
-    at_layout = tuner.fn.arg_names.index("LAYOUT")
-    tuner.configs_by_layout = configs_by_layout
-    chosen: dict[tuple, dict] = {}
-
-    def run(*args, grid, warmup=False, **kwargs):
-        if _FORCED is not None:  # the only check the normal path pays
-            layout = args[at_layout] if len(args) > at_layout else kwargs["LAYOUT"]
-            configs = configs_by_layout[1 if layout else 0]
-            return tuner.fn.run(*args, grid=grid, warmup=warmup, **kwargs,
-                                **configs[_FORCED % len(configs)].all_kwargs())
-        if len(args) <= max(where):  # a key argument by keyword: not ours
-            return tune(*args, grid=grid, warmup=warmup, **kwargs)
-        k = (*[args[i] for i in where], args[0].dtype)
-        config = chosen.get(k)
-        if config is None:
-            out = tune(*args, grid=grid, warmup=warmup, **kwargs)
-            chosen[k] = tuner.best_config.all_kwargs()
-            return out
-        return tuner.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config)
-
-    tuner.run = run
-    TUNED.append(tuner)
+def _remember(tuner, key: list[str], configs_by_layout: tuple[list, list]):
+    """Registers ``tuner``'s :class:`Remembered` (its eager launches) and
+    returns ``tuner`` unchanged."""
+    remembered = Remembered(tuner, key, configs_by_layout)
+    TUNED.append(remembered)
+    _REMEMBERED[tuner] = remembered
     return tuner
 
 

@@ -2,7 +2,6 @@
 // schemas of every backend (csrc/schemas.h).
 #include <torch/library.h>
 
-#include "../../csrc/autograd.h"
 #include "../../csrc/cuda/ops.h"
 #include "../../csrc/schemas.h"
 
@@ -10,8 +9,6 @@ using namespace resfuse_cuda;
 
 TORCH_LIBRARY(resfuse_cuda_emu, m) {
   resfuse_schema::define_kernels(m);
-  resfuse_autograd::define_autograd<&highway_gate_forward, &highway_gate_backward,
-                                    &resfuse_tail_forward, &resfuse_tail_backward>(m);
 }
 
 TORCH_LIBRARY_IMPL(resfuse_cuda_emu, CPU, m) {
