@@ -217,7 +217,7 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
             meter.update(loss, logits, y)
-            losses.append(loss.detach().float())
+            losses.append(loss.detach().double())
             s.step_in_epoch += 1
             s.global_step += 1
             bar.update(1, info=lambda: f"loss {losses[-1].item():.4f}")
@@ -245,7 +245,7 @@ class Trainer:
         """Each step's loss averaged over the ranks (every rank has equal batches)."""
         if not losses:
             return []
-        stacked = all_sum(torch.stack(losses).double(), self.ranks) / self.ranks.world
+        stacked = all_sum(torch.stack(losses), self.ranks) / self.ranks.world
         return stacked.tolist()
 
     def _keep_partial(self, meter: Meter, losses: list, seconds: float) -> None:

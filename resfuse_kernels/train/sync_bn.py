@@ -1,11 +1,12 @@
 """``--sync-bn``: synchronised BatchNorm for the reference blocks.
 
 On CUDA this is ``nn.SyncBatchNorm``. PyTorch's SyncBatchNorm refuses CPU
-tensors (its statistics kernels exist for GPUs only), so on the CPU the
-modules become :class:`CpuSyncBatchNorm`, the same module whose training
-forward combines the per-channel moments over the process group with
-autograd-aware all-reduces: count-weighted, as nn.SyncBatchNorm, so N ranks
-with batch B each compute what one process computes with batch N*B.
+tensors (its statistics kernels exist for GPUs only, and DDP rejects it on
+CPU modules), so on the CPU each BatchNorm2d becomes a
+:class:`CpuSyncBatchNorm`: the same module (parameters, buffers, keys) whose
+training forward combines the per-channel moments over the process group
+with autograd-aware all-reduces, count-weighted as nn.SyncBatchNorm's, so N
+ranks with batch B each compute what one process computes with batch N*B.
 
 The fused blocks pass their BatchNorms' parameters to the fused ops, which
 compute statistics per process: converting them would be a silent no-op, so
@@ -16,31 +17,46 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 from ..nn.blocks import FusableBlock
 
 
-class CpuSyncBatchNorm(nn.SyncBatchNorm):
-    """nn.SyncBatchNorm whose synchronised training forward also runs on the CPU."""
+class _SumOverRanks(torch.autograd.Function):
+    """``x`` summed over the ranks; the gradient of each rank's copy is the sum
+    of the ranks' gradients (every rank's loss depends on every rank's x)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the whole default
+    process group (nn.SyncBatchNorm's semantics, on any device)."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Module's name
-        world = dist.get_world_size(self.process_group) if (
-            dist.is_available() and dist.is_initialized()) else 1
-        if input.is_cuda or not self.training or world == 1:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not self.training or world == 1:
             return super().forward(input)
         self._check_input_dim(input)
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
-        group = self.process_group or dist.group.WORLD
         count = torch.tensor([input.numel() / input.shape[1]], dtype=torch.float64)
-        dist.all_reduce(count, group=group)
+        dist.all_reduce(count)
         n = count.item()
         # Two passes (mean, then centred squares): no cancellation in the variance.
-        mean = dist_fn.all_reduce(input.sum(dims), group=group) / n
+        mean = _SumOverRanks.apply(input.sum(dims)) / n
         centred = input - mean.view(shape)
-        var = dist_fn.all_reduce(centred.square().sum(dims), group=group) / n
+        var = _SumOverRanks.apply(centred.square().sum(dims)) / n
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -65,10 +81,10 @@ def convert(model: nn.Module, device: torch.device) -> nn.Module:
         raise ValueError(f"synchronised BatchNorm with fused blocks ({fused[0]} and "
                          f"{len(fused) - 1} more) is not supported yet: the fused ops do not "
                          f"synchronise their statistics; use the reference blocks")
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if device.type != "cuda":
-        for m in model.modules():
-            if type(m) is nn.SyncBatchNorm:
-                # Same attributes, CPU-capable forward: switch the class, keep the state.
-                m.__class__ = CpuSyncBatchNorm
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            # A subclass with no state of its own: switch the class, keep the module.
+            m.__class__ = CpuSyncBatchNorm
     return model
