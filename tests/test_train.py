@@ -231,6 +231,38 @@ def test_table2_command_trains_the_six_models(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_tiny_imagenet_folder_trains_with_the_papers_split(tmp_path):
+    from test_bench import _fake_tiny_imagenet  # the reader's test folder, 64x64 JPEGs
+
+    _fake_tiny_imagenet(tmp_path / "tiny", per_class=2, val_per_class=3)
+    run = tmp_path / "run"
+    main(["--model", "resnet19", "--data", str(tmp_path / "tiny"), "--classes", "2",
+          "--batch", "4", "--epochs", "1", "--quiet", "--no-save-best", "--out", str(run)])
+    config = report.read_log(run / report.LOG)[0]
+    assert config["data"]["sizes"] == {"train": 4, "val": 4, "test": 2, "steps_per_epoch": 1,
+                                       "train_images_per_epoch": 4}
+    split = json.loads((run / report.SPLIT).read_text())
+    # n02 and n01 (the first 2 of 3 classes) have 3 val images each: 2 + 1 per class.
+    assert len(split["val_files"]) == 4 and len(split["test_files"]) == 2
+    assert not set(split["val_files"]) & set(split["test_files"])
+    assert all(f.startswith("val_") and f.endswith(".JPEG") for f in split["val_files"])
+    (test,) = records(run, "test")
+    assert test["test"]["images"] == 2
+
+
+def test_channels_last_bf16_autocast_run(tmp_path):
+    """--channels-last --amp bf16: the fused model trains under autocast and
+    its weights and checkpoint stay float32."""
+    run = tmp_path / "bf16"
+    main(["--model", "resfuse19", *TINY, "--synthetic-train", "8", "--synthetic-val", "4",
+          "--batch", "8", "--epochs", "1", "--channels-last", "--amp", "bf16",
+          "--no-save-best", "--out", str(run)])
+    (epoch,) = records(run, "epoch")
+    assert math.isfinite(epoch["train"]["loss"]) and math.isfinite(epoch["val"]["loss"])
+    weights = ckpt.load(run / ckpt.LAST)["model"]
+    assert weights["conv1.weight"].dtype == torch.float32
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -251,8 +283,10 @@ def test_bad_input_is_a_clear_error(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_resume_refuses_a_changed_recipe_and_an_existing_run(tmp_path, capsys):
-    run = tmp_path / "run"
+def test_resume_rules(tmp_path, capsys):
+    """An existing run is not overwritten; a resumed run keeps its recipe; a
+    checkpoint resumed into a new folder with more epochs starts a full log there."""
+    run, more = tmp_path / "run", tmp_path / "more"
     args = ["--model", "resnet19", *TINY, "--synthetic-train", "16", "--synthetic-val", "10",
             "--batch", "16", "--epochs", "1", "--out", str(run)]
     main(args)
@@ -261,3 +295,8 @@ def test_resume_refuses_a_changed_recipe_and_an_existing_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", str(run), "--lr", "0.5"])
     assert "--lr 0.5 differs from the resumed run's 0.1" in capsys.readouterr().err
+    main(["--resume", str(run / ckpt.BEST), "--out", str(more), "--epochs", "2", "--quiet"])
+    assert [r["type"] for r in report.read_log(more / report.LOG)] == [
+        "config", "resume", "epoch", "test"]
+    assert records(more, "epoch")[0]["epoch"] == 2 and (more / report.SPLIT).is_file()
+    assert ckpt.load(more / ckpt.LAST)["config"]["epochs"] == 2

@@ -161,19 +161,21 @@ class Trainer:
         if not self.ranks.main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed:
+        if resumed and self.log.path.is_file():
             self.log.truncate_after(self.state.epoch)
+        else:  # a new run, or a checkpoint resumed into a new folder
+            self.log.path.unlink(missing_ok=True)
+            report.write_json(self.run_dir / report.SPLIT, self.data.split)
+            self.log.write({"type": "config", "config": self.config.to_dict(),
+                            "parameters": self.parameters, "environment": self._environment(),
+                            "data": {"source": self.data.source, "sizes": self.data.sizes,
+                                     "image_size": self.data.image_size,
+                                     "split_file": report.SPLIT}})
+        if resumed:
             self.log.write({"type": "resume", "epoch": self.state.epoch,
                             "step_in_epoch": self.state.step_in_epoch,
+                            "checkpoint": self.config.resume,
                             "world_size": self.ranks.world, "utc": _utc()})
-            return
-        self.log.path.unlink(missing_ok=True)
-        report.write_json(self.run_dir / report.SPLIT, self.data.split)
-        self.log.write({"type": "config", "config": self.config.to_dict(),
-                        "parameters": self.parameters, "environment": self._environment(),
-                        "data": {"source": self.data.source, "sizes": self.data.sizes,
-                                 "image_size": self.data.image_size,
-                                 "split_file": report.SPLIT}})
 
     def _environment(self) -> dict:
         try:
@@ -302,10 +304,7 @@ class Trainer:
         while s.epoch < c.epochs:
             train = self._train_epoch(s.epoch)
             if train is None:
-                say(self.ranks, c, f"stopped after {s.global_step} steps (epoch {s.epoch + 1}, "
-                    f"step {s.step_in_epoch}); resume with --resume {self.run_dir}")
-                return {"stopped": True, "global_step": s.global_step,
-                        "run_dir": str(self.run_dir)}
+                return self._stopped(f"epoch {s.epoch + 1}, step {s.step_in_epoch}")
             val = self.evaluate(self.data.val)
             lr = self.optimizer.param_groups[0]["lr"]
             self._step_scheduler(val["top1_err"])
@@ -331,11 +330,15 @@ class Trainer:
                 f"{train['time_s']:.1f} s, {train['images_per_s']:.1f} images/s")
             if c.stop_after_steps is not None and s.global_step >= c.stop_after_steps \
                     and s.epoch < c.epochs:
-                say(self.ranks, c, f"stopped after {s.global_step} steps (end of epoch "
-                    f"{s.epoch}); resume with --resume {self.run_dir}")
-                return {"stopped": True, "global_step": s.global_step,
-                        "run_dir": str(self.run_dir)}
+                return self._stopped(f"end of epoch {s.epoch}")
         return self._finish()
+
+    def _stopped(self, where: str) -> dict:
+        """``--stop-after-steps`` was reached (at ``where``; the checkpoint is written)."""
+        say(self.ranks, self.config, f"stopped after {self.state.global_step} steps ({where}); "
+            f"resume with --resume {self.run_dir}")
+        return {"stopped": True, "global_step": self.state.global_step,
+                "run_dir": str(self.run_dir)}
 
     def _finish(self) -> dict:
         c = self.config
