@@ -1,7 +1,7 @@
 """The trainer (issue 16): data, metrics, a short run, exact resume, Table 2, bad input.
 
 Runs are in-process (``resfuse_kernels.train.main``) on tiny synthetic
-images (8x8, 10 classes) so that the whole file takes seconds, not minutes;
+images (4x4, 10 classes) so that the whole file takes seconds, not minutes;
 tests/test_train_ddp.py launches torchrun.
 """
 
@@ -21,9 +21,9 @@ from resfuse_kernels.train import report
 from resfuse_kernels.train.data import EpochSampler, augment, split_holdout
 from resfuse_kernels.train.metrics import topk_correct
 
-# Tiny synthetic runs: 8x8 images (the 4x4 class patterns upsampled), a
-# 1-pixel crop padding, 10 classes.
-TINY = ["--classes", "10", "--image-size", "8", "--crop-padding", "1", "--quiet"]
+# Tiny synthetic runs: 4x4 images (the class patterns' own grid; the last
+# stage of a network sees 1x1), a 1-pixel crop padding, 10 classes.
+TINY = ["--classes", "10", "--image-size", "4", "--crop-padding", "1", "--quiet"]
 
 
 def records(run: Path, kind: str) -> list[dict]:
@@ -120,21 +120,22 @@ def _shift(image, dy, dx, pad, flip):
 
 
 def test_short_fused_run_learns_and_writes_its_reports(tmp_path, capsys):
-    """ResFuse-19 (fused), one epoch of 15 steps: the loss falls; JSONL, JSON,
+    """ResFuse-19 (fused), one epoch of 10 steps: the loss falls; JSONL, JSON,
     Markdown and PNG are written and parse; plot and report merge runs."""
     run = tmp_path / "run"
-    main(["--model", "resfuse19", "--fused", *TINY, "--synthetic-train", "960",
+    # No augmentation: a 1-pixel shift moves a 4x4 image's pattern by a quarter.
+    main(["--model", "resfuse19", "--fused", *TINY, "--no-augment", "--synthetic-train", "640",
           "--synthetic-val", "80", "--batch", "64", "--lr", "0.02", "--epochs", "1",
           "--out", str(run)])
     log = report.read_log(run / report.LOG)
     assert log[0]["type"] == "config" and log[0]["config"]["model"] == "resfuse19"
-    assert log[0]["config"]["fused"] is True and log[0]["data"]["sizes"]["steps_per_epoch"] == 15
+    assert log[0]["config"]["fused"] is True and log[0]["data"]["sizes"]["steps_per_epoch"] == 10
     (epoch,) = records(run, "epoch")
     losses = epoch["batch_losses"]
-    assert len(losses) == 15 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
-    assert end < 0.6 * start, f"the loss did not fall: {start:.3f} -> {end:.3f}"
-    assert epoch["val"]["top1_err"] < 0.75  # chance: 0.9
+    assert end < 0.5 * start, f"the loss did not fall: {start:.3f} -> {end:.3f}"
+    assert epoch["val"]["top1_err"] < 0.5  # chance: 0.9
     assert epoch["images_per_s"] > 0 and epoch["peak_memory_bytes"] > 0
     assert epoch["peak_memory_kind"] == "cpu peak RSS of the process"
     (test,) = records(run, "test")

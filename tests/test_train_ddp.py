@@ -22,7 +22,7 @@ from resfuse_kernels.train import checkpoint as ckpt
 from resfuse_kernels.train import report
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--classes", "10", "--image-size", "8", "--crop-padding", "1", "--quiet",
+TINY = ["--classes", "10", "--image-size", "4", "--crop-padding", "1", "--quiet",
         "--synthetic-train", "32", "--synthetic-val", "20", "--batch", "16"]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),

@@ -301,6 +301,10 @@ class Trainer:
             f"{self.parameters:,} parameters) on {self.device} x {self.ranks.world}; data: "
             f"{self.data.source}; {self.data.sizes['steps_per_epoch']} steps of {c.batch} per "
             f"epoch; run folder {self.run_dir}")
+        empty = [k for k in ("val", "test") if not self.data.sizes[k]]
+        if empty:
+            say(self.ranks, c, f"WARNING: the {' and '.join(empty)} split is empty (no class "
+                f"has two held-out images): its metrics will be NaN")
         while s.epoch < c.epochs:
             train = self._train_epoch(s.epoch)
             if train is None:
