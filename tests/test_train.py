@@ -7,6 +7,7 @@ tests/test_train_ddp.py launches torchrun.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from resfuse_kernels.train import checkpoint as ckpt
 from resfuse_kernels.train import report
 from resfuse_kernels.train.data import EpochSampler, augment, split_holdout
 from resfuse_kernels.train.metrics import topk_correct
+from resfuse_kernels.train.progress import Bar
 
 # Tiny synthetic runs: 4x4 images (the class patterns' own grid; the last
 # stage of a network sees 1x1), a 1-pixel crop padding, 10 classes.
@@ -114,6 +116,22 @@ def test_augmentation_is_a_padded_shift_and_flip_of_its_seed():
 def _shift(image, dy, dx, pad, flip):
     padded = torch.nn.functional.pad(image, (pad,) * 4)[:, dy:dy + 8, dx:dx + 8]
     return padded.flip(-1) if flip else padded
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    tty, pipe = _Terminal(), io.StringIO()
+    for stream, enabled in ((tty, True), (pipe, True), (_Terminal(), False)):
+        bar = Bar(3, "epoch 1/2", enabled=enabled, stream=stream, every=0.0)
+        for _ in range(3):
+            bar.update(1, info=lambda: "loss 1.2345")
+        bar.close()
+    assert "\repoch 1/2 3/3 [" in tty.getvalue() and "loss 1.2345" in tty.getvalue()
+    assert tty.getvalue().endswith("\n") and pipe.getvalue() == ""
 
 
 # ---------------------------------------------------------------- runs

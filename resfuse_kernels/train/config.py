@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..models import CONFIGS  # noqa: F401 - also for cli
+from ..models import CONFIGS
 from . import recipe
 
 AMP = ("bf16", "fp16")
