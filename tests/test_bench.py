@@ -132,7 +132,7 @@ def test_ops_case_fused_matches_reference(op):
 # ---------------------------------------------------------------- the data reader
 
 
-def _fake_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=3):
+def _fake_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=3, val_per_class=1):
     Image = pytest.importorskip("PIL.Image")
     root.mkdir(parents=True, exist_ok=True)
     (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
@@ -148,10 +148,11 @@ def _fake_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=3):
         (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
     (root / "val" / "images").mkdir(parents=True)
     lines = []
-    for j, wnid in enumerate(reversed(wnids)):
-        name = f"val_{j}.JPEG"
-        Image.new("L", (64, 64), 128).save(root / "val" / "images" / name)  # greyscale
-        lines.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    for wnid in reversed(wnids):
+        for _ in range(val_per_class):
+            name = f"val_{len(lines)}.JPEG"
+            Image.new("L", (64, 64), 128).save(root / "val" / "images" / name)  # greyscale
+            lines.append(f"{name}\t{wnid}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
 
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import models
+from ..train import recipe
 from . import common
 
 MODELS = ("resnet19", "highway19", "resfuse19", "resnet25", "resfuse25")
@@ -79,10 +80,10 @@ class Settings:
     classes: int = 100
     data: Optional[str] = None
     channels_last: bool = True
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
+    lr: float = recipe.LR
+    momentum: float = recipe.MOMENTUM
+    nesterov: bool = recipe.NESTEROV
+    weight_decay: float = recipe.WEIGHT_DECAY
     device: str = "cpu"
     seed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -169,8 +170,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         model.train()
         self.parameters = sum(p.numel() for p in model.parameters())
-        self.opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
-                                   nesterov=s.nesterov, weight_decay=s.weight_decay)
+        self.opt = recipe.nag_sgd(model.parameters(), lr=s.lr, momentum=s.momentum,
+                                  weight_decay=s.weight_decay, nesterov=s.nesterov)
         self.forward = torch.compile(model) if provider.endswith("compile") else model
         self.steps = 0
         self.loss: Optional[torch.Tensor] = None
