@@ -91,7 +91,8 @@ def fit(forward: Callable[[Tensor], Tensor], params: Iterable[nn.Parameter],
 def predict(forward: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 256,
             desc: str | None = None) -> Tensor:
     """``forward`` over ``images`` (uint8) in batches, outputs concatenated."""
-    progress = Progress(desc, images.shape[0]) if desc else None
+    # Progress only where it takes a while (more than a few batches).
+    progress = Progress(desc, images.shape[0]) if desc and images.shape[0] > 4 * batch_size else None
     outputs = []
     for index in batches(images.shape[0], batch_size):
         outputs.append(forward(normalize(images[index])))

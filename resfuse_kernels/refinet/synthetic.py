@@ -48,7 +48,7 @@ def _masks(kind: Tensor, x: Tensor, y: Tensor, s: Tensor) -> Tensor:
     return options.gather(0, kind.view(1, -1, 1, 1).expand(1, *disc.shape))[0]
 
 
-def make_images(labels: Tensor, size: int = 32, seed: int = 0, contrast: float = 0.15,
+def make_images(labels: Tensor, size: int = 32, seed: int = 0, contrast: float = 0.1,
                 noise: float = 0.15) -> Tensor:
     """uint8 (N, 3, size, size) images of the classes ``labels``."""
     if labels.dim() != 1 or (labels < 0).any() or (labels >= NUM_CLASSES).any():
