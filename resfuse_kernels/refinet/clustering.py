@@ -94,6 +94,14 @@ def _ap_count(a: np.ndarray, preference: float, seed: int) -> tuple[int, np.ndar
     return int(labels.max()) + 1, labels
 
 
+def _ap_interval(a: np.ndarray) -> tuple[float, float]:
+    """The preferences the search starts between (see :func:`affinity_propagation`)."""
+    c = a.shape[0]
+    off = a[~np.eye(c, dtype=bool)]
+    spread = max(float(off.max() - off.min()), 1e-12)
+    return float(off.min()) - c * spread, float(off.max()) + spread
+
+
 def affinity_propagation(affinity: np.ndarray, k: int, seed: int = 0,
                          steps: int = 60) -> np.ndarray:
     """Affinity propagation with its preference bisected to give ``k`` clusters.
@@ -108,10 +116,7 @@ def affinity_propagation(affinity: np.ndarray, k: int, seed: int = 0,
     gives exactly k.
     """
     a = check_affinity(affinity, k)
-    c = a.shape[0]
-    off = a[~np.eye(c, dtype=bool)]
-    spread = max(float(off.max() - off.min()), 1e-12)
-    lo, hi = float(off.min()) - c * spread, float(off.max()) + spread
+    lo, hi = _ap_interval(a)
     seen: dict[int, float] = {}
     for _ in range(steps):
         p = (lo + hi) / 2

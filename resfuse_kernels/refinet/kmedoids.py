@@ -1,15 +1,21 @@
-"""K-medoids by PAM (Kaufman & Rousseeuw's BUILD + SWAP), in NumPy.
+"""K-medoids in NumPy: exhaustive when small, PAM (BUILD + SWAP) otherwise.
 
 scikit-learn has no K-medoids, the ``kmedoids`` package is GPL-3 and
 scikit-learn-extra does not import with numpy 2, so this small version is
-ours. PAM is deterministic (no seed): BUILD picks medoids greedily, then
-SWAP makes the best single medoid <-> non-medoid exchange while it lowers the
-total cost ``sum_i min_m D[i, m]``. It stops at a swap-optimal set, which on
-small problems is usually, not always, the global optimum. Cost per SWAP
-pass: O(k C^2) for C points, plenty for C in the hundreds (class labels).
+ours. It minimises the total cost ``sum_i min_m D[i, m]`` over medoid sets.
+When there are at most ``exact_limit`` sets (``comb(C, k)``: 20 classes in 4
+clusters are 4,845) it tries them all and returns the optimum. Otherwise
+Kaufman & Rousseeuw's PAM, deterministic (no seed): BUILD picks medoids
+greedily, then SWAP makes the best single medoid <-> non-medoid exchange
+while it lowers the cost. PAM stops at a swap-optimal set, usually but not
+always the optimum. Cost per SWAP pass: O(k C^2), plenty for C in the
+hundreds (class labels).
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 
@@ -18,8 +24,19 @@ def _cost(d: np.ndarray, medoids: list[int]) -> float:
     return float(d[:, medoids].min(1).sum())
 
 
-def kmedoids(distance: np.ndarray, k: int, max_swaps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, medoids)`` of a PAM K-medoids on a precomputed distance.
+def _exact(d: np.ndarray, k: int) -> list[int]:
+    best, best_cost = None, np.inf
+    for medoids in itertools.combinations(range(d.shape[0]), k):
+        cost = d[:, medoids].min(1).sum()
+        if cost < best_cost:
+            best, best_cost = list(medoids), cost
+    return best
+
+
+def kmedoids(distance: np.ndarray, k: int, exact_limit: int = 10_000,
+             max_swaps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, medoids)`` of K-medoids on a precomputed distance
+    (exhaustive if ``comb(C, k) <= exact_limit``, else PAM).
 
     ``distance`` (C, C): symmetric, zero diagonal. Each point joins its
     nearest medoid (the lowest medoid index on ties); ``labels[m]`` of a
@@ -34,6 +51,15 @@ def kmedoids(distance: np.ndarray, k: int, max_swaps: int = 1000) -> tuple[np.nd
         raise ValueError(f"k must lie in [1, {n}], got {k}")
     if not np.isfinite(d).all() or (d < 0).any():
         raise ValueError("distances must be finite and non-negative")
+    medoids = _exact(d, k) if math.comb(n, k) <= exact_limit else _pam(d, k, max_swaps)
+    medoids_arr = np.array(sorted(medoids))
+    labels = d[:, medoids_arr].argmin(1)
+    labels[medoids_arr] = np.arange(k)   # a medoid at distance 0 from another stays its own
+    return labels, medoids_arr
+
+
+def _pam(d: np.ndarray, k: int, max_swaps: int) -> list[int]:
+    n = d.shape[0]
     # BUILD: the most central point, then the point that lowers the cost most.
     medoids = [int(d.sum(1).argmin())]
     nearest = d[:, medoids[0]].copy()
@@ -62,7 +88,4 @@ def kmedoids(distance: np.ndarray, k: int, max_swaps: int = 1000) -> tuple[np.nd
         cost = best[0]
     else:
         raise RuntimeError(f"PAM did not settle in {max_swaps} swaps")
-    medoids_arr = np.array(sorted(medoids))
-    labels = d[:, medoids_arr].argmin(1)
-    labels[medoids_arr] = np.arange(k)   # a medoid at distance 0 from another stays its own
-    return labels, medoids_arr
+    return medoids
