@@ -26,6 +26,11 @@ def _leaves(node: Any) -> list[tuple[int, ...]]:
     return [leaf for child in node for leaf in _leaves(child)]
 
 
+def node_classes(node: Any) -> list[int]:
+    """Every class under ``node`` (a leaf or an inner node), depth first."""
+    return [c for leaf in _leaves(node) for c in leaf]
+
+
 def _check_node(node: Any) -> None:
     if not isinstance(node, (list, tuple)) or not node:
         raise ValueError(f"a tree node must be a non-empty list, got {node!r}")

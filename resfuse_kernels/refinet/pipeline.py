@@ -358,8 +358,7 @@ class Run:
         features = frozen(trunk)
         for i, leaf in enumerate(leaves):
             rows = torch.isin(labels, torch.tensor(leaf)).nonzero().squeeze(1)
-            local = torch.full((data.num_classes,), -1, dtype=torch.int64)
-            local[list(leaf)] = torch.arange(len(leaf))
+            local = _local_labels(leaf, data.num_classes)
             torch.manual_seed(_seed(c, "head", leaf))
             head = spec.new_head(len(leaf))
             losses[",".join(map(str, leaf))] = loop.fit(
@@ -438,9 +437,7 @@ class Run:
         rows = []
         for k, (head, leaf) in enumerate(zip(model.heads, model.hierarchy.leaves)):
             where = torch.isin(labels, torch.tensor(leaf)).nonzero().squeeze(1)
-            local = torch.full((model.spec.num_classes,), -1, dtype=torch.int64)
-            local[list(leaf)] = torch.arange(len(leaf))
-            truth = local[labels[where]]
+            truth = _local_labels(leaf, model.spec.num_classes)[labels[where]]
             probs = loop.predict(lambda x: head(model.trunk(x)).softmax(1), images[where])
             within = level1[where][:, list(leaf)]
             rows.append({"cluster": k + 1, "size": len(leaf), "images": int(where.numel()),
@@ -466,6 +463,13 @@ class Run:
         clusters = torch.as_tensor(hierarchy.class_to_leaf())[val["labels"][pick]]
         return {"embedding": torch.as_tensor(embedding), "cluster": clusters,
                 "labels": val["labels"][pick]}
+
+
+def _local_labels(leaf: tuple[int, ...], num_classes: int) -> Tensor:
+    """(C,) each class's index within ``leaf`` (a head's label), -1 outside it."""
+    local = torch.full((num_classes,), -1, dtype=torch.int64)
+    local[list(leaf)] = torch.arange(len(leaf))
+    return local
 
 
 def _head_file(leaf: tuple[int, ...]) -> str:

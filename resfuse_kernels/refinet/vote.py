@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .hierarchy import Hierarchy
+from .hierarchy import Hierarchy, node_classes
 
 TOP = 5
 
@@ -63,7 +63,7 @@ def vote(probs: Tensor, groups: Sequence[Sequence[int]], top: int = TOP) -> Tens
     sub = probs[:, classes].double()
     voters = sub.topk(min(top, len(classes)), dim=1).indices
     votes = torch.nn.functional.one_hot(group_of[voters], len(groups)).sum(1).double()
-    mass = sub @ torch.nn.functional.one_hot(group_of, len(groups)).double()
+    mass = cluster_mass(probs.double(), groups)
     # Votes are integers and 0 <= mass <= 1, so half the mass orders only equal votes.
     return (votes + 0.5 * mass).argmax(1)
 
@@ -81,7 +81,7 @@ def route(probs: Tensor, hierarchy: Hierarchy, top: int = TOP) -> Tensor:
         if isinstance(node[0], int):
             out[rows] = leaf_ids[node]
             return
-        choice = vote(probs[rows], [_classes(child) for child in node], top)
+        choice = vote(probs[rows], [node_classes(child) for child in node], top)
         for g, child in enumerate(node):
             picked = rows[choice == g]
             if picked.numel():
@@ -89,12 +89,6 @@ def route(probs: Tensor, hierarchy: Hierarchy, top: int = TOP) -> Tensor:
 
     descend(hierarchy.tree, torch.arange(probs.shape[0], device=probs.device))
     return out
-
-
-def _classes(node: tuple) -> list[int]:
-    if isinstance(node[0], int):
-        return list(node)
-    return [c for child in node for c in _classes(child)]
 
 
 def cluster_accuracy(predicted: Tensor, labels: Tensor, hierarchy: Hierarchy) -> float:
