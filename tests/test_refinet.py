@@ -297,6 +297,18 @@ def test_vgg_has_torchvisions_names_and_shapes():
     assert tuple(h.shape) == (2, 512, 28, 28) and tuple(top(h).shape) == (2, 100)
 
 
+def test_vgg_input_as_the_paper_and_caffe_want_it():
+    from resfuse_kernels.data import normalize
+
+    pixel = torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 64, 64)
+    trunk, _ = Level1Spec("vgg16", 10, caffe=True, resize=True).parts(vgg.VGG(False, 10))
+    caffe, resize = trunk[0], trunk[1]
+    out = caffe(normalize(pixel))
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([-103.939, -116.779, 255 - 123.68]))
+    assert tuple(resize(out).shape) == (2, 3, 224, 224)
+    assert isinstance(trunk[2], nn.Conv2d)
+
+
 def test_weights_load_strictly(tmp_path):
     with torch.device("meta"):
         model = vgg.VGG(False, 10)
@@ -330,8 +342,8 @@ def test_synthetic_is_deterministic():
 
 # -- the pipeline ------------------------------------------------------------------
 
-# The end-to-end run: the default synthetic run, with fewer K for Figure 9a.
-FULL = dict(ks=(2, 4, 6), tsne_limit=300)
+# The end-to-end run: the default synthetic run, shorter (fewer K, half the head epochs).
+FULL = dict(ks=(2, 4, 6), tsne_limit=300, level2_epochs=4)
 # The resumption tests' run: every step, as small as it gets (quality not asserted).
 TINY = dict(per_class=8, eval_per_class=4, size=16, level1_epochs=1, level2_epochs=1,
             retrain_epochs=1, ks=(2, 4), tsne_limit=60)
@@ -408,6 +420,35 @@ def test_each_step_resumes(tiny_dir, step, tmp_path):
     fate = run.run()
     assert fate == {s: "ran" if s == step else "skipped" for s in pipeline.STEPS}
     assert _equal(_contents(copy, step), before)
+
+
+def test_tiny_imagenet_folder_runs_with_words_txt(tmp_path, one_thread):
+    from PIL import Image
+
+    root, rng = tmp_path / "tiny", np.random.default_rng(0)
+    wnids = [f"n0{i}" for i in range(6)]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (root / "words.txt").write_text("".join(f"{w}\tthing {i}, other name\n"
+                                            for i, w in enumerate(wnids)))
+    annotations = []
+    for i, w in enumerate(wnids):
+        (root / "train" / w / "images").mkdir(parents=True)
+        for j in range(4):
+            pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / w / "images" / f"{w}_{j}.JPEG")
+            Image.fromarray(pixels).save(root / "val" / "images" / f"val_{i}_{j}.JPEG")
+            annotations.append(f"val_{i}_{j}.JPEG\t{w}\t0\t0\t64\t64")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations))
+    config = pipeline.Config(run=str(tmp_path / "run"), data=str(root), classes=6, arch="small",
+                             k=2, ks=(2, 3), level1_epochs=1, level2_epochs=1,
+                             retrain_epochs=1, tsne_limit=12)
+    pipeline.Run(config).run()
+    report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    assert report["class_names"] == [f"thing {i}" for i in range(6)]
+    assert report["dataset"] == "tiny-imagenet-6"
+    evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert evaluation["images"] == {"train": 24, "val": 12, "test": 12}
 
 
 def test_changed_settings_redo_the_step_and_what_follows(tiny_dir, tmp_path):

@@ -78,7 +78,7 @@ class Config:
     assign_labels: str = "kmeans"
     ks: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     max_size: Optional[int] = None
-    level2_epochs: int = 4
+    level2_epochs: int = 8
     level2_lr: float = 3e-3
     retrain_epochs: int = 2
     soft_top: int = 2
