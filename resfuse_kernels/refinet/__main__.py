@@ -31,16 +31,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="a Tiny-ImageNet folder (wnids.txt, train/, val/, words.txt)")
-    g.add_argument("--classes", type=int, default=d.classes, help="Tiny-ImageNet classes (first N of wnids.txt)")
-    g.add_argument("--train-limit", type=int, help="Tiny-ImageNet: at most this many training images")
-    g.add_argument("--eval-limit", type=int, help="Tiny-ImageNet: at most this many validation (and test) images")
-    g.add_argument("--per-class", type=int, default=d.per_class, help="synthetic training images per class")
+    g.add_argument("--classes", type=int, default=d.classes,
+                   help="Tiny-ImageNet classes (first N of wnids.txt)")
+    g.add_argument("--train-limit", type=int,
+                   help="Tiny-ImageNet: at most this many training images")
+    g.add_argument("--eval-limit", type=int,
+                   help="Tiny-ImageNet: at most this many validation (and test) images")
+    g.add_argument("--per-class", type=int, default=d.per_class,
+                   help="synthetic training images per class")
     g.add_argument("--eval-per-class", type=int, default=d.eval_per_class,
                    help="synthetic validation and test images per class")
     g.add_argument("--size", type=int, default=d.size, help="synthetic image size")
     g = p.add_argument_group("level 1")
-    g.add_argument("--arch", help="small, resnet19, resfuse19, highway19, resnet25, resfuse25, "
-                                  "resnet34, vgg16, vgg16_bn (default: small; resfuse19 with --data)")
+    g.add_argument("--arch", help="small, resnet19, resfuse19, highway19, resnet25, "
+                                  "resfuse25, resnet34, vgg16, vgg16_bn "
+                                  "(default: small; resfuse19 with --data)")
     g.add_argument("--split", type=int, help="trunk end: stages (package nets, default 1) or "
                                              "features index (VGG, default conv4_3)")
     g.add_argument("--weights", help="a state_dict file to start level 1 from (never downloaded)")
@@ -51,17 +56,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g = p.add_argument_group("hierarchy")
     g.add_argument("--k", type=int, default=d.k, help="clusters (default %(default)s)")
-    g.add_argument("--method", default=d.method, help="spectral, agglomerative, affinity_propagation, kmedoids")
+    g.add_argument("--method", default=d.method,
+                   help="spectral, agglomerative, affinity_propagation, kmedoids")
     g.add_argument("--affinity", default=d.affinity, help="eq6 (scores) or eq7 (confusion matrix)")
-    g.add_argument("--assign-labels", default=d.assign_labels, help="spectral: kmeans, discretize, cluster_qr")
+    g.add_argument("--assign-labels", default=d.assign_labels,
+                   help="spectral: kmeans, discretize, cluster_qr")
     g.add_argument("--ks", type=int, nargs="+", default=list(d.ks), help="K values of Figure 9a")
-    g.add_argument("--max-size", type=int, help="also split clusters until each has at most this many classes")
+    g.add_argument("--max-size", type=int,
+                   help="also split clusters until each has at most this many classes")
     g = p.add_argument_group("level 2")
     g.add_argument("--level2-epochs", type=int, default=d.level2_epochs)
     g.add_argument("--level2-lr", type=float, default=d.level2_lr)
     g.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs,
                    help="epochs of level 1's cluster classifier (L2 + retrain)")
-    g.add_argument("--soft-top", type=int, default=d.soft_top, help="soft: at most this many heads per image")
+    g.add_argument("--soft-top", type=int, default=d.soft_top,
+                   help="soft: at most this many heads per image")
     g.add_argument("--soft-threshold", type=float, default=d.soft_threshold,
                    help="soft: heads of clusters at least this probable")
     g.add_argument("--tsne-limit", type=int, default=d.tsne_limit)

@@ -92,7 +92,8 @@ def predict(forward: Callable[[Tensor], Tensor], images: Tensor, batch_size: int
             desc: str | None = None) -> Tensor:
     """``forward`` over ``images`` (uint8) in batches, outputs concatenated."""
     # Progress only where it takes a while (more than a few batches).
-    progress = Progress(desc, images.shape[0]) if desc and images.shape[0] > 4 * batch_size else None
+    shown = desc and images.shape[0] > 4 * batch_size
+    progress = Progress(desc, images.shape[0]) if shown else None
     outputs = []
     for index in batches(images.shape[0], batch_size):
         outputs.append(forward(normalize(images[index])))

@@ -113,7 +113,8 @@ class Level1Spec:
         linear classifier."""
         s = self.split_point
         if self.arch in VGGS:
-            pre = ([vgg.CaffeInput()] if self.caffe else []) + ([vgg.Resize()] if self.resize else [])
+            pre = [vgg.CaffeInput()] if self.caffe else []
+            pre += [vgg.Resize()] if self.resize else []
             trunk = nn.Sequential(*pre, *net.features[:s])
             top = nn.Sequential(*net.features[s:], net.avgpool, nn.Flatten(), *net.classifier)
             return trunk, top
@@ -166,7 +167,8 @@ class RefiNet(nn.Module):
         self.level1 = level1
         self.heads = nn.ModuleList(heads)
         self.cluster_head = cluster_head
-        self.soft, self.soft_top, self.soft_threshold, self.top = soft, soft_top, soft_threshold, top
+        self.soft, self.soft_top, self.soft_threshold = soft, soft_top, soft_threshold
+        self.top = top
         # Views of level1's modules, kept out of the registry (no duplicate state_dict keys).
         self._parts = spec.parts(level1)
         for p in level1.parameters():

@@ -97,7 +97,8 @@ class Config:
     }, repr=False, compare=False)
 
     def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "READS"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "READS"}
 
     def spec(self, num_classes: int) -> Level1Spec:
         arch = self.arch or ("small" if self.data is None else "resfuse19")
@@ -108,7 +109,8 @@ class Config:
             raise ValueError(f"unknown method {self.method!r}; choose one of "
                              f"{', '.join(clustering.METHODS)}")
         if self.affinity not in AFFINITIES:
-            raise ValueError(f"unknown affinity {self.affinity!r}; choose one of {', '.join(AFFINITIES)}")
+            raise ValueError(f"unknown affinity {self.affinity!r}; "
+                             f"choose one of {', '.join(AFFINITIES)}")
         if self.k < 2 or any(k < 2 for k in self.ks):
             raise ValueError("K must be at least 2")
         if self.level1_epochs < 0 or self.level2_epochs < 1 or self.retrain_epochs < 1:
@@ -249,7 +251,8 @@ class Run:
             params, modules = list(net.parameters()), [net]
         else:
             params = [p for name in retrained for p in net.get_submodule(name).parameters()]
-            # Only the classifier (Linear, ReLU, Dropout) trains: frozen BatchNorms keep their statistics.
+            # Only the classifier (Linear, ReLU, Dropout) is in train mode: the
+            # frozen BatchNorms of VGG-16-BN keep their statistics.
             modules = [net.classifier]
             net.eval()
         losses: list[float] = []
@@ -311,7 +314,8 @@ class Run:
             table4[row] = {}
             for name, a in affinities.items():
                 try:
-                    table4[row][name] = measure(clustering.cluster(a, c.k, method, c.seed, **options))
+                    labels_k = clustering.cluster(a, c.k, method, c.seed, **options)
+                    table4[row][name] = measure(labels_k)
                 except clustering.KNotReached as error:
                     table4[row][name] = {"error": str(error)}
         figure9a = {}
@@ -323,12 +327,14 @@ class Run:
         options = {"seed": c.seed, "assign_labels": c.assign_labels}
         l2 = Hierarchy.from_labels(clustering.cluster(affinities[c.affinity], c.k, c.method,
                                                       **options))
-        hierarchies = {"L2": l2, "L3": split_largest(l2, affinities[c.affinity], c.method, **options)}
+        hierarchies = {"L2": l2,
+                       "L3": split_largest(l2, affinities[c.affinity], c.method, **options)}
         if c.max_size is not None:
             hierarchies["threshold"] = split_until(l2, affinities[c.affinity], c.max_size,
                                                    c.method, **options)
-        saved = {"class_names": data.class_names, "k": c.k, "method": c.method, "affinity": c.affinity,
-                 "assign_labels": c.assign_labels, "max_size": c.max_size,
+        saved = {"class_names": data.class_names, "k": c.k, "method": c.method,
+                 "affinity": c.affinity, "assign_labels": c.assign_labels,
+                 "max_size": c.max_size,
                  "affinities": {n: a.tolist() for n, a in affinities.items()},
                  "table4": table4, "figure9a": figure9a,
                  "hierarchies": {n: json.loads(h.to_json()) for n, h in hierarchies.items()},
@@ -454,7 +460,8 @@ class Run:
 
         val = self.scores()["val"]
         n = val["labels"].numel()
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.config, "tsne")))
+        generator = torch.Generator().manual_seed(_seed(self.config, "tsne"))
+        pick = torch.randperm(n, generator=generator)
         pick = pick[:self.config.tsne_limit].sort().values
         features = val["features"][pick].double().numpy()
         perplexity = float(min(30.0, (len(pick) - 1) / 3))
