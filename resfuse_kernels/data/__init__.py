@@ -2,7 +2,7 @@
 
 from .synthetic import SyntheticImages
 from .tiny_imagenet import (TinyImageNet, list_images, load_image, load_tensors, normalize,
-                            read_wnids)
+                            read_wnids, read_words)
 
 __all__ = ["SyntheticImages", "TinyImageNet", "list_images", "load_image", "load_tensors",
-           "normalize", "read_wnids"]
+           "normalize", "read_wnids", "read_words"]

@@ -6,6 +6,7 @@ The layout (Stanford CS231n's ``tiny-imagenet-200``)::
     ROOT/train/<wnid>/images/*.JPEG      the training images of each class
     ROOT/val/val_annotations.txt         "<file>\\t<wnid>\\t<x>\\t<y>\\t<w>\\t<h>" lines
     ROOT/val/images/<file>
+    ROOT/words.txt                       "<wnid>\t<names>" lines (optional: class names)
 
 The paper's ImageNet-100 is 100 of these classes (500 training images each,
 50,000 in all). ``classes=N`` keeps the first N ids of ``wnids.txt`` (in
@@ -38,6 +39,20 @@ def read_wnids(root: PathLike, classes: Optional[int] = None) -> list[str]:
             raise ValueError(f"{path} lists {len(wnids)} classes, {classes} asked for")
         wnids = wnids[:classes]
     return wnids
+
+
+def read_words(root: PathLike, wnids: list[str]) -> list[str]:
+    """A readable name for each of ``wnids``: the first synonym of its line
+    in ``root/words.txt`` ("n01443537<TAB>goldfish, Carassius auratus" ->
+    "goldfish"); the wnid itself where words.txt or its line is absent."""
+    path = Path(root) / "words.txt"
+    words: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            wnid, _, names = line.partition("\t")
+            if names.strip():
+                words[wnid.strip()] = names.split(",")[0].strip()
+    return [words.get(w, w) for w in wnids]
 
 
 def list_images(root: PathLike, split: str = "train",
