@@ -174,12 +174,16 @@ class FusedOp:
 
     def _forward_impl(self, *args):
         self.check(*args)
-        with no_autocast(args[0]):
-            return getattr(backends.kernels(args[0].device), f"{self.name}_forward")(*args)
+        return self._run(backends.kernels(args[0].device), "forward", args)
 
     def backward_impl(self, *args):
-        with no_autocast(args[1]):
-            return getattr(backends.kernels(args[1].device), f"{self.name}_backward")(*args)
+        return self._run(backends.kernels(args[1].device), "backward", args)
+
+    def _run(self, kernels, which: str, args: tuple):
+        """Backend module ``kernels``' forward or backward kernel on ``args``,
+        autocast off (internal products keep the op's precision)."""
+        with no_autocast(args[0] if which == "forward" else args[1]):
+            return getattr(kernels, f"{self.name}_{which}")(*args)
 
     def _fake(self, *args):
         self.check(*args)
@@ -232,15 +236,13 @@ class FusedOp:
             # declared one's arguments through inspect.signature on every call.
             self.check(*args)
             kernels = backends.kernels(args[0].device)
-            with no_autocast(args[0]):
-                out = getattr(kernels, f"{name}_forward")(*args)
+            out = self._run(kernels, "forward", args)
             setup_context(ctx, args, out)
             ctx.kernels = kernels
             return out
 
         def run(ctx, *args):
-            with no_autocast(args[1]):
-                return getattr(ctx.kernels, f"{name}_backward")(*args)
+            return self._run(ctx.kernels, "backward", args)
 
         camel = "".join(part.title() for part in name.split("_"))
         fn = type(camel, (torch.autograd.Function,),
