@@ -345,8 +345,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfu
     if (carry) {
       x64 = dense(*x_in, g).to(at::kDouble);
       v64 = carry_product(x64, *w, g);
-      v = centred(v64, carry_centre(v64, mean_k, g, training), g, acc);
-      if (dv_double) v64 = dense(v64 - carry_centre(v64, mean_k, g, training).view({1, -1, 1, 1}), g);
+      const Tensor centre = carry_centre(v64, mean_k, g, training);
+      v = centred(v64, centre, g, acc);
+      if (dv_double) v64 = dense(v64 - centre.view({1, -1, 1, 1}), g);
       // dv overwrites v in place: the apply pass reads each v element just
       // before it writes that dv element (one big allocation fewer).
       dv = v;
