@@ -4,9 +4,9 @@
 //
 // Arithmetic is in acc_t = at::opmath_type<scalar_t> (float for
 // bf16/fp16/fp32, double for fp64) on at::vec::Vectorized<acc_t>; per-channel
-// sums add every contribution in double, so statistics are accurate even
-// for large activations (and are taken around a per-channel shift near the
-// mean, rounded so that subtracting it is exact).
+// sums add every contribution in double, and the batch statistics are tile
+// moments merged in double (batch_stats), so both are accurate even for
+// large activations.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,7 +19,6 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -242,69 +241,120 @@ std::array<std::vector<double>, K> channel_sums(const Geometry& g, const F& f) {
   return total;
 }
 
-// Per-channel shift for the sums of squares: the mean of each channel's
-// first `sample` values (image by image, pixel by pixel). Sums of d and d^2
-// with d = z - shift lose about (shift - mean)^2 / var units of relative
-// precision to cancellation: the first value alone, 3 sigma out, cost var
-// 3.4 ulps (and du 2.4x PyTorch's error); a 64-value mean is ~sigma / 8
-// away. The sample is 64 C values near the start of the tensor: cached.
-template <typename scalar_t>
-std::vector<acc_t<scalar_t>> channel_shift(const scalar_t* p, const Geometry& g) {
-  constexpr int64_t sample = 64;
-  std::vector<acc_t<scalar_t>> shift(g.C, 0);
-  const int64_t k = std::min(sample, g.count());
-  if (k == 0) return shift;
-  for (int64_t c = 0; c < g.C; ++c) {
-    double sum = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t n = j / g.S, s = j % g.S;
-      sum += static_cast<double>(
-          p[g.channels_last ? (n * g.S + s) * g.C + c : (n * g.C + c) * g.S + s]);
-    }
-    // An Inf or NaN in the sample leaves the shift 0: inf - inf would make
-    // the mean NaN where PyTorch's is +-Inf (the variance is NaN in both).
-    if (!std::isfinite(sum)) continue;
-    // Rounded to 12 significant bits (the float32 half-way up, 12 bits
-    // dropped), so that z - shift is exact for every |z| < 2^12 |shift|:
-    // with all 24, z - shift rounded the shift's low bits away alike for
-    // every z of a binade, a bias that made the batch mean of 2 x 33 x 33
-    // values 6x less accurate than PyTorch's. The Triton carry's shift is
-    // rounded the same way (resfuse_kernels/triton/resfuse_tail.py).
-    uint32_t bits;
-    const float mean = static_cast<float>(sum / k);
-    std::memcpy(&bits, &mean, sizeof bits);
-    bits = (bits + 0x800u) & 0xFFFFF000u;
-    float rounded;
-    std::memcpy(&rounded, &bits, sizeof rounded);
-    shift[c] = static_cast<acc_t<scalar_t>>(rounded);
+// ---------------------------------------------------------------- batch statistics
+//
+// The one statistics algorithm of every backend (docs/ops.md): the values of
+// a channel are cut into tiles; each tile's moments (count, mean, M2) come
+// from two passes over it (its mean, then the squared deviations from that
+// mean); tiles merge by Chan's formula. Here both passes and the merges are
+// in double and a tile (at most kTileValues values) stays in L1 between its
+// passes, so memory is read once; the CUDA kernels merge V-value tiles and
+// the Triton ones register slots the same way, in their accumulation type.
+
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;  // count, mean, sum of squared deviations
+};
+
+// a <- the moments of a's values and b's (Chan, Golub and LeVeque). Equal
+// means differ by 0, the same infinity included: a channel of +Inf keeps
+// the mean +Inf (inf - inf would make it NaN), as PyTorch's sum does.
+inline void merge(Moments& a, const Moments& b) {
+  if (b.n == 0) return;
+  if (a.n == 0) {
+    a = b;
+    return;
   }
-  return shift;
+  const double n = a.n + b.n, w = b.n / n;
+  const double d = b.mean == a.mean ? 0.0 : b.mean - a.mean;
+  a.mean += d * w;
+  a.m2 += b.m2 + d * d * a.n * w;
+  a.n = n;
+}
+
+constexpr int64_t kTileValues = 4096;  // 16 KiB of float32: one tile in L1
+constexpr int kLanes = 8;              // independent double accumulators (vectorised)
+
+// Moments of len > 0 contiguous values (a tile of one channel, NCHW).
+template <typename scalar_t>
+Moments tile_moments(const scalar_t* p, int64_t len) {
+  double s[kLanes] = {}, sum = 0;
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += static_cast<double>(p[i + l]);
+  for (; i < len; ++i) sum += static_cast<double>(p[i]);
+  for (int l = 0; l < kLanes; ++l) sum += s[l];
+  const double mean = sum / static_cast<double>(len);
+  double q[kLanes] = {}, m2 = 0;
+  for (i = 0; i + kLanes <= len; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const double d = static_cast<double>(p[i + l]) - mean;
+      q[l] += d * d;
+    }
+  for (; i < len; ++i) {
+    const double d = static_cast<double>(p[i]) - mean;
+    m2 += d * d;
+  }
+  for (int l = 0; l < kLanes; ++l) m2 += q[l];
+  return {static_cast<double>(len), mean, m2};
+}
+
+// Moments of `rows` pixels x C channels (channels_last), per channel, merged
+// into out[0..C); sum and q are scratch of C doubles.
+template <typename scalar_t>
+void tile_moments_cl(const scalar_t* p, int64_t rows, int64_t C, double* sum, double* q,
+                     Moments* out) {
+  std::fill(sum, sum + C, 0.0);
+  std::fill(q, q + C, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<double>(p[r * C + c]);
+  for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<double>(rows);  // now the means
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = static_cast<double>(p[r * C + c]) - sum[c];
+      q[c] += d * d;
+    }
+  for (int64_t c = 0; c < C; ++c) merge(out[c], Moments{static_cast<double>(rows), sum[c], q[c]});
 }
 
 // Batch mean and biased variance of one activation, per channel, in the
-// statistics dtype (float64 for float64 input, else float32).
+// statistics dtype (float64 for float64 input, else float32). The runs are
+// split into one contiguous chunk per thread, read in memory order (the
+// prefetchers lose a stream at every 4 KiB page, so hopping between the runs
+// of one channel would be latency bound); the chunks' moments merge in
+// chunk order at the end.
 template <typename scalar_t>
 std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
   using A = acc_t<scalar_t>;
-  using V = Vec<scalar_t>;
   const scalar_t* p = t.const_data_ptr<scalar_t>();
-  const auto shift = channel_shift<scalar_t>(p, g);
-  auto sums = channel_sums<2, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c,
-                                                 int64_t count, V* out) {
-    V d = load(p + off, count) - channel_param(shift.data(), g, c, pos, count);
-    d = V::set(V(0), d, count);
-    out[0] = d;
-    out[1] = d * d;
+  const int64_t runs = g.runs(), len = g.run_length();
+  const int64_t chunks = g.count() == 0 || g.C == 0
+                             ? 0 : std::min<int64_t>(at::get_num_threads(), runs);
+  std::vector<std::vector<Moments>> partial(chunks, std::vector<Moments>(g.C));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(g.channels_last ? g.C : 0), q(sum.size());
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      Moments* mine = partial[chunk].data();
+      const int64_t r0 = runs * chunk / chunks, r1 = runs * (chunk + 1) / chunks;
+      if (g.channels_last) {  // a run is one pixel: a tile is a block of pixels
+        const int64_t rows = std::max<int64_t>(1, kTileValues / g.C);
+        for (int64_t r = r0; r < r1; r += rows)
+          tile_moments_cl(p + r * len, std::min(rows, r1 - r), g.C, sum.data(), q.data(), mine);
+      } else {  // a run is one channel of one image: tiles along it
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t pos = 0; pos < len; pos += kTileValues)
+            merge(mine[r % g.C], tile_moments(p + r * len + pos, std::min(kTileValues, len - pos)));
+      }
+    }
   });
   auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
-  Tensor mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
+  Tensor mean = at::zeros({g.C}, opts), var = at::zeros({g.C}, opts);
   A* m = mean.mutable_data_ptr<A>();
   A* v = var.mutable_data_ptr<A>();
-  const double n = static_cast<double>(g.count());
-  for (int64_t c = 0; c < g.C; ++c) {
-    const double d = n > 0 ? sums[0][c] / n : 0.0;
-    m[c] = static_cast<A>(shift[c] + d);
-    v[c] = static_cast<A>(n > 0 ? std::max(sums[1][c] / n - d * d, 0.0) : 0.0);
+  for (int64_t c = 0; c < g.C && chunks > 0; ++c) {
+    Moments total;
+    for (const auto& mine : partial) merge(total, mine[c]);
+    m[c] = static_cast<A>(total.mean);
+    v[c] = static_cast<A>(total.m2 / total.n);
   }
   return {mean, var};
 }

@@ -35,14 +35,13 @@ and one apply pass reading ``dh`` and ``u`` (and ``x``) and writing ``du``
 and, with the carry, ``dv``: it never reads ``dy`` or ``h``, so the plain
 tail's backward moves 7 activation tensors, not 8 (the carry's 10, not 11).
 **dx and dW are torch matmuls** on that materialised ``dv``: ``dx = dv W``
-and ``dW = dv^T x`` over the N*H*W pixels. For float32/float64 storage
-``dv`` is float32/float64 and both products run in float64, as every
-backend's (BatchNorm over few values amplifies a float32 product's
-rounding, and a large mean of x cancels in dW); for bf16/fp16 storage
-``dv`` is stored in that dtype and both are plain cuBLAS products with
-float32 accumulation, as autocast's own convolution backward computes them. That
-is one extra write and two reads of a K-channel tensor compared with a
-fully fused backward.
+and ``dW = dv^T x`` over the N*H*W pixels. ``dv`` is kept in the stat
+dtype, as the cpu and cuda backends keep it: float32/float64 for
+float32/float64 storage, where both products run in float64 (BatchNorm
+over few values amplifies a float32 product's rounding, and a large mean
+of x cancels in dW), and float32 for bf16/fp16 storage, where both are
+float32 products. That is one extra write and two reads of a K-channel
+tensor compared with a fully fused backward.
 
 The carry's ``tl.dot`` runs with ``input_precision="ieee"`` (true float32
 products; no TF32, whose 10-bit mantissa costs ~3 digits when the inputs
@@ -427,10 +426,10 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
         # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW
-        # matmuls; in the storage dtype for bf16/fp16, as autocast's conv
-        # backward has it (cuBLAS accumulates in float32)
+        # matmuls, in the stat dtype (float32 for bf16/fp16 storage, as the
+        # cpu and cuda backends keep it)
         low = u.dtype != sdt  # bf16/fp16 (float32 and float64 compute in themselves)
-        dv = torch.empty(n, s, k, dtype=u.dtype if low else sdt, device=u.device)
+        dv = torch.empty(n, s, k, dtype=sdt, device=u.device)
         sdv = (s * k, 1, k)
         x0 = _carry_shift(x3, sx)  # the forward's shift: same x, same x0
         shifted_mean_k = _shift_mean(mean_k, w2, x0, -1)
@@ -461,7 +460,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         none = u.new_empty(0)
         return (*grads, none, none.clone(), none.clone(), none.clone())
     # torch matmuls on the materialised dv (see the module docstring)
-    prod = dv.dtype if low else torch.float64
+    prod = torch.float32 if low else torch.float64  # cpu/cuda's product_type
     dv2 = dv.view(n * s, k).to(prod)
     dx = (dv2 @ w2.to(prod)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
     x2 = x.to(prod).permute(0, 2, 3, 1).reshape(n * s, cx)  # a view if channels_last
