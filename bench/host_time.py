@@ -13,6 +13,12 @@ the carry's 1x1 convolution + BatchNorm where it applies:
   route) against the eager reference;
 * ``traced``: both under ``torch.compile`` (the registered op's route).
 
+Where the eager route's time goes (``breakdown``, measured in the same
+rounds): the backend's forward and backward kernels called directly on
+the op's arguments; the argument checks; the running-statistics update;
+the rest (``Function.apply``, the autograd engine, argument promotion) is
+the total less those three.
+
 On a CPU the kernels run on the calling thread, so "host time" is the
 whole call; on a GPU it is the time to enqueue (no synchronisation inside
 the timed loop). Writes JSON and Markdown beside each other (``--out``).
@@ -33,6 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from resfuse_kernels import backends  # noqa: E402
+from resfuse_kernels.ops import _define  # noqa: E402
+from resfuse_kernels.ops.highway_gate import OP as HIGHWAY_OP  # noqa: E402
+from resfuse_kernels.ops.resfuse_tail import OP as TAIL_OP  # noqa: E402
 from resfuse_kernels.bench.common import rounds  # noqa: E402
 from resfuse_kernels.bench.ops import Case  # noqa: E402
 
@@ -48,12 +57,67 @@ def _timed(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps * 1e6
 
 
+class _Ctx:
+    """Stands in for autograd's ctx: what the autograd formula saves."""
+
+    def mark_non_differentiable(self, *_):
+        pass
+
+    def set_materialize_grads(self, _):
+        pass
+
+    def save_for_backward(self, *saved):
+        self.saved_tensors = saved
+
+
+def parts(case: Case) -> dict:
+    """The pieces of one eager fused forward + backward, each callable
+    alone: the kernels, the checks and the running update (the op's call
+    recorded once, then replayed piece by piece)."""
+    op = HIGHWAY_OP if case.op == "highway_gate" else TAIL_OP
+    seen = {}
+    real = _define.FusedOp.__call__
+
+    def record(self, args, momenta):
+        seen["args"], seen["momenta"] = args, momenta
+        return real(self, args, momenta)
+
+    _define.FusedOp.__call__ = record
+    try:
+        case.fused()
+    finally:
+        _define.FusedOp.__call__ = real
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in seen["args"])
+    kernels = backends.kernels(args[0].device)
+    forward = getattr(kernels, f"{op.name}_forward")
+    backward = getattr(kernels, f"{op.name}_backward")
+    grad_y = case.grad_out
+
+    def run_kernels():
+        out = forward(*args)
+        ctx = _Ctx()
+        op._setup_context(ctx, args, out)
+        backward(grad_y, *ctx.saved_tensors, *ctx.scalars)
+
+    stats = forward(*args)[1:]
+    first = args[0]
+    count = first.numel() // first.shape[1]
+
+    def update():
+        _define.update_running_stats(count, *(
+            (args[m], args[v], stats[2 * k], stats[2 * k + 1], seen["momenta"][k])
+            for k, (w, m, v) in enumerate(op.bn_at) if args[w] is not None))
+
+    return {"kernels": run_kernels, "checks": lambda: op.check(*args), "running update": update}
+
+
 def measure(op: str, shape, device: str, routes: list[str], reps: int, count: int) -> dict:
     case = Case(op, shape, device, torch.float32, False, seed=0)
     providers = {}
     if "eager" in routes:
         providers["reference eager"] = lambda: case.backward(case.reference())
         providers["fused eager"] = lambda: case.backward(case.fused())
+        providers.update({f"fused eager: {k}": fn for k, fn in parts(case).items()})
     if "traced" in routes:
         torch._dynamo.reset()
         ref, fused = torch.compile(case.reference), torch.compile(case.fused)
@@ -70,6 +134,13 @@ def measure(op: str, shape, device: str, routes: list[str], reps: int, count: in
     for route in routes:
         ref, fused = row["median_us"][f"reference {route}"], row["median_us"][f"fused {route}"]
         row[f"ratio_{route}"] = fused / ref
+    if "eager" in routes:
+        med = row["median_us"]
+        pieces = {k[len("fused eager: "):]: v for k, v in med.items()
+                  if k.startswith("fused eager: ")}
+        pieces["autograd and the rest"] = med["fused eager"] - sum(pieces.values())
+        row["breakdown_us"] = pieces
+        row["median_us"] = {k: v for k, v in med.items() if not k.startswith("fused eager: ")}
     return row
 
 
@@ -90,6 +161,16 @@ def markdown(result: dict) -> str:
                       f"{row[f'ratio_{r}']:.2f}x"]
         lines.append(f"| {row['op']} | {'x'.join(map(str, row['shape']))} | "
                      + " | ".join(cells) + " |")
+    broken = [row for row in result["rows"] if "breakdown_us" in row]
+    if broken:
+        names = list(broken[0]["breakdown_us"])
+        lines += ["", "Where the fused eager call's time goes (us; each piece timed alone "
+                  "in the same rounds, the last is the total less the others):", "",
+                  "| op | shape | " + " | ".join(names) + " |",
+                  "|---|---|" + "---:|" * len(names)]
+        for row in broken:
+            lines.append(f"| {row['op']} | {'x'.join(map(str, row['shape']))} | "
+                         + " | ".join(f"{row['breakdown_us'][n]:.0f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,7 +196,9 @@ def main() -> int:
             row = measure(op, shape, args.device, routes, args.reps, args.rounds)
             result["rows"].append(row)
             print(f"{op:20s} {'x'.join(map(str, shape)):9s} " + "  ".join(
-                f"{k} {v:6.0f} us" for k, v in row["median_us"].items()), flush=True)
+                f"{k} {v:6.0f} us" for k, v in {**row["median_us"],
+                                                **row.get("breakdown_us", {})}.items()),
+                flush=True)
     text = markdown(result)
     print(text)
     if args.out:

@@ -8,32 +8,49 @@
 // gradients of every tensor input and BN affine parameter. Without the
 // carry (x absent) its outputs are empty tensors.
 //
+// Each signature is spelled once, as a macro that the definitions use too
+// (`RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) { ... }`): adding an
+// argument is one edit here, one in csrc/schemas.h and one per body.
+//
 // No include guard and no includes: each backend's ops.h includes it once,
 // in its namespace, after <ATen/core/Tensor.h>, <optional> and <tuple>.
 
 using at::Tensor;
 using Opt = std::optional<Tensor>;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
-    const Tensor& a, const Tensor& b, const Tensor& x, const Tensor& weight_h,
-    const Tensor& bias_h, const Opt& running_mean_h, const Opt& running_var_h,
-    const Tensor& weight_t, const Tensor& bias_t, const Opt& running_mean_t,
-    const Opt& running_var_t, bool training, double eps_h, double eps_t);
+#define RESFUSE_HIGHWAY_GATE_FORWARD(name) \
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> name( \
+    const Tensor& a_in, const Tensor& b_in, const Tensor& x_in, const Tensor& weight_h, \
+    const Tensor& bias_h, const Opt& running_mean_h, \
+    const Opt& running_var_h, const Tensor& weight_t, const Tensor& bias_t, \
+    const Opt& running_mean_t, const Opt& running_var_t, \
+    bool training, double eps_h, double eps_t)
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_backward(
-    const Tensor& grad_y, const Tensor& a, const Tensor& b, const Tensor& x,
-    const Tensor& weight_h, const Tensor& bias_h, const Tensor& mean_h, const Tensor& var_h,
-    const Tensor& weight_t, const Tensor& bias_t, const Tensor& mean_t, const Tensor& var_t,
-    bool training, double eps_h, double eps_t);
+#define RESFUSE_HIGHWAY_GATE_BACKWARD(name) \
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> name( \
+    const Tensor& grad_in, const Tensor& a_in, const Tensor& b_in, const Tensor& x_in, \
+    const Tensor& weight_h, const Tensor& bias_h, const Tensor& mean_h, const Tensor& var_h, \
+    const Tensor& weight_t, const Tensor& bias_t, const Tensor& mean_t, const Tensor& var_t, \
+    bool training, double eps_h, double eps_t)
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
-    const Tensor& u, const Tensor& h, const Tensor& weight_d, const Tensor& bias_d,
-    const Opt& running_mean_d, const Opt& running_var_d, const Opt& x, const Opt& w,
-    const Opt& weight_k, const Opt& bias_k, const Opt& running_mean_k, const Opt& running_var_k,
-    bool training, double eps_d, double eps_k);
+#define RESFUSE_RESFUSE_TAIL_FORWARD(name) \
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> name( \
+    const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d, const Tensor& bias_d, \
+    const Opt& running_mean_d, const Opt& running_var_d, \
+    const Opt& x_in, const Opt& w, \
+    const Opt& weight_k, const Opt& bias_k, \
+    const Opt& running_mean_k, const Opt& running_var_k, \
+    bool training, double eps_d, double eps_k)
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_backward(
-    const Tensor& grad_y, const Tensor& u, const Tensor& h, const Tensor& weight_d,
-    const Tensor& bias_d, const Tensor& mean_d, const Tensor& var_d, const Opt& x,
-    const Opt& w, const Opt& weight_k, const Opt& bias_k, const Tensor& mean_k,
-    const Tensor& var_k, bool training, double eps_d, double eps_k);
+#define RESFUSE_RESFUSE_TAIL_BACKWARD(name) \
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> name( \
+    const Tensor& grad_in, const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d, \
+    const Tensor& bias_d, const Tensor& mean_d, const Tensor& var_d, \
+    const Opt& x_in, const Opt& w, \
+    const Opt& weight_k, const Opt& bias_k, \
+    const Tensor& mean_k, const Tensor& var_k, bool training, double eps_d, double eps_k)
+
+RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward);
+RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward);
+RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward);
+RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward);

@@ -116,12 +116,7 @@ Tensor carry_input_grad(const Tensor& g_in, const Tensor& centred64, const Tenso
 
 // ---------------------------------------------------------------- highway
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
-    const Tensor& a_in, const Tensor& b_in, const Tensor& x_in, const Tensor& weight_h,
-    const Tensor& bias_h, const std::optional<Tensor>& running_mean_h,
-    const std::optional<Tensor>& running_var_h, const Tensor& weight_t, const Tensor& bias_t,
-    const std::optional<Tensor>& running_mean_t, const std::optional<Tensor>& running_var_t,
-    bool training, double eps_h, double eps_t) {
+RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward) {
   const Geometry g = Geometry::of(a_in);
   Tensor a = dense(a_in, g), b = dense(b_in, g), x = dense(x_in, g);
   Tensor y = at::empty_like(a, a.options().memory_format(g.format()));
@@ -148,11 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
   return {y, mean_h, var_h, mean_t, var_t};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_backward(
-    const Tensor& grad_in, const Tensor& a_in, const Tensor& b_in, const Tensor& x_in,
-    const Tensor& weight_h, const Tensor& bias_h, const Tensor& mean_h, const Tensor& var_h,
-    const Tensor& weight_t, const Tensor& bias_t, const Tensor& mean_t, const Tensor& var_t,
-    bool training, double eps_h, double eps_t) {
+RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
   const Geometry g = Geometry::of(a_in);
   Tensor a = dense(a_in, g), b = dense(b_in, g), x = dense(x_in, g), gy = dense(grad_in, g);
   Tensor da = at::empty_like(a), db = at::empty_like(a), dx = at::empty_like(a);
@@ -270,13 +261,7 @@ Tensor centred(const Tensor& v64, const Tensor& centre, const Geometry& g, at::S
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
-    const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d, const Tensor& bias_d,
-    const std::optional<Tensor>& running_mean_d, const std::optional<Tensor>& running_var_d,
-    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
-    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
-    const std::optional<Tensor>& running_mean_k, const std::optional<Tensor>& running_var_k,
-    bool training, double eps_d, double eps_k) {
+RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   const Geometry g = Geometry::of(u_in);
   const bool carry = x_in.has_value();
   Tensor u = dense(u_in, g), h = dense(h_in, g);
@@ -321,12 +306,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
   return {y, mean_d, var_d, mean_k, var_k};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_backward(
-    const Tensor& grad_in, const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d,
-    const Tensor& bias_d, const Tensor& mean_d, const Tensor& var_d,
-    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
-    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
-    const Tensor& mean_k, const Tensor& var_k, bool training, double eps_d, double eps_k) {
+RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   const Geometry g = Geometry::of(u_in);
   const bool carry = x_in.has_value();
   Tensor u = dense(u_in, g), h = dense(h_in, g), gy = dense(grad_in, g);

@@ -119,12 +119,7 @@ void check_inputs(const Tensor& a, const Tensor& b, const Tensor& x, const Tenso
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
-    const Tensor& a_in, const Tensor& b_in, const Tensor& x_in, const Tensor& weight_h,
-    const Tensor& bias_h, const std::optional<Tensor>& running_mean_h,
-    const std::optional<Tensor>& running_var_h, const Tensor& weight_t, const Tensor& bias_t,
-    const std::optional<Tensor>& running_mean_t, const std::optional<Tensor>& running_var_t,
-    bool training, double eps_h, double eps_t) {
+RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward) {
   check_inputs(a_in, b_in, x_in, weight_h, bias_h, weight_t, bias_t);
   const DeviceGuard guard(a_in.device());
   const Geo g = geometry(a_in);
@@ -153,11 +148,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_forward(
   return {y, mean_h, var_h, mean_t, var_t};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> highway_gate_backward(
-    const Tensor& grad_in, const Tensor& a_in, const Tensor& b_in, const Tensor& x_in,
-    const Tensor& weight_h, const Tensor& bias_h, const Tensor& mean_h, const Tensor& var_h,
-    const Tensor& weight_t, const Tensor& bias_t, const Tensor& mean_t, const Tensor& var_t,
-    bool training, double eps_h, double eps_t) {
+RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
   check_inputs(a_in, b_in, x_in, weight_h, bias_h, weight_t, bias_t);
   check_activation("grad_y", grad_in, a_in);
   const int64_t C = a_in.size(1);

@@ -229,13 +229,7 @@ void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const 
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
-    const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d, const Tensor& bias_d,
-    const std::optional<Tensor>& running_mean_d, const std::optional<Tensor>& running_var_d,
-    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
-    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
-    const std::optional<Tensor>& running_mean_k, const std::optional<Tensor>& running_var_k,
-    bool training, double eps_d, double eps_k) {
+RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
   const DeviceGuard guard(u_in.device());
   const bool carry = x_in.has_value();
@@ -276,12 +270,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_forward(
   return {y, mean_d, var_d, mean_k, var_k};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> resfuse_tail_backward(
-    const Tensor& grad_in, const Tensor& u_in, const Tensor& h_in, const Tensor& weight_d,
-    const Tensor& bias_d, const Tensor& mean_d, const Tensor& var_d,
-    const std::optional<Tensor>& x_in, const std::optional<Tensor>& w,
-    const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k,
-    const Tensor& mean_k, const Tensor& var_k, bool training, double eps_d, double eps_k) {
+RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
   check_activation("grad_y", grad_in, u_in);
   const int64_t C = u_in.size(1);
