@@ -9,7 +9,10 @@ on the whole batch and compares.
 
 from __future__ import annotations
 
+import os
 import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton case runs on CPU tensors
 
 import torch
 import torch.distributed as dist
@@ -17,7 +20,6 @@ from torch import Tensor, nn
 
 import resfuse_kernels as rk
 from resfuse_kernels import backends
-from resfuse_kernels.nn.sync_bn import convert_sync_batchnorm
 
 ACTIVATIONS = {"tail": ("u", "h"), "tail_carry": ("u", "h", "x"), "highway": ("a", "b", "x")}
 BNS = {"tail": ("d",), "tail_carry": ("d", "k"), "highway": ("h", "t")}
@@ -28,9 +30,13 @@ def op_cases() -> list[dict]:
     backends_ = [b for b in ("torch", "cpu") if backends.unavailable_reason(b, "cpu") is None]
     splits = [((3, 3), (3, 5), "nchw"), ((4, 1), (3, 5), "nchw"), ((5, 0), (3, 5), "nchw"),
               ((1, 2), (1, 1), "nchw"), ((2, 3), (2, 3), "channels_last")]
-    return [dict(backend=b, op=op, split=split, hw=hw, layout=layout, seed=seed)
-            for b in backends_ for op in ACTIVATIONS
-            for seed, (split, hw, layout) in enumerate(splits)]
+    cases = [dict(backend=b, op=op, split=split, hw=hw, layout=layout, seed=seed)
+             for b in backends_ for op in ACTIVATIONS
+             for seed, (split, hw, layout) in enumerate(splits)]
+    if backends.unavailable_reason("triton", "cpu") is None:  # interpreted: one tiny case an op
+        cases += [dict(backend="triton", op=op, split=(2, 1), hw=(2, 3), layout="nchw", seed=9)
+                  for op in ("tail_carry", "highway")]
+    return cases
 
 
 def op_inputs(case: dict) -> dict:
@@ -138,17 +144,21 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     group = dist.group.WORLD
-    results = {"ops": [], "blocks": []}
+    solo = [dist.new_group([r]) for r in range(world)][rank]  # every rank makes every group
+    results = {"ops": [], "blocks": [], "solo": []}
     for case in op_cases():
         start = sum(case["split"][:rank])
         rows = slice(start, start + case["split"][rank])
         results["ops"].append(run_op(case, op_inputs(case), rows, group))
     for case in block_cases():
         block, x, cotangent = block_inputs(case)
-        rk.convert(convert_sync_batchnorm(block, group), fused=case["fused"])
+        block = rk.convert(block, fused=case["fused"], sync_batchnorm=True, process_group=group)
         start = sum(case["split"][:rank])
         rows = slice(start, start + case["split"][rank])
         results["blocks"].append(run_block(block, x[rows], cotangent[rows]))
+    for case in op_cases()[:3]:  # a group of one rank: the per-process path, bit for bit
+        inputs = op_inputs(case)
+        results["solo"].append([run_op(case, inputs, slice(None), g) for g in (solo, None)])
     torch.save(results, out)
     dist.destroy_process_group()
 

@@ -98,6 +98,45 @@ def test_an_empty_rank_gets_empty_results(ranks):
     assert empty["grads"]["w"].abs().max() == 0  # no rows: no local contribution
 
 
+def test_a_group_of_one_rank_changes_nothing(ranks):
+    for rank in ranks:
+        for solo, alone in rank["solo"]:
+            for key in ("y", "y_eval"):
+                assert torch.equal(solo[key], alone[key])
+            for name, g in alone["grads"].items():
+                assert torch.equal(solo["grads"][name], g), name
+            for name, r in alone["running"].items():
+                assert torch.equal(solo["running"][name], r), name
+
+
+def test_process_group_needs_torch_distributed_in_training_only():
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialised in this process")
+    case = dict(OP_CASES[0], op="highway", split=(4,))
+    inputs = worker.op_inputs(case)
+    group = object()  # never looked at: eval mode exchanges nothing
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        worker.run_op(case, inputs, slice(None), group)
+    acts = list(inputs["acts"].values())
+    bn_args = [inputs["bns"][b][k] for b in ("h", "t")
+               for k in ("weight", "bias", "running_mean", "running_var")]
+    y = rk.ops.highway_gate(*acts, *bn_args, training=False, process_group=group)
+    assert torch.equal(y, rk.ops.highway_gate(*acts, *bn_args, training=False))
+
+
+def test_meta_tensors_with_a_process_group_are_a_clear_error(ranks):
+    """(After the ranks ran: this process is not in their group.) The check
+    comes before any exchange; a fake group of 2 ranks stands in."""
+    from resfuse_kernels.ops.highway_gate import OP
+    case = dict(OP_CASES[0], op="highway", split=(4,))
+    inputs = worker.op_inputs(case)
+    acts = [t.to("meta") for t in inputs["acts"].values()]
+    bn_args = [inputs["bns"][b][k].to("meta") for b in ("h", "t")
+               for k in ("weight", "bias", "running_mean", "running_var")]
+    with pytest.raises(ValueError, match="needs real tensors"):
+        OP._synchronised((*acts, *bn_args, True, 1e-5, 1e-5), object())
+
+
 BLOCK_CASES = worker.block_cases()
 
 
