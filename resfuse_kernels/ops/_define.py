@@ -351,11 +351,11 @@ class FusedOp:
 
     def _group_moments(self, args: tuple, present: list, group) -> tuple[int, dict]:
         """The group's count and, per BatchNorm, (mean, biased var) in the
-        dtype of its weight: local moments in float64 (in the statistics'
-        dtype off the CPU, then widened), exchanged by one all_gather and
-        merged by Chan's formula, count-weighted (an empty rank adds nothing)."""
+        dtype of its weight: local moments in the statistics' dtype (torch's
+        var_mean), widened to float64, exchanged by one all_gather and merged
+        by Chan's formula, count-weighted (an empty rank adds nothing)."""
         first = args[0]
-        local = torch.float64 if first.device.type == "cpu" else stat_dtype(first.dtype)
+        local = stat_dtype(first.dtype)
         channels = first.shape[1]
         n = first.numel() // channels if channels else 0
         parts = [torch.full((1,), float(n), dtype=torch.float64, device=first.device)]
@@ -439,11 +439,13 @@ class FusedOp:
                 mean = saved[mean_at].double().view(1, -1, 1, 1)
                 z_at, carry_at = self.bn_input_at[k]
                 if carry_at is None:  # dz -= k3 + k2 (z - mean)
-                    z = saved[z_at].to(ct)
-                    dz = torch.addcmul(k3.to(ct), z - mean.to(ct), k2.to(ct))
                     g = grads[slot[z_at]]
-                    grads[slot[z_at]] = (g.to(ct) - dz).to(g.dtype).contiguous(
-                        memory_format=memory_format(g))
+                    term = (saved[z_at].to(ct) - mean.to(ct)).mul_(k2.to(ct)).add_(k3.to(ct))
+                    if g.dtype == ct:  # the kernel's fresh output: corrected in place
+                        g.sub_(term)
+                    else:
+                        grads[slot[z_at]] = (g.to(ct) - term).to(g.dtype).contiguous(
+                            memory_format=memory_format(g))
                     continue
                 # the carry v = W x: dv -= k3 + k2 (v - mean), through dx = W^T dv,
                 # dW = dv x^T; in float64 for float32 storage, as the backends' carry
