@@ -287,7 +287,6 @@ def test_channels_last_bf16_autocast_run(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "resnet18"], "invalid choice: 'resnet18'"),
-    (["--sync-bn"], "--sync-bn with fused blocks is not supported yet"),
     (["--data", "/nonexistent/tiny-imagenet"], "no wnids.txt there"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
     (["--amp", "bf16", "--dtype", "float64"], "cannot be combined with --dtype float64"),

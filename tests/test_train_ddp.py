@@ -3,6 +3,9 @@
 * Reference blocks with ``--sync-bn`` in float64: 2 ranks x 8 images, stopped
   after epoch 1 and resumed (every rank from rank 0's checkpoint), end where
   one process with batch 16 ends, to float64 rounding.
+* Fused blocks with ``--sync-bn`` in float64: 2 ranks x 8 images end where
+  one process with batch 16 ends, to float64 rounding (the fused ops'
+  synchronised BatchNorm).
 * Fused blocks: 2 ranks train (finite, falling-or-not is the single-process
   test's business) and end with bit-identical parameters.
 """
@@ -69,6 +72,32 @@ def test_two_ranks_with_sync_bn_resume_and_match_one_process(tmp_path):
                     [r for r in two_log if r["type"] == "epoch"]):
         assert x["train"]["images"] == y["train"]["images"] == 32
         assert x["batch_losses"] == pytest.approx(y["batch_losses"], rel=1e-9)
+
+
+def _assert_same_weights(one: Path, two: Path) -> None:
+    a, b = ckpt.load(one / ckpt.LAST), ckpt.load(two / ckpt.LAST)
+    assert a["model"].keys() == b["model"].keys()
+    for key, expected in a["model"].items():
+        got = b["model"][key]
+        if expected.is_floating_point():
+            scale = max(expected.abs().max().item(), 1.0)
+            err = (got - expected).abs().max().item()
+            assert err <= 1e-9 * scale, f"{key}: 2 ranks differ from 1 process by {err:.3g}"
+        else:
+            assert torch.equal(got, expected), key
+
+
+def test_two_ranks_with_fused_sync_bn_match_one_process(tmp_path):
+    args = ["--model", "resfuse19", "--fused", *TINY, "--dtype", "float64", "--epochs", "1"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(*args, "--sync-bn", "--out", str(two))
+    main([*args, "--out", str(one)])  # one process, batch 16
+    _assert_same_weights(one, two)
+    losses = [[loss for r in report.read_log(d / report.LOG) if r["type"] == "epoch"
+               for loss in r["batch_losses"]] for d in (one, two)]
+    assert len(losses[0]) == 2
+    assert losses[0] == pytest.approx(losses[1], rel=1e-9)
+    assert '"ranks_parameters_identical": true' in (two / report.SUMMARY_JSON).read_text()
 
 
 def test_two_ranks_train_the_fused_model_and_agree(tmp_path):

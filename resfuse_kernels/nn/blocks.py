@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
+from .sync_bn import group_of
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -31,7 +32,9 @@ def batch_norm_args(bn: nn.BatchNorm2d) -> dict:
     Mirrors ``nn.BatchNorm2d.forward``: in training with running statistics
     it increments ``num_batches_tracked`` and, for ``momentum=None``, uses the
     cumulative average ``1 / num_batches_tracked`` (kept as a tensor, so no
-    host sync and no graph break).
+    host sync and no graph break). ``process_group``: the group whose
+    statistics a synchronising BatchNorm uses (nn.SyncBatchNorm,
+    :class:`~resfuse_kernels.nn.sync_bn.CpuSyncBatchNorm`), else None.
     """
     if bn.weight is None or bn.bias is None:
         raise ValueError("fused blocks need affine BatchNorm (affine=True)")
@@ -45,7 +48,16 @@ def batch_norm_args(bn: nn.BatchNorm2d) -> dict:
                 running_mean=bn.running_mean if uses_running else None,
                 running_var=bn.running_var if uses_running else None,
                 training=bn.training or (bn.running_mean is None and bn.running_var is None),
-                momentum=momentum, eps=bn.eps)
+                momentum=momentum, eps=bn.eps, process_group=group_of(bn))
+
+
+def _one_group(first: dict, second: dict, names: str):
+    """The process group two BatchNorms of one fused op share."""
+    if first["training"] != second["training"]:
+        raise ValueError(f"{names} must both use batch statistics or both running ones")
+    if first["process_group"] is not second["process_group"]:
+        raise ValueError(f"{names} must both be synchronised over one process group, or neither")
+    return first["process_group"]
 
 
 class FusableBlock(nn.Module):
@@ -100,7 +112,8 @@ class BasicBlock(FusableBlock):
         d = batch_norm_args(self.bn2)
         return ops.resfuse_tail(u, identity, d["weight"], d["bias"], d["running_mean"],
                                 d["running_var"], training=d["training"],
-                                momentum_d=d["momentum"], eps_d=d["eps"])
+                                momentum_d=d["momentum"], eps_d=d["eps"],
+                                process_group=d["process_group"])
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}"
@@ -150,13 +163,12 @@ class HighwayBlock(FusableBlock):
         if not self.fused:
             return reference.highway_gate(a, b, x, self.bn_h, self.bn_t)
         h, t = batch_norm_args(self.bn_h), batch_norm_args(self.bn_t)
-        if h["training"] != t["training"]:
-            raise ValueError("bn_h and bn_t must both use batch statistics or both running ones")
+        group = _one_group(h, t, "bn_h and bn_t")
         return ops.highway_gate(a, b, x, h["weight"], h["bias"], h["running_mean"],
                                 h["running_var"], t["weight"], t["bias"], t["running_mean"],
                                 t["running_var"], training=h["training"],
                                 momentum_h=h["momentum"], momentum_t=t["momentum"],
-                                eps_h=h["eps"], eps_t=t["eps"])
+                                eps_h=h["eps"], eps_t=t["eps"], process_group=group)
 
     def extra_repr(self) -> str:
         return f"gate_bias={self.gate_bias}, fused={self.fused}"
@@ -198,13 +210,12 @@ class ResFuseBlock(FusableBlock):
         if not self.fused:
             return reference.resfuse_tail(u, h, self.bn2, x, self.carry, self.carry_bn)
         d, k = batch_norm_args(self.bn2), batch_norm_args(self.carry_bn)
-        if d["training"] != k["training"]:
-            raise ValueError("bn2 and carry_bn must both use batch statistics or both running ones")
+        group = _one_group(d, k, "bn2 and carry_bn")
         return ops.resfuse_tail(u, h, d["weight"], d["bias"], d["running_mean"],
                                 d["running_var"], x, self.carry.weight, k["weight"], k["bias"],
                                 k["running_mean"], k["running_var"], training=d["training"],
                                 momentum_d=d["momentum"], momentum_k=k["momentum"],
-                                eps_d=d["eps"], eps_k=k["eps"])
+                                eps_d=d["eps"], eps_k=k["eps"], process_group=group)
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}"

@@ -32,6 +32,12 @@ running_var_<bn>``:
   for CUDA tensors on the compiled Triton backend, its ``triton_op`` twin
   (:meth:`FusedOp.define_twin`: same schema and autograd) whose kernels
   Inductor sees.
+* **Synchronised BatchNorm** (:meth:`FusedOp._synchronised`): with a
+  process group in training, the statistics are the group's, as
+  ``nn.SyncBatchNorm``'s, on every backend by one mechanism: the local
+  moments are exchanged, the backend's kernels run in their given-statistics
+  (eval) mode, and the backward adds the batch-statistics term from the
+  group's sums. ``bn_inputs`` names what each BatchNorm normalises.
 """
 
 from __future__ import annotations
@@ -40,10 +46,12 @@ import inspect
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import empty_output, memory_format, no_autocast
+from ._common import empty_output, memory_format, no_autocast, stat_dtype
 
 NAMESPACE = "resfuse"
 
@@ -94,10 +102,14 @@ class FusedOp:
 
     ``signature``: typed stub of the forward kernel's parameters (its
     return annotation is the forward's); ``check(*args)`` raises on bad
-    arguments; ``fake(*args)`` returns empty outputs shaped as the forward's.
+    arguments; ``fake(*args)`` returns empty outputs shaped as the forward's;
+    ``bn_inputs``: what each BatchNorm normalises, an activation's name or
+    ``(x, w)`` for the 1x1 convolution ``w x`` (used by the synchronised
+    path only).
     """
 
-    def __init__(self, name: str, signature: Callable, check: Callable, fake: Callable):
+    def __init__(self, name: str, signature: Callable, check: Callable, fake: Callable,
+                 bn_inputs: dict[str, str | tuple[str, str]]):
         self.name, self.check, self.fake = name, check, fake
         self.signature = inspect.signature(signature, eval_str=True)
         names = list(self.signature.parameters)
@@ -106,13 +118,19 @@ class FusedOp:
         # (weight, running_mean, running_var) positions of each BatchNorm
         self.bn_at = [(names.index(f"weight_{b}"), names.index(f"running_mean_{b}"),
                        names.index(f"running_var_{b}")) for b in self.bns]
+        self.bias_at = [names.index(f"bias_{b}") for b in self.bns]
         running = {i for _, m, v in self.bn_at for i in (m, v)}
         self.grad_at = [i for i in range(self.training_at) if i not in running]
         self.backward_signature = self._backward_signature()
+        # per BatchNorm: (position of its input, of the 1x1 weight or None)
+        self.bn_input_at = [(names.index(spec[0]), names.index(spec[1]))
+                            if isinstance(spec, tuple) else (names.index(spec), None)
+                            for spec in (bn_inputs[b] for b in self.bns)]
 
         self.op = self._custom_op(NAMESPACE, self._forward_impl, self.backward_impl,
                                   torch.library.custom_op)
         self._eager_apply = self._eager_function()
+        self._sync_apply = self._sync_function()
 
     # -- schemas --------------------------------------------------------------
 
@@ -252,23 +270,206 @@ class FusedOp:
 
     # -- the public call ------------------------------------------------------
 
-    def __call__(self, args: tuple, momenta: tuple) -> Tensor:
+    def __call__(self, args: tuple, momenta: tuple, process_group=None) -> Tensor:
         """Run the op on the forward kernel's ``args`` (checked, promoted)
         and fold the batch statistics into the running ones with ``momenta``
-        (one per BatchNorm, in order) when training. Returns y."""
+        (one per BatchNorm, in order) when training. With a ``process_group``
+        of more than one rank, training statistics are the group's
+        (:meth:`_synchronised`). Returns y."""
         first = args[0]
-        if _eager(first):
+        training = args[self.training_at]
+        synchronised = (process_group is not None and training
+                        and _group_size(process_group) > 1)
+        if synchronised:
+            y, count, stats = self._synchronised(args, process_group)
+        elif _eager(first):
             y, *stats = self._eager_apply(*args)
         else:
             twin = (backends.traceable_op(self.name, first.device.type)
                     if isinstance(first, Tensor) else None)
             y, *stats = (twin or self.op)(*args)
-        if args[self.training_at]:
-            count = first.numel() // first.shape[1] if first.shape[1] else 0
+        if training:
+            if not synchronised:
+                count = first.numel() // first.shape[1] if first.shape[1] else 0
             update_running_stats(count, *(
                 (args[m], args[v], stats[2 * k], stats[2 * k + 1], momenta[k])
                 for k, (w, m, v) in enumerate(self.bn_at) if args[w] is not None))
         return y
+
+    # -- synchronised BatchNorm -----------------------------------------------
+    #
+    # Forward: each BatchNorm's local (count, mean, M2) in float64, one
+    # all_gather, Chan's count-weighted merge; then the forward kernel in its
+    # given-statistics mode (training=False, the group's mean and biased
+    # variance in place of the running statistics), so the normalisation and
+    # everything after it stay fused. Backward: the backward kernel in the
+    # same mode gives the local sum(g) and sum(g * z_hat) (the affine
+    # gradients, which stay local: DDP averages them) and the input gradient
+    # without the batch-statistics term, weight * rstd * g; one all_reduce of
+    # the sums, then that term, -weight * rstd * (sum_g + z_hat * sum_gz) / M
+    # with the group's M, is added (through W^T and x^T for the carry). This is
+    # nn.SyncBatchNorm's gradient.
+
+    @torch.compiler.disable
+    def _synchronised(self, args: tuple, group) -> tuple[Tensor, int, list]:
+        """``(y, group count, statistics)`` of a training call whose
+        BatchNorms use ``group``'s statistics."""
+        first = args[0]
+        if type(first) is not Tensor or first.is_meta:
+            raise ValueError(f"{self.name}: synchronised BatchNorm (process_group=...) needs "
+                             f"real tensors, got {type(first).__name__} on {first.device}")
+        present = [k for k, (w, _, _) in enumerate(self.bn_at) if args[w] is not None]
+        # Checked as in eval, with the weights standing in for the statistics: a
+        # rank may hold one value a channel, or none; the group's count is checked.
+        self.check(*self._given(args, {k: (args[self.bn_at[k][0]],) * 2 for k in present}))
+        count, moments = self._group_moments(args, present, group)
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got 1 "
+                             f"over the process group (input of size {tuple(first.shape)} "
+                             f"on this rank)")
+        y, *stats = self._sync_apply(group, count, *self._given(args, moments))
+        return y, count, stats
+
+    def _given(self, args: tuple, stats: dict) -> list:
+        """``args`` in given-statistics mode: ``training=False`` and BatchNorm
+        ``k``'s running statistics replaced by ``stats[k] = (mean, var)``."""
+        given = list(args)
+        given[self.training_at] = False
+        for k, (mean, var) in stats.items():
+            _, m, v = self.bn_at[k]
+            given[m], given[v] = mean, var
+        return given
+
+    def _bn_input(self, args: tuple, k: int, dtype: torch.dtype) -> Tensor:
+        """What BatchNorm ``k`` normalises, in ``dtype``."""
+        z_at, w_at = self.bn_input_at[k]
+        z = args[z_at].to(dtype)
+        if w_at is None:
+            return z
+        w = args[w_at]
+        return F.conv2d(z, w.reshape(w.shape[0], w.shape[1], 1, 1).to(dtype))
+
+    def _group_moments(self, args: tuple, present: list, group) -> tuple[int, dict]:
+        """The group's count and, per BatchNorm, (mean, biased var) in the
+        dtype of its weight: local moments in the statistics' dtype (torch's
+        var_mean), widened to float64, exchanged by one all_gather and merged
+        by Chan's formula, count-weighted (an empty rank adds nothing)."""
+        first = args[0]
+        local = stat_dtype(first.dtype)
+        channels = first.shape[1]
+        n = first.numel() // channels if channels else 0
+        parts = [torch.full((1,), float(n), dtype=torch.float64, device=first.device)]
+        with torch.no_grad(), no_autocast(first):
+            for k in present:
+                z = self._bn_input(args, k, local)
+                if n:
+                    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+                else:
+                    var = mean = z.new_zeros(channels)
+                parts += (mean.double(), var.double() * n)
+            mine = torch.cat(parts)
+            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(everyone, mine, group=group)
+            gathered = torch.stack(everyone)  # (ranks, 1 + 2 C per BatchNorm)
+            counts = gathered[:, :1]
+            total = counts.sum()
+            count = int(total.item())  # the running update's factor and the check need it
+            moments = {}
+            for j, k in enumerate(present):
+                means = gathered[:, 1 + 2 * j * channels:1 + (2 * j + 1) * channels]
+                m2s = gathered[:, 1 + (2 * j + 1) * channels:1 + (2 * j + 2) * channels]
+                mean = (counts * means).sum(0) / total.clamp(min=1)
+                m2 = (m2s + counts * (means - mean).square()).sum(0)
+                dtype = args[self.bn_at[k][0]].dtype
+                moments[k] = (mean.to(dtype), (m2 / total.clamp(min=1)).to(dtype))
+        return count, moments
+
+    def _sync_function(self) -> Callable:
+        """``apply(group, count, *given_args)`` of the synchronised route's
+        autograd.Function: the eager route's, with :meth:`_sync_backward`
+        after the backward kernel."""
+        setup_context, name = self._setup_context, self.name
+
+        def forward(ctx, group, count, *args):
+            kernels = backends.kernels(args[0].device)
+            out = self._run(kernels, "forward", args)
+            setup_context(ctx, args, out)
+            ctx.kernels, ctx.group, ctx.count = kernels, group, count
+            return out
+
+        def run(ctx, *args):
+            grads = list(self._run(ctx.kernels, "backward", args))
+            return self._sync_backward(ctx.group, ctx.count, args, grads)
+
+        inner = self._autograd_backward(run)
+
+        def backward(ctx, *grads):
+            return (None, None, *inner(ctx, *grads))
+
+        camel = "".join(part.title() for part in name.split("_"))
+        fn = type(f"Sync{camel}", (torch.autograd.Function,),
+                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+        return fn.apply
+
+    def _sync_backward(self, group, count: int, args: tuple, grads: list) -> list:
+        """The backward kernel's given-statistics ``grads`` (one per
+        ``grad_at``) of the backward kernel's ``args`` made training-mode
+        gradients over ``group``: its BatchNorms' sum(g) and sum(g * z_hat)
+        summed over the group, the input gradients corrected with them."""
+        saved, scalars = args[1:1 + self.training_at], args[1 + self.training_at:]
+        slot = {i: j for j, i in enumerate(self.grad_at)}
+        present = [k for k, (w, _, _) in enumerate(self.bn_at) if saved[w] is not None]
+        sums = []
+        for k in present:
+            sums += (grads[slot[self.bn_at[k][0]]].double(), grads[slot[self.bias_at[k]]].double())
+        total = torch.cat(sums)
+        dist.all_reduce(total, group=group)
+        channels = saved[0].shape[1]
+        first = saved[0]
+        ct = stat_dtype(first.dtype)
+        with torch.no_grad(), no_autocast(first):
+            for j, k in enumerate(present):
+                w_at, mean_at, var_at = self.bn_at[k]
+                sum_gz = total[2 * j * channels:(2 * j + 1) * channels]
+                sum_g = total[(2 * j + 1) * channels:(2 * j + 2) * channels]
+                rstd = torch.rsqrt(saved[var_at].double() + scalars[1 + k])
+                wr = saved[w_at].double() * rstd
+                k2 = (wr * rstd * sum_gz / count).view(1, -1, 1, 1)
+                k3 = (wr * sum_g / count).view(1, -1, 1, 1)
+                mean = saved[mean_at].double().view(1, -1, 1, 1)
+                z_at, carry_at = self.bn_input_at[k]
+                if carry_at is None:  # dz -= k3 + k2 (z - mean)
+                    g = grads[slot[z_at]]
+                    term = (saved[z_at].to(ct) - mean.to(ct)).mul_(k2.to(ct)).add_(k3.to(ct))
+                    if g.dtype == ct:  # the kernel's fresh output: corrected in place
+                        g.sub_(term)
+                    else:
+                        grads[slot[z_at]] = (g.to(ct) - term).to(g.dtype).contiguous(
+                            memory_format=memory_format(g))
+                    continue
+                # the carry v = W x: dv -= k3 + k2 (v - mean), through dx = W^T dv,
+                # dW = dv x^T; in float64 for float32 storage, as the backends' carry
+                prod = torch.float64 if ct == torch.float32 else ct
+                x, w = saved[z_at], saved[carry_at]
+                v = self._bn_input(saved, k, prod)
+                dv = torch.addcmul(k3.to(prod), v - mean.to(prod), k2.to(prod))
+                w2 = w.reshape(w.shape[0], w.shape[1]).to(prod)
+                dx, dw = grads[slot[z_at]], grads[slot[carry_at]]
+                grads[slot[z_at]] = (dx.to(prod) - torch.einsum("kc,nkhw->nchw", w2, dv)).to(
+                    dx.dtype).contiguous(memory_format=memory_format(dx))
+                grads[slot[carry_at]] = (dw.to(prod) - torch.einsum(
+                    "nkhw,nchw->kc", dv, x.to(prod)).reshape(dw.shape)).to(dw.dtype)
+        return grads
+
+
+def _group_size(group) -> int:
+    """The number of ranks in ``group`` (a clear error before
+    ``init_process_group``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group was given but torch.distributed is not initialised: "
+                           "call torch.distributed.init_process_group first, or pass "
+                           "process_group=None for per-process statistics")
+    return dist.get_world_size(group)
 
 
 def _with_signature(fn: Callable, name: str, signature: inspect.Signature) -> Callable:

@@ -72,7 +72,7 @@ def fake(a, b, x, *_):
     return (empty_output(a), *stats)
 
 
-OP = FusedOp("highway_gate", signature, check, fake)
+OP = FusedOp("highway_gate", signature, check, fake, bn_inputs={"h": "a", "t": "b"})
 
 
 def highway_gate(a: Tensor, b: Tensor, x: Tensor,
@@ -82,7 +82,8 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
                  running_mean_t: Optional[Tensor], running_var_t: Optional[Tensor],
                  *, training: bool = False,
                  momentum_h: float | Tensor = 0.1, momentum_t: float | Tensor = 0.1,
-                 eps_h: float = 1e-5, eps_t: float = 1e-5) -> Tensor:
+                 eps_h: float = 1e-5, eps_t: float = 1e-5,
+                 process_group=None) -> Tensor:
     r"""Fused ``relu(BN_h(a)) * T + x * (1 - T)`` with ``T = sigmoid(BN_t(b))``.
 
     Args:
@@ -101,6 +102,12 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
             cumulative average) is ``1 / num_batches_tracked``, which the
             caller passes (the fused blocks do).
         eps_h, eps_t: added to the variances.
+        process_group: a ``torch.distributed`` process group (e.g.
+            ``dist.group.WORLD``): in training, the BatchNorm statistics are
+            the group's, as ``nn.SyncBatchNorm``'s (count-weighted; a rank
+            may hold any batch size, 0 included); every rank must call the op,
+            forward and backward. None (the default), a group of one rank or
+            eval mode: this process's statistics, no communication.
 
     Returns:
         y, shaped like ``a``; channels_last if ``a`` is.
@@ -113,4 +120,4 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     a, b, x = promote_under_autocast([a, b, x])
     return OP((a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
                weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t),
-              (momentum_h, momentum_t))
+              (momentum_h, momentum_t), process_group)

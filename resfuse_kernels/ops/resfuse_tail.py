@@ -96,7 +96,7 @@ def fake(u, h, weight_d, bias_d, running_mean_d, running_var_d, x, *_):
             u.new_empty(carry_channels, dtype=dtype), u.new_empty(carry_channels, dtype=dtype))
 
 
-OP = FusedOp("resfuse_tail", signature, check, fake)
+OP = FusedOp("resfuse_tail", signature, check, fake, bn_inputs={"d": "u", "k": ("x", "w")})
 
 
 def resfuse_tail(u: Tensor, h: Tensor,
@@ -108,7 +108,8 @@ def resfuse_tail(u: Tensor, h: Tensor,
                  running_var_k: Optional[Tensor] = None,
                  *, training: bool = False,
                  momentum_d: float | Tensor = 0.1, momentum_k: float | Tensor = 0.1,
-                 eps_d: float = 1e-5, eps_k: float = 1e-5) -> Tensor:
+                 eps_d: float = 1e-5, eps_k: float = 1e-5,
+                 process_group=None) -> Tensor:
     r"""Fused ``relu(BN_d(u) + h + BN_k(W x))``; without ``x``, ``relu(BN_d(u) + h)``.
 
     Args:
@@ -128,6 +129,12 @@ def resfuse_tail(u: Tensor, h: Tensor,
             cumulative average) is ``1 / num_batches_tracked``, which the
             caller passes (the fused blocks do).
         eps_d, eps_k: added to the variances.
+        process_group: a ``torch.distributed`` process group (e.g.
+            ``dist.group.WORLD``): in training, the BatchNorm statistics are
+            the group's, as ``nn.SyncBatchNorm``'s (count-weighted; a rank
+            may hold any batch size, 0 included); every rank must call the op,
+            forward and backward. None (the default), a group of one rank or
+            eval mode: this process's statistics, no communication.
 
     Returns:
         y, shaped like ``u``; channels_last if ``u`` is.
@@ -140,4 +147,4 @@ def resfuse_tail(u: Tensor, h: Tensor,
     u, h, x = promote_under_autocast([u, h, x])
     return OP((u, h, weight_d, bias_d, running_mean_d, running_var_d,
                x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k),
-              (momentum_d, momentum_k))
+              (momentum_d, momentum_k), process_group)

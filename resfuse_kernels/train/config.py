@@ -91,11 +91,6 @@ def check(config: TrainConfig, device_type: str) -> None:
     """Raise :class:`ConfigError` for settings that cannot work together."""
     if config.model not in CONFIGS:
         raise ConfigError(f"unknown model {config.model!r}; choose one of {', '.join(CONFIGS)}")
-    if config.sync_bn and config.fused:
-        raise ConfigError(
-            "--sync-bn with fused blocks is not supported yet: the fused ops compute their "
-            "BatchNorm statistics per process and do not synchronise them across ranks "
-            "(issue 16, part 3). Use --no-fused for synchronised BatchNorm, or drop --sync-bn")
     if config.amp is not None and config.amp not in AMP:
         raise ConfigError(f"--amp must be one of {', '.join(AMP)}, got {config.amp!r}")
     if config.amp is not None and config.dtype != "float32":
@@ -203,7 +198,7 @@ def add_arguments(p: argparse.ArgumentParser, table2: bool = False) -> None:
                    help="seed of the weights, the shuffling and the augmentation (default 0)")
     g = p.add_argument_group("many processes (torchrun)")
     g.add_argument("--sync-bn", action="store_true",
-                   help="synchronised BatchNorm across the ranks (reference blocks only)")
+                   help="synchronised BatchNorm across the ranks (fused and reference blocks)")
     g.add_argument("--dist-backend", default=None,
                    help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     g = p.add_argument_group("outputs")
