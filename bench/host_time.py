@@ -78,9 +78,9 @@ def parts(case: Case) -> dict:
     seen = {}
     real = _define.FusedOp.__call__
 
-    def record(self, args, momenta):
+    def record(self, args, momenta, process_group=None):
         seen["args"], seen["momenta"] = args, momenta
-        return real(self, args, momenta)
+        return real(self, args, momenta, process_group)
 
     _define.FusedOp.__call__ = record
     try:

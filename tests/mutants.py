@@ -106,13 +106,13 @@ M = Mutant
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------- Python wrapper
     M("py-momentum-k", "python", "momentum", "resfuse_kernels/ops/resfuse_tail.py",
-      "(momentum_d, momentum_k))",
-      "(momentum_d, momentum_d))",
+      "(momentum_d, momentum_k), process_group)",
+      "(momentum_d, momentum_d), process_group)",
       ops_tests("torch", "test_resfuse_tail_matches_oracle"),
       "planted bug (b): BN_k's running statistics updated with BN_d's momentum"),
     M("py-momentum-t", "python", "momentum", "resfuse_kernels/ops/highway_gate.py",
-      "(momentum_h, momentum_t))",
-      "(momentum_h, momentum_h))",
+      "(momentum_h, momentum_t), process_group)",
+      "(momentum_h, momentum_h), process_group)",
       ops_tests("torch", "test_highway_gate_matches_oracle"),
       "planted bug (b): BN_t's running statistics updated with BN_h's momentum"),
     M("py-biased-var", "python", "running variance", "resfuse_kernels/ops/_define.py",
@@ -231,10 +231,10 @@ MUTANTS: list[Mutant] = [
       ops_tests("cpu", "test_highway_gate_matches_oracle"),
       "planted bug (a): the highway forward kernel uses BN_h's eps for BN_t"),
     M("cpu-eps-k-backward", "cpu", "eps", "csrc/cpu/ops.cpp",
-      "    const Tensor& mean_k, const Tensor& var_k, bool training, double eps_d, double eps_k) {\n"
+      "RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {\n"
       "  const Geometry g = Geometry::of(u_in);",
-      "    const Tensor& mean_k, const Tensor& var_k, bool training, double eps_d, double eps_k_) {\n"
-      "  const double eps_k = eps_d;\n  const Geometry g = Geometry::of(u_in);",
+      "RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {\n"
+      "  eps_k = eps_d;\n  const Geometry g = Geometry::of(u_in);",
       ops_tests("cpu", "test_resfuse_tail_matches_oracle"),
       "the tail backward kernel uses BN_d's eps for BN_k"),
     M("cpu-dv-term", "cpu", "backward term", "csrc/cpu/ops.cpp",
