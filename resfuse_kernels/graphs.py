@@ -107,10 +107,13 @@ class GraphedStep:
         warmup: eager calls before capture, at least 1.
         emulate: call ``train_step`` eagerly every time, capture nothing
             (machines without CUDA); otherwise the inputs must be CUDA tensors.
+        device: the CUDA device of a step without inputs (default: the
+            current one); a step with inputs runs on its first input's.
     """
 
     def __init__(self, train_step: Callable, optimizer: Optional[torch.optim.Optimizer] = None,
-                 warmup: int = 3, emulate: bool = False) -> None:
+                 warmup: int = 3, emulate: bool = False,
+                 device: torch.device | str = "cuda") -> None:
         if not callable(train_step):
             raise TypeError(f"train_step must be callable, got {type(train_step).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -129,6 +132,7 @@ class GraphedStep:
         self._single = False
         self._captured_with: tuple = ()
         self._stream = None
+        self.device = torch.device(device)
 
     @property
     def mode(self) -> str:
@@ -161,12 +165,14 @@ class GraphedStep:
                 raise TypeError(f"input {i} is a {type(t).__name__}; a graphed step takes "
                                 f"tensors only")
         if self.static_inputs is None:
+            if inputs:
+                self.device = inputs[0].device
             if not self.emulate:
-                for i, t in enumerate(inputs):
-                    reason = unavailable_reason(t.device)
+                for i, device in enumerate([t.device for t in inputs] or [self.device]):
+                    reason = unavailable_reason(device)
                     if reason is not None:
-                        raise GraphUnavailable(f"input {i}: {reason} (emulate=True runs the "
-                                               f"step eagerly instead)")
+                        raise GraphUnavailable(f"{f'input {i}: ' if inputs else ''}{reason} "
+                                               f"(emulate=True runs the step eagerly instead)")
                 if self.optimizer is not None:
                     make_capturable(self.optimizer)
             self.static_inputs = [torch.empty_like(t) for t in inputs]
@@ -199,8 +205,8 @@ class GraphedStep:
     def _warm_step(self) -> tuple[Tensor, ...]:
         """An eager step on a side stream (the capture recipe's warm-up)."""
         if self._stream is None:
-            self._stream = torch.cuda.Stream(self.static_inputs[0].device)
-        current = torch.cuda.current_stream(self.static_inputs[0].device)
+            self._stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
             self._zero_grad()
@@ -212,7 +218,7 @@ class GraphedStep:
         self.graph = self._outputs = None  # the previous graph's memory goes first
         self._zero_grad()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(self.device), torch.cuda.graph(graph):
             outputs = self._run()
         self.graph, self._outputs, self._captured_with = graph, outputs, hyper
         self.captures += 1
