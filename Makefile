@@ -4,6 +4,8 @@
 # make bench-ops -- the op benchmarks (time, GB/s, fraction of copy bandwidth)
 # make ctest  -- build csrc/ with CMake against the venv's libtorch and run ctest
 # make cuda-compile -- compile csrc/cuda with nvcc, no GPU needed (skipped without nvcc)
+# make gpu-dry-run -- bench/gpu_session.sh --device cpu: every phase of the GPU session at
+#                toy size on this CPU (~5 min on 2 cores), into build/gpu-dry-run
 #
 # The venv sees the system's packages, so a machine that already has torch
 # (a GPU machine with a CUDA build) keeps it; elsewhere the CPU build is
@@ -16,7 +18,7 @@ TORCH  ?= torch==2.13.0
 # Triton 3.9 runs its interpreter with numpy >= 2.3 (3.6 needs numpy < 2.3).
 TRITON ?= triton==3.9.0
 
-.PHONY: test bench bench-ops venv ctest cuda-compile clean mutants soak
+.PHONY: test bench bench-ops venv ctest cuda-compile clean mutants soak gpu-dry-run
 
 venv: $(VENV)/.ready
 
@@ -40,6 +42,9 @@ ctest: venv
 
 cuda-compile: venv
 	PYTHON=$(PY) csrc/cuda/compile_check.sh
+
+gpu-dry-run: venv
+	OUT=build/gpu-dry-run PYTHON=$(PY) bash bench/gpu_session.sh --device cpu
 
 # The soak: the oracle tests of the ops (and of the CUDA emulation's kernels)
 # with SEEDS fresh random seeds each, on SOAK_BACKENDS (comma-separated;

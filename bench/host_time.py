@@ -42,7 +42,7 @@ from resfuse_kernels import backends  # noqa: E402
 from resfuse_kernels.ops import _define  # noqa: E402
 from resfuse_kernels.ops.highway_gate import OP as HIGHWAY_OP  # noqa: E402
 from resfuse_kernels.ops.resfuse_tail import OP as TAIL_OP  # noqa: E402
-from resfuse_kernels.bench.common import rounds  # noqa: E402
+from resfuse_kernels.bench.common import environment, rounds  # noqa: E402
 from resfuse_kernels.bench.ops import Case  # noqa: E402
 
 OPS = ("highway_gate", "resfuse_tail", "resfuse_tail_carry")
@@ -148,10 +148,12 @@ def markdown(result: dict) -> str:
     routes = result["routes"]
     head = "| op | shape | " + " | ".join(
         f"reference {r} (us) | fused {r} (us) | fused / reference" for r in routes) + " |"
+    env = result.get("environment") or {}
     lines = [f"Host time of a forward + backward, float32, {result['device']}, "
              f"torch {result['torch']}, {result['threads']} thread, backend "
              f"{result['backend']}; medians of {result['rounds']} interleaved rounds "
-             f"of {result['reps']} calls", "", head,
+             f"of {result['reps']} calls; triton {env.get('versions', {}).get('triton')}, "
+             f"driver {env.get('driver')}, commit {env.get('git_commit')}", "", head,
              "|---|---|" + "---:|---:|---:|" * len(routes)]
     for row in result["rows"]:
         cells = []
@@ -190,7 +192,8 @@ def main() -> int:
                          else f"CPU {platform.processor() or platform.machine()}"),
               "torch": torch.__version__, "python": platform.python_version(),
               "threads": 1, "backend": backends.resolve(device), "routes": routes,
-              "reps": args.reps, "rounds": args.rounds, "rows": []}
+              "reps": args.reps, "rounds": args.rounds, "rows": [],
+              "environment": environment(device)}
     for shape in SHAPES:
         for op in OPS:
             row = measure(op, shape, args.device, routes, args.reps, args.rounds)

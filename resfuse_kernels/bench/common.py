@@ -104,11 +104,22 @@ def environment(device: torch.device) -> dict:
             "resfuse_kernels": __version__,
         },
         "git_commit": git_commit(),
+        "driver": cuda_driver() if device.type == "cuda" else None,
         "backends": {name: reason or "usable" for name, reason in backends.status().items()},
         "platform": platform.platform(),
         "load_average_at_start": load_average(),
         "utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def cuda_driver() -> Optional[str]:
+    """The NVIDIA driver version (nvidia-smi), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
 
 
 def cpu_has_native_bf16() -> bool:

@@ -19,7 +19,13 @@ Providers: ``eager`` (the reference formulas of :mod:`resfuse_kernels.reference`
 with ``nn.BatchNorm2d`` modules), ``compile`` (``torch.compile`` of the same
 reference function), and ``fused:<backend>`` for every backend usable on the
 device (:func:`resfuse_kernels.backends.status`; the Triton interpreter on a
-CPU only when asked for by name: it is far too slow to time).
+CPU only when asked for by name: it is far too slow to time). Each has a
+CUDA-graph variant ``<provider>+graph`` (``eager+graph``, ``fused:triton+graph``,
+...): the timed call (forward, or forward + backward) captured once after
+warm-up and replayed (:class:`resfuse_kernels.graphs.GraphedStep`), so host
+time is out of the way; modes ``forward`` and ``both`` only (a backward alone
+has no forward to replay with). On by default on a GPU; on a CPU only when
+named, and then emulated (the graph driver run eagerly: a dry run).
 
 Minimum bytes (:data:`MIN_TENSORS`). Counted in whole activation tensors
 (N x C x H x W elements of the benchmark dtype); per-channel vectors (BN
@@ -53,7 +59,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import backends, ops as rk_ops, reference
+from .. import backends, graphs, ops as rk_ops, reference
 from . import common
 
 OPS = ("highway_gate", "resfuse_tail", "resfuse_tail_carry")
@@ -68,6 +74,8 @@ MIN_TENSORS = {
     "resfuse_tail_carry": {"forward": (3, 1), "backward": (4, 3)},
 }
 
+GRAPH = "+graph"       # suffix of a provider's CUDA-graph variant
+GRAPH_WARMUP = 2       # eager calls before a graph variant's capture
 SHAPE_SCALE_ENV = "RESFUSE_BENCH_SHAPE_SCALE"
 CPU_SHAPE_SCALE = 1 / 16   # batch 128 -> 8 on a CPU by default
 
@@ -205,14 +213,36 @@ def providers_for(device: torch.device, requested: Optional[Sequence[str]] = Non
             continue  # the interpreter: correct but far too slow to time by default
         available.append(f"fused:{name}")
     if requested is None:
+        if device.type == "cuda":
+            available += [p + GRAPH for p in available]
         return available
-    missing = [p for p in requested if p not in available and not (
-        p.startswith("fused:") and backends.unavailable_reason(p[6:], device.type) is None)]
+    missing = [p for p in requested if base_provider(p) not in available and not (
+        p.startswith("fused:")
+        and backends.unavailable_reason(base_provider(p)[6:], device.type) is None)]
     if missing:
-        reasons = {p: backends.unavailable_reason(p[6:], device.type) if p.startswith("fused:")
-                   else "unknown provider" for p in missing}
+        reasons = {p: backends.unavailable_reason(base_provider(p)[6:], device.type)
+                   if p.startswith("fused:") else "unknown provider" for p in missing}
         raise SystemExit("cannot run " + "; ".join(f"{p}: {r}" for p, r in reasons.items()))
     return list(requested)
+
+
+def base_provider(provider: str) -> str:
+    """``provider`` without its ``+graph`` suffix."""
+    return provider[:-len(GRAPH)] if provider.endswith(GRAPH) else provider
+
+
+class GraphRunner:
+    """A graph variant's timed call: ``case``'s ``mode`` call of ``forward``
+    captured by a :class:`~resfuse_kernels.graphs.GraphedStep` (emulated
+    off CUDA) and replayed by ``run()``."""
+
+    def __init__(self, case: Case, forward: Callable[[], Tensor], mode: str,
+                 device: torch.device) -> None:
+        self.step = graphs.GraphedStep(case.step(forward, mode), None, warmup=GRAPH_WARMUP,
+                                       emulate=device.type != "cuda", device=device)
+
+    def run(self) -> object:
+        return self.step()
 
 
 def forward_fn(case: Case, provider: str, compiled: dict) -> Callable[[], Tensor]:
@@ -221,10 +251,11 @@ def forward_fn(case: Case, provider: str, compiled: dict) -> Callable[[], Tensor
     if provider == "compile":
         key = id(case)
         if key not in compiled:
-            # A fresh start per case: Case.reference is one code object for every
-            # op and shape, and dynamo's recompile limit would fall back to eager.
-            torch._dynamo.reset()
-            compiled.clear()
+            # A fresh start per op and shape (``compiled`` is one's): Case.reference is
+            # one code object for every op and shape, and dynamo's recompile limit
+            # would fall back to eager.
+            if not compiled:
+                torch._dynamo.reset()
             compiled[key] = torch.compile(case.reference)
         return compiled[key]
     return case.fused
@@ -235,7 +266,10 @@ def _time_once(case: Case, forward: Callable[[], Tensor], mode: str,
     """One timed run of ``mode`` (a ``backward`` after an untimed forward)
     and its peak memory above what was allocated before it."""
     base = common.reset_peak(device)
-    if mode == "backward":
+    if isinstance(forward, GraphRunner):
+        with common.Timer(device) as t:
+            forward.run()
+    elif mode == "backward":
         y = forward()
         common.synchronize(device)
         with common.Timer(device) as t:
@@ -259,6 +293,10 @@ def time_providers(cases: dict[str, Case], forwards: dict[str, Callable[[], Tens
     firsts = {}
     for name in names:
         case, forward = cases[name], forwards[name]
+        if isinstance(forward, GraphRunner):        # warm-up, capture and first replay
+            for i in range(max(warmup, GRAPH_WARMUP + 1)):
+                firsts.setdefault(name, common.wall(forward.run, device))
+            continue
         for i in range(max(warmup, 1)):             # forward + backward: compiles both
             t = common.wall(lambda: case.backward(forward()), device)
             firsts.setdefault(name, t)
@@ -316,8 +354,14 @@ def measure(op: str, shape: Sequence[int], mode: str, providers: Sequence[str],
     if cases is None:
         cases = {p: Case(op, shape, device, dtype, channels_last) for p in providers}
     compiled = {} if compiled is None else compiled
-    forwards = {p: _on_backend(forward_fn(cases[p], p, compiled),
-                               p[6:] if p.startswith("fused:") else None) for p in providers}
+    providers = [p for p in providers if not (p.endswith(GRAPH) and mode == "backward")]
+    forwards = {}
+    for p in providers:
+        base = base_provider(p)
+        forward = _on_backend(forward_fn(cases[p], base, compiled),
+                              base[6:] if base.startswith("fused:") else None)
+        forwards[p] = GraphRunner(cases[p], forward, mode, device) if p.endswith(GRAPH) \
+            else forward
     timed = time_providers(cases, forwards, mode, device, warmup, repeats)
     rows = []
     for p in providers:
@@ -351,6 +395,12 @@ def markdown(settings: dict, env: dict, rows: list[dict], copies: list[dict]) ->
            "copy = clone of one activation (2 tensors moved), same run",
            "- vs eager = eager time / this time (>1: faster than eager); "
            "vs compile = compile time / this time"]
+    if any(r["provider"].endswith(GRAPH) for r in rows):
+        out.append("- `+graph`: the timed call captured in a CUDA graph after warm-up and "
+                   "replayed (forward and both only); its peak memory excludes the graph's "
+                   "own pool, allocated at capture"
+                   + ("; **emulated here (no CUDA): eager calls, a dry run**"
+                      if env["device_type"] != "cuda" else ""))
     if env["device_type"] == "cpu":
         out.append("- peak memory is not measured on a CPU ('-')")
     if common.load_note(env):

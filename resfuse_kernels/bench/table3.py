@@ -13,6 +13,11 @@ Providers:
 * ``fused-eager``    the fused blocks (``fused=True``: the device's best backend)
 * ``ref-compile``    ``torch.compile`` of the reference model
 * ``fused-compile``  ``torch.compile`` of the fused model (fused ops stay opaque)
+* ``ref-graph``, ``fused-graph``  the whole step (forward, loss, backward,
+  optimizer step) captured in a CUDA graph after warm-up and replayed
+  (:mod:`resfuse_kernels.graphs`): host time out of the way. Default on a
+  GPU; on a CPU only when named, and then *emulated* (eager steps through
+  the graph driver's static buffers: a dry run, not a measurement)
 
 Precisions: ``fp32`` and ``bf16`` (``torch.autocast`` to bfloat16; weights and
 optimiser stay fp32). Models and inputs are channels_last by default.
@@ -43,13 +48,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import models
+from .. import graphs, models
 from ..train import recipe
 from . import common
 
 MODELS = ("resnet19", "highway19", "resfuse19", "resnet25", "resfuse25")
 OPTIONAL_MODELS = ("resnet34",)
 PROVIDERS = ("ref-eager", "fused-eager", "ref-compile", "fused-compile")
+GRAPH_PROVIDERS = ("ref-graph", "fused-graph")
+# Eager steps of a graph provider before its capture (the capture step and
+# the first replay are never timed: see measure).
+GRAPH_WARMUP = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EPOCH_IMAGES = 50_000
 IMAGE_SHAPE = (3, 64, 64)
@@ -77,6 +86,7 @@ class Settings:
     full: bool = False
     epochs: int = 1
     epoch_images: int = EPOCH_IMAGES
+    image_size: int = IMAGE_SHAPE[-1]   # smaller only for dry runs (hidden option)
     classes: int = 100
     data: Optional[str] = None
     channels_last: bool = True
@@ -132,7 +142,7 @@ class Batches:
         fmt = torch.channels_last if s.channels_last else torch.contiguous_format
         if s.data is None:
             self.source = "synthetic"
-            x = torch.randn(pool, *IMAGE_SHAPE, generator=g)
+            x = torch.randn(pool, IMAGE_SHAPE[0], s.image_size, s.image_size, generator=g)
             y = torch.randint(0, s.classes, (pool,), generator=g)
         else:
             from ..data import load_tensors, normalize
@@ -175,17 +185,28 @@ class Trainer:
         self.forward = torch.compile(model) if provider.endswith("compile") else model
         self.steps = 0
         self.loss: Optional[torch.Tensor] = None
+        self.graphed = None
+        if provider.endswith("graph"):
+            self.graphed = graphs.GraphedStep(self._train_step, self.opt, warmup=GRAPH_WARMUP,
+                                              emulate=self.device.type != "cuda")
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # autocast's weight cache off: a captured step must not keep casts across replays
+        with torch.autocast(self.device.type, dtype=DTYPES[self.dtype],
+                            enabled=self.dtype != "fp32", cache_enabled=self.graphed is None):
+            loss = F.cross_entropy(self.forward(x), y)
+        loss.backward()
+        self.opt.step()
+        return loss
 
     def step(self) -> None:
         x, y = self.data[self.steps]
         self.steps += 1
-        with torch.autocast(self.device.type, dtype=DTYPES[self.dtype],
-                            enabled=self.dtype != "fp32"):
-            loss = F.cross_entropy(self.forward(x), y)
+        if self.graphed is not None:
+            self.loss = self.graphed(x, y)
+            return
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.loss = loss
+        self.loss = self._train_step(x, y)
 
     def timed(self, steps: int) -> tuple[float, Optional[int]]:
         """Seconds of ``steps`` steps (one timed region) and the region's peak
@@ -213,13 +234,24 @@ def measure(s: Settings, name: str, providers: tuple[str, ...], dtype: str,
         torch._dynamo.reset()
     trainers = [Trainer(s, name, p, dtype, data) for p in providers]
     results = []
+    # every provider runs as many untimed steps: a graph provider's include
+    # its eager warm-up, the capture and the first replay
+    warmup = max(s.warmup, GRAPH_WARMUP + 1 if any(t.graphed for t in trainers) else 1)
     for t in trainers:
         first = common.wall(t.step, t.device)      # compiles, for compiled providers
-        for _ in range(max(s.warmup - 1, 0)):
+        done, capture = 1, None
+        if t.graphed is not None:
+            for _ in range(GRAPH_WARMUP - 1):
+                t.step()
+            capture = common.wall(t.step, t.device)
+            done = GRAPH_WARMUP + 1
+        for _ in range(warmup - done):
             t.step()
         results.append({"model": name, "provider": t.provider, "dtype": dtype,
                         "parameters": t.parameters, "first_step_s": first,
-                        "compile_s": first if t.provider.endswith("compile") else None})
+                        "compile_s": first if t.provider.endswith("compile") else None,
+                        "capture_s": capture,
+                        "graph": t.graphed.mode if t.graphed is not None else None})
     times: dict[str, list[float]] = {t.provider: [] for t in trainers}
     peaks: dict[str, list] = {t.provider: [] for t in trainers}
     per_round = s.steps_per_epoch if s.full else 1
@@ -297,6 +329,13 @@ def markdown(s: Settings, env: dict, rows: list[dict]) -> str:
         "- paper: the paper's parameter counts; its times per epoch are not "
         "reproduced ('-') because we are not sure of them",
     ]
+    graph_modes = {r["graph"] for r in rows if r.get("graph")}
+    if graph_modes:
+        out.append("- graph = the whole step (forward, loss, backward, optimizer step) "
+                   "captured in a CUDA graph after warm-up and replayed "
+                   "(resfuse_kernels.graphs); capture and first replay untimed"
+                   + ("; **emulated here (no CUDA): eager steps through the graph driver, "
+                      "not a CUDA graph**" if "emulated" in graph_modes else ""))
     if s.device == "cpu":
         out.append("- peak memory is not measured on a CPU ('-')")
     if common.load_note(env):
@@ -378,8 +417,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated, of {', '.join(MODELS + OPTIONAL_MODELS)} "
                         f"(default: the first five)")
-    p.add_argument("--providers", default=",".join(PROVIDERS),
-                   help=f"comma-separated, of {', '.join(PROVIDERS)} (default: all)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma-separated, of {', '.join(PROVIDERS + GRAPH_PROVIDERS)} "
+                        "(default: all on a GPU; on a CPU all but the graph providers)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated: fp32, bf16 (default both; fp32 only on a CPU "
                         "without native bf16)")
@@ -395,6 +435,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="run whole epochs (meant for a GPU)")
     p.add_argument("--epochs", type=int, default=1, help="epochs with --full (default 1)")
     p.add_argument("--epoch-images", type=int, default=EPOCH_IMAGES, help=argparse.SUPPRESS)
+    p.add_argument("--image-size", type=int, default=IMAGE_SHAPE[-1], help=argparse.SUPPRESS)
     p.add_argument("--data", default=None,
                    help="a Tiny-ImageNet folder (wnids.txt, train/<wnid>/images/*.JPEG); "
                         "default synthetic data")
@@ -415,17 +456,24 @@ def _split(text: str, allowed) -> tuple[str, ...]:
     return items
 
 
+def default_providers(gpu: bool) -> tuple[str, ...]:
+    """Every provider on a GPU; on a CPU those that measure something there."""
+    return PROVIDERS + GRAPH_PROVIDERS if gpu else PROVIDERS
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")
     s = Settings(
         models=_split(args.models, MODELS + OPTIONAL_MODELS),
-        providers=_split(args.providers, PROVIDERS),
+        providers=_split(args.providers or ",".join(default_providers(gpu)),
+                         PROVIDERS + GRAPH_PROVIDERS),
         dtypes=_split(args.dtypes or ",".join(DTYPES), tuple(DTYPES)),
         batch=args.batch or (128 if gpu else 16),
         steps=args.steps or (20 if gpu else 5),
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
         full=args.full, epochs=args.epochs, epoch_images=args.epoch_images,
+        image_size=args.image_size,
         classes=args.classes, data=args.data, channels_last=not args.nchw, device=device)
     if args.dtypes is None and not gpu and not common.cpu_has_native_bf16():
         s.dtypes = tuple(d for d in s.dtypes if d != "bf16")
@@ -443,6 +491,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                        + (" (CPU default: torch.compile costs ~30 s per model and precision "
                           "there; --compile-models all for every model)"
                           if args.compile_models is None else ""))
+    if s.image_size != IMAGE_SHAPE[-1]:
+        s.notes.append(f"images of 3x{s.image_size}x{s.image_size}, not the paper's 3x64x64 "
+                       "(a dry run: the times say nothing about Table 3)")
+    if not gpu and any(p in GRAPH_PROVIDERS for p in s.providers):
+        s.notes.append("graph providers on a CPU are emulated (no CUDA graphs there): "
+                       "their times are eager steps, a dry run of the graph code")
     if s.full and not gpu:
         s.notes.append("--full on a CPU: whole epochs, this takes hours")
     return s
@@ -484,6 +538,8 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
                            f"{' extrapolated' if r['extrapolated'] else ''}"
                            + (f", compile {common.fmt_time(r['compile_s'])}"
                               if r["compile_s"] is not None else "")
+                           + (f", capture {common.fmt_time(r['capture_s'])} ({r['graph']})"
+                              if r["capture_s"] is not None else "")
                            + (f", peak {common.fmt_bytes(r['peak_memory_bytes'])}"
                               if r["peak_memory_bytes"] is not None else ""))
     add_ratios(rows)

@@ -21,7 +21,7 @@ DTYPES = ("float32", "float64")
 # On resume, how the run is executed always comes from the command line (a
 # recorded --stop-after-steps would stop the resumed run at once) ...
 RUNTIME_FIELDS = frozenset({"device", "workers", "quiet", "stop_after_steps", "resume",
-                            "checkpoint_every", "dist_backend"})
+                            "checkpoint_every", "dist_backend", "cuda_graphs"})
 # ... and these only when given: the run folder, and more epochs to extend a run.
 MOVABLE_FIELDS = frozenset({"out", "epochs"})
 
@@ -37,6 +37,7 @@ class TrainConfig:
     model: str = "resfuse19"
     fused: bool = True
     compile: bool = False
+    cuda_graphs: bool = False
     channels_last: bool = False
     amp: Optional[str] = None
     dtype: str = "float32"
@@ -91,6 +92,7 @@ def check(config: TrainConfig, device_type: str) -> None:
     """Raise :class:`ConfigError` for settings that cannot work together."""
     if config.model not in CONFIGS:
         raise ConfigError(f"unknown model {config.model!r}; choose one of {', '.join(CONFIGS)}")
+    check_cuda_graphs(config, device_type)
     if config.amp is not None and config.amp not in AMP:
         raise ConfigError(f"--amp must be one of {', '.join(AMP)}, got {config.amp!r}")
     if config.amp is not None and config.dtype != "float32":
@@ -114,6 +116,28 @@ def check(config: TrainConfig, device_type: str) -> None:
             raise ConfigError(f"--data {config.data}: no wnids.txt there; expected a "
                               f"Tiny-ImageNet folder (wnids.txt, train/<wnid>/images/, "
                               f"val/val_annotations.txt)")
+
+
+def check_cuda_graphs(config: TrainConfig, device_type: str, world: int = 1) -> None:
+    """``--cuda-graphs`` only where a captured step can run: a CUDA device,
+    one process, no loss scaling (GradScaler reads found-inf on the host),
+    not under --compile (mode="reduce-overhead" is torch.compile's own)."""
+    if not config.cuda_graphs:
+        return
+    if device_type != "cuda":
+        raise ConfigError(f"--cuda-graphs needs a CUDA device (each training step is replayed "
+                          f"from a captured CUDA graph); this run is on {device_type}. "
+                          f"Drop --cuda-graphs")
+    if config.amp == "fp16":
+        raise ConfigError("--cuda-graphs with --amp fp16 is not supported: the loss scaler "
+                          "reads its found-inf flag on the host every step; use --amp bf16")
+    if config.compile:
+        raise ConfigError("--cuda-graphs with --compile: pick one (torch.compile's CUDA graphs "
+                          "are its mode='reduce-overhead')")
+    if world > 1:
+        raise ConfigError("--cuda-graphs with several processes is not supported yet "
+                          "(DistributedDataParallel needs its own capture set-up); run one "
+                          "process, or drop --cuda-graphs")
 
 
 def merge_for_resume(recorded: TrainConfig, given: TrainConfig, explicit: set[str]) -> TrainConfig:
@@ -149,6 +173,10 @@ def add_arguments(p: argparse.ArgumentParser, table2: bool = False) -> None:
                    help="fused blocks (the device's best backend) or the reference "
                         "PyTorch blocks; the same function and checkpoint keys (default fused)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the whole training step (forward, loss, backward, optimizer "
+                        "step) in a CUDA graph after warm-up and replay it (CUDA, one "
+                        "process; resfuse_kernels.graphs)")
     g.add_argument("--channels-last", action="store_true",
                    help="channels_last memory format for the model and its inputs")
     g.add_argument("--amp", choices=AMP, default=None,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__, backends, models
+from .. import __version__, backends, graphs, models
 from . import checkpoint as ckpt
 from . import config as cfg
 from . import data as data_mod
@@ -35,6 +35,7 @@ from .progress import Bar
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+GRAPH_WARMUP = 3   # eager steps before --cuda-graphs captures
 
 
 def say(ranks: Ranks, config: cfg.TrainConfig, message: str) -> None:
@@ -97,8 +98,11 @@ class Trainer:
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.forward = torch.compile(wrapped) if config.compile else wrapped
-        self.autocast = (torch.autocast(self.device.type, dtype=AMP_DTYPES[config.amp])
+        # a captured step must not keep autocast's weight casts across replays
+        self.autocast = (torch.autocast(self.device.type, dtype=AMP_DTYPES[config.amp],
+                                        cache_enabled=not config.cuda_graphs)
                          if config.amp else nullcontext())
+        self.graphed = self._graphed_step() if config.cuda_graphs else None
 
         workers = config.workers if config.workers is not None else (
             4 if self.device.type == "cuda" else 0)
@@ -108,6 +112,34 @@ class Trainer:
         if resumed is not None:
             self._restore(resumed)
         self._start_log(resumed is not None)
+
+    def _graphed_step(self) -> graphs.GraphedStep:
+        """The training step as a CUDA graph (``--cuda-graphs``)."""
+        cfg.check_cuda_graphs(self.config, self.device.type, self.ranks.world)
+
+        def train_step(x: torch.Tensor, y: torch.Tensor):
+            with self.autocast:
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits, y)
+            loss.backward()
+            self.optimizer.step()
+            return loss, logits
+
+        return graphs.GraphedStep(train_step, self.optimizer, warmup=GRAPH_WARMUP)
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor):
+        with self.autocast:
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss, logits
 
     # ------------------------------------------------------------ checkpoints
 
@@ -207,17 +239,10 @@ class Trainer:
         start = time.perf_counter()
         for images, labels in self.data.train:
             x, y = data_mod.to_device(images, labels, self.device, self.dtype, c.channels_last)
-            with self.autocast:
-                logits = self.forward(x)
-                loss = F.cross_entropy(logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            if self.graphed is not None:
+                loss, logits = self.graphed(x, y)   # the graph's tensors, read at once
             else:
-                loss.backward()
-                self.optimizer.step()
+                loss, logits = self._eager_step(x, y)
             meter.update(loss, logits, y)
             losses.append(loss.detach().double())
             s.step_in_epoch += 1

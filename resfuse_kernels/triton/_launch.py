@@ -108,7 +108,8 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     full = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
     if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
         tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names, num_stages)
-        return lambda fn: _remember(triton.autotune(configs=tile, key=key)(fn), key, full)
+        return lambda fn: _remember(triton.autotune(configs=tile, key=key)(fn), key, full,
+                                    benchmarks=False)
     by_layout = (full[0][:1], full[1][:1]) if not AUTOTUNE else full
 
     def prune(configs, named_args, **kwargs):
@@ -116,7 +117,8 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
 
     return lambda fn: _remember(
         triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
-                        prune_configs_by={"early_config_prune": prune})(fn), key, full)
+                        prune_configs_by={"early_config_prune": prune})(fn), key, full,
+        benchmarks=AUTOTUNE)
 
 
 # Index of the configuration every eager launch of an autotuned kernel uses
@@ -161,8 +163,10 @@ class Remembered:
     nor writes ``chosen``: no forced choice outlives the block, and no
     remembered one overrides it."""
 
-    def __init__(self, tuner, key: list[str], configs_by_layout: tuple[list, list]):
+    def __init__(self, tuner, key: list[str], configs_by_layout: tuple[list, list],
+                 benchmarks: bool = True):
         self.tuner, self.configs_by_layout = tuner, configs_by_layout
+        self.benchmarks = benchmarks  # a new key runs every configuration (and synchronises)
         names = tuner.fn.arg_names
         self._key_at = [names.index(k) for k in key]
         self._layout_at = names.index("LAYOUT")
@@ -183,6 +187,12 @@ class Remembered:
         key = (*[args[i] for i in self._key_at], args[0].dtype)
         config = self.chosen.get(key)
         if config is None:
+            if self.benchmarks and _capturing(args[0]):
+                raise RuntimeError(
+                    f"resfuse: {self.tuner.fn.__name__} meets a new shape or dtype {key} during "
+                    "CUDA graph capture, and autotuning it would benchmark (and synchronise) "
+                    "inside the capture; run the step eagerly once before capturing "
+                    "(resfuse_kernels.graphs.GraphedStep warms up for you)")
             out = self.tuner[grid](*args, **kwargs)
             self.chosen[key] = self.tuner.best_config.all_kwargs()
             return out
@@ -199,10 +209,16 @@ def num_configs() -> int:
     return max(len(c) for r in TUNED for c in r.configs_by_layout)
 
 
-def _remember(tuner, key: list[str], configs_by_layout: tuple[list, list]):
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s CUDA stream is being captured into a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _remember(tuner, key: list[str], configs_by_layout: tuple[list, list],
+              benchmarks: bool = True):
     """Registers ``tuner``'s :class:`Remembered` (its eager launches) and
     returns ``tuner`` unchanged."""
-    remembered = Remembered(tuner, key, configs_by_layout)
+    remembered = Remembered(tuner, key, configs_by_layout, benchmarks)
     TUNED.append(remembered)
     _REMEMBERED[tuner] = remembered
     return tuner
