@@ -30,8 +30,11 @@ $(VENV)/.ready: pyproject.toml setup.py $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/
 # Tests in parallel, one worker per core (pytest-xdist): the Triton
 # interpreter's tests are single-threaded Python. loadgroup keeps the tests
 # that share an expensive module fixture (a compilation) on one worker.
+# PYTEST_WORKERS=1 on a machine shared with other jobs.
+PYTEST_WORKERS ?= auto
+
 test: venv ctest
-	$(PY) -m pytest -q -n auto --dist loadgroup tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 ctest: venv
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
