@@ -35,9 +35,29 @@ def install_command() -> str:
     return "pip install --no-build-isolation <resfuse-kernels source>"
 
 
+def installed_elsewhere() -> Optional[str]:
+    """Where pip installed this package, when this import is another copy (a
+    source checkout that Python found first, e.g. the current directory)."""
+    import importlib.metadata
+    try:
+        dist = importlib.metadata.distribution("resfuse-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    where = str(dist.locate_file("resfuse_kernels"))
+    if os.path.isdir(where) and os.path.realpath(where) != os.path.realpath(HERE):
+        return where
+    return None
+
+
 def missing_reason(backend: str) -> str:
     """Why the ``backend`` library ('cpu' or 'cuda') is absent, with what to run."""
     info = build_info()
+    other = installed_elsewhere()
+    if info is None and other is not None:
+        return (f"not built in {HERE}, the copy Python imported (a source checkout found "
+                f"first on sys.path, e.g. the current directory); the installed copy is "
+                f"{other}: run from another directory, or install in place with "
+                f"{install_command()}")
     if info is None:
         return (f"not built: this copy was installed without compiling csrc/ (by pip's build "
                 f"isolation, RESFUSE_SKIP_EXT=1, or not installed at all); to build it: "

@@ -140,6 +140,7 @@ def test_built_library_resolves_openmp_to_torchs():
 def test_reason_without_a_build_names_the_command(monkeypatch, tmp_path):
     from resfuse_kernels import _build
     monkeypatch.setattr(_build, "INFO", str(tmp_path / "absent.json"))
+    monkeypatch.setattr(_build, "installed_elsewhere", lambda: None)
     reason = _build.missing_reason("cpu")
     assert reason.startswith("not built: this copy was installed without compiling csrc/")
     assert reason.endswith(f"pip install --no-build-isolation -e {ROOT}")
@@ -168,3 +169,14 @@ def test_info_reports_the_cpu_backend_reason(monkeypatch):
     from resfuse_kernels import backends, info
     monkeypatch.setitem(backends._loaded, "cpu", "not available: not built: TEST REASON")
     assert "  cpu     not available: not built: TEST REASON" in info.report().splitlines()
+
+
+def test_reason_names_the_installed_copy_when_a_checkout_shadows_it(monkeypatch, tmp_path):
+    """`pip install .` then `python -m resfuse_kernels.info` in the clone: Python
+    imports the clone's uncompiled source, not the installed package."""
+    from resfuse_kernels import _build
+    monkeypatch.setattr(_build, "INFO", str(tmp_path / "absent.json"))
+    monkeypatch.setattr(_build, "installed_elsewhere", lambda: "/site/resfuse_kernels")
+    reason = _build.missing_reason("cpu")
+    assert reason.startswith(f"not built in {_build.HERE}, the copy Python imported")
+    assert "the installed copy is /site/resfuse_kernels: run from another directory" in reason
