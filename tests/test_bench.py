@@ -122,6 +122,12 @@ def test_table3_budget_cuts_timed_steps():
     assert table3.budget_steps(s, done, jobs, 40.0) == 4         # 60 s / 12 s - 1 = 4
     assert table3.budget_steps(s, done, jobs, 99.0) == 3         # never fewer than 3
     assert table3.budget_steps(table3.Settings(steps=5, budget_s=None), done, jobs, 99.0) == 5
+    # Each compiled provider to come sets COMPILE_S aside: (100 - 10 - 2 x 30) / 12 - 1 = 1 -> 3
+    compiled = [("fp32", "a", ("p-compile", "q-compile")), ("fp32", "b", ("p", "q"))]
+    assert table3.COMPILE_S == 30.0
+    assert table3.budget_steps(s, done, compiled, 10.0) == 3
+    assert table3.budget_steps(table3.Settings(steps=9, warmup=1, budget_s=160.0), done,
+                               compiled, 4.0) == 7          # (160 - 4 - 60) / 12 - 1 = 7
 
 
 def test_table3_synthetic_data_is_learnable():
