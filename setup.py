@@ -19,7 +19,8 @@ pure-Python package (``torch`` and ``triton`` backends only).
 * csrc/cuda/* become the ``cuda`` backend, ``resfuse_kernels._C_cuda``, when
   torch has CUDA and nvcc is found; if that build fails the install goes on
   without it (the ``triton`` backend covers CUDA tensors).
-* The wheel requires the torch minor version it was built against; what was
+* The wheel requires the torch minor version it was built against (and
+  numpy, without which torch warns at import); what was
   built, and why anything was not, is written to
   ``resfuse_kernels/_build_info.json``, which ``python -m
   resfuse_kernels.info`` reads.
@@ -125,7 +126,7 @@ def _torch_requirement(torch):
 def _extensions():
     """(ext_modules, cmdclass, install_requires) for this environment."""
     if os.environ.get("RESFUSE_SKIP_EXT") == "1":
-        return [], {}, ["torch>=2.4"]
+        return [], {}, ["torch>=2.4", "numpy"]
     cpp = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     try:
         import torch
@@ -137,7 +138,7 @@ def _extensions():
                   "    pip install --no-build-isolation .      (or -e . for a checkout)",
                   "(in a bare venv also: pip install setuptools wheel), or, without C++:",
                   f"    {PURE}")
-        return [], {}, ["torch>=2.4"]   # metadata only (egg_info, sdist)
+        return [], {}, ["torch>=2.4", "numpy"]   # metadata only (egg_info, sdist)
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     reasons = {"cpu": None, "cuda": None}
 
@@ -186,7 +187,7 @@ def _extensions():
     cuda_ext = _cuda_extension(torch, CUDA_HOME, reasons)
     if cuda_ext is not None:
         exts.append(cuda_ext)
-    return exts, {"build_ext": Build}, [_torch_requirement(torch)]
+    return exts, {"build_ext": Build}, [_torch_requirement(torch), "numpy"]
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__

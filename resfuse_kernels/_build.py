@@ -39,13 +39,12 @@ def installed_elsewhere() -> Optional[str]:
     """Where pip installed this package, when this import is another copy (a
     source checkout that Python found first, e.g. the current directory)."""
     import importlib.metadata
-    try:
-        dist = importlib.metadata.distribution("resfuse-kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    where = str(dist.locate_file("resfuse_kernels"))
-    if os.path.isdir(where) and os.path.realpath(where) != os.path.realpath(HERE):
-        return where
+    # Every install record on sys.path: a checkout holds one too (pip's in-tree
+    # build leaves resfuse_kernels.egg-info beside the source).
+    for dist in importlib.metadata.distributions(name="resfuse-kernels"):
+        where = str(dist.locate_file("resfuse_kernels"))
+        if os.path.isdir(where) and os.path.realpath(where) != os.path.realpath(HERE):
+            return where
     return None
 
 

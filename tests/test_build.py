@@ -26,7 +26,7 @@ def _plan(monkeypatch, **env):
 
 
 def test_skip_ext_gives_a_pure_python_install(monkeypatch):
-    assert _plan(monkeypatch, RESFUSE_SKIP_EXT="1") == ([], {}, ["torch>=2.4"])
+    assert _plan(monkeypatch, RESFUSE_SKIP_EXT="1") == ([], {}, ["torch>=2.4", "numpy"])
 
 
 def test_cpu_extension_is_planned(monkeypatch):
@@ -64,7 +64,7 @@ def test_cpu_extension_runs_in_parallel():
 def test_the_wheel_requires_the_torch_it_was_built_against(monkeypatch):
     monkeypatch.delenv("RESFUSE_SKIP_EXT", raising=False)
     major, minor = torch.__version__.split(".")[:2]
-    assert _plan(monkeypatch)[2] == [f"torch=={major}.{minor}.*"]
+    assert _plan(monkeypatch)[2] == [f"torch=={major}.{minor}.*", "numpy"]
 
 
 def test_cpu_extension_links_torchs_openmp_stripped(monkeypatch):
@@ -100,7 +100,7 @@ def test_metadata_without_torch_needs_no_compiler(monkeypatch):
     monkeypatch.delenv("RESFUSE_SKIP_EXT", raising=False)
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setattr(sys, "argv", ["setup.py", "egg_info"])
-    assert _plan(monkeypatch) == ([], {}, ["torch>=2.4"])
+    assert _plan(monkeypatch) == ([], {}, ["torch>=2.4", "numpy"])
 
 
 def _built_cpu_library():
