@@ -136,17 +136,17 @@ def test_table3_synthetic_data_is_learnable():
     random images, would get ~10 %)."""
     from resfuse_kernels.bench import table3
     from resfuse_kernels.data import SyntheticImages, normalize
-    x, y = table3.synthetic_pool(400, 10, seed=3)
-    assert x.shape == (400, 3, 64, 64) and torch.bincount(y).tolist() == [40] * 10
-    images = SyntheticImages(400, 10, 64, 3, "train")            # the same images, shuffled
+    x, y = table3.synthetic_pool(200, 10, seed=3)
+    assert x.shape == (200, 3, 64, 64) and torch.bincount(y).tolist() == [20] * 10
+    images = SyntheticImages(200, 10, 64, 3, "train")            # the same images, shuffled
     i = 7
-    j = next(k for k in range(400) if torch.equal(normalize(images[k][0][None])[0], x[i]))
+    j = next(k for k in range(200) if torch.equal(normalize(images[k][0][None])[0], x[i]))
     assert images.labels[j] == y[i]
-    fit, test = slice(0, 200), slice(200, 400)
+    fit, test = slice(0, 100), slice(100, 200)
     means = torch.stack([x[fit][y[fit] == c].mean(0) for c in range(10)]).flatten(1)
     guess = torch.cdist(x[test].flatten(1), means).argmin(1)
     assert (guess == y[test]).float().mean() >= 0.9
-    shuffled = y[fit][torch.randperm(200, generator=torch.Generator().manual_seed(0))]
+    shuffled = y[fit][torch.randperm(100, generator=torch.Generator().manual_seed(0))]
     means = torch.stack([x[fit][shuffled == c].mean(0) for c in range(10)]).flatten(1)
     assert (torch.cdist(x[test].flatten(1), means).argmin(1) == y[test]).float().mean() < 0.4
 
