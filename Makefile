@@ -1,6 +1,6 @@
 # make test   -- set up .venv, build, run the C++ tests (ctest) and the pytest suite
 # make bench  -- set up .venv (+ the [bench] extra) and run the main job: Table 3,
-#                parameters and time per epoch, into bench/results/
+#                parameters and time per epoch, into a new git-ignored bench/runs/<device>-<time>/
 # make bench-ops -- the op benchmarks (time, GB/s, fraction of copy bandwidth)
 # make ctest  -- build csrc/ with CMake against the venv's libtorch and run ctest
 # make cuda-compile -- compile csrc/cuda with nvcc, no GPU needed (skipped without nvcc)
@@ -32,8 +32,11 @@ $(VENV)/.ready: pyproject.toml setup.py $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/
 # Tests in parallel, one worker per core (pytest-xdist): the Triton
 # interpreter's tests are single-threaded Python. loadgroup keeps the tests
 # that share an expensive module fixture (a compilation) on one worker.
+# PYTEST_WORKERS=1 on a machine shared with other jobs.
+PYTEST_WORKERS ?= auto
+
 test: venv ctest
-	$(PY) -m pytest -q -n auto --dist loadgroup tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 ctest: venv
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
@@ -73,8 +76,11 @@ $(VENV)/.bench-ready: $(VENV)/.ready pyproject.toml
 	$(PY) -c "import matplotlib, PIL, pytest_benchmark" 2>/dev/null || $(PY) -m pip install -q $(BENCH_DEPS)
 	touch $@
 
+# make bench BENCH_ARGS=--full-table: every model, precision and compiled provider.
+BENCH_ARGS ?=
+
 bench: $(VENV)/.bench-ready
-	$(PY) -m resfuse_kernels.bench table3
+	$(PY) -m resfuse_kernels.bench table3 $(BENCH_ARGS)
 
 bench-ops: $(VENV)/.bench-ready
 	$(PY) -m resfuse_kernels.bench ops

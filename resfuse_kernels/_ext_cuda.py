@@ -14,9 +14,11 @@ import importlib.util
 
 import torch
 
+from . import _build
+
 _spec = importlib.util.find_spec("resfuse_kernels._C_cuda")
 if _spec is None or _spec.origin is None:
-    raise ImportError("not built (setup.py builds it when torch has CUDA and nvcc is found)")
+    raise ImportError(_build.missing_reason("cuda"))
 if torch.version.cuda is None:
     raise ImportError(f"this torch ({torch.__version__}) is a build without CUDA")
 if not torch.cuda.is_available():
@@ -25,8 +27,7 @@ try:
     # A TORCH_LIBRARY, not a Python module: loading it registers resfuse_cuda::*.
     torch.ops.load_library(_spec.origin)
 except OSError as exc:  # e.g. built against another torch or CUDA runtime
-    first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-    raise ImportError(f"cannot load {_spec.origin}: {first_line}") from exc
+    raise ImportError(_build.load_failure_reason(_spec.origin, exc)) from exc
 
 _ops = torch.ops.resfuse_cuda
 if not _ops.kernels_runnable():

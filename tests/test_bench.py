@@ -62,27 +62,133 @@ def test_table3_plot(tmp_path):
     pytest.importorskip("matplotlib")
     from resfuse_kernels.bench import table3
     s = table3.Settings(models=("resnet19",), providers=("ref-eager", "fused-eager"),
-                        dtypes=("fp32",), batch=2)
-    rows = [{"model": "resnet19", "provider": p, "dtype": "fp32", "epoch_s": t}
-            for p, t in (("ref-eager", 2.0), ("fused-eager", 1.5))]
+                        dtypes=("fp32",), batch=2, epoch_images=10)
+    rows = [{"model": "resnet19", "provider": p, "dtype": "fp32", "epoch_s": 5 * sorted(t)[1],
+             "times_s": t} for p, t in (("ref-eager", [2.0, 2.2, 1.9]),
+                                        ("fused-eager", [1.5, 1.4, 1.6]))]
     env = {"device": "test cpu", "versions": {"torch": torch.__version__}}
     assert table3.plot(s, env, rows, tmp_path / "t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The whisker of a bar: fastest and slowest step, as epochs (5 steps each).
+    assert table3.epoch_spread(rows[0], s) == (9.5, 11.0)
+    # The ratio panel: median ratio, and the range of the rounds' paired ratios.
+    (ratio,) = table3.fused_ratios(rows)
+    assert ratio["median"] == pytest.approx(7.5 / 10.0)
+    assert (ratio["min"], ratio["max"]) == (pytest.approx(1.4 / 2.2), pytest.approx(1.6 / 1.9))
+    assert (ratio["mode"], ratio["rounds"]) == ("eager", 3)
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_table3_default_dtypes_follow_native_bf16(monkeypatch, native):
-    """bf16 is measured on a CPU only where it runs in hardware; asking for it
-    explicitly always wins."""
+def test_table3_default_dtypes(monkeypatch, native):
+    """The CPU main job is fp32 whatever the CPU (bf16 doubled it on a CPU with
+    native bf16); --full-table measures bf16 where it runs in hardware; asking
+    for it explicitly always wins."""
     from resfuse_kernels.bench import common, table3
     monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
     parser = argparse.ArgumentParser()
     table3.add_arguments(parser)
     s = table3.settings_from_args(parser.parse_args(["--device", "cpu"]))
+    assert s.dtypes == ("fp32",)
+    s = table3.settings_from_args(parser.parse_args(["--device", "cpu", "--full-table"]))
     assert s.dtypes == (("fp32", "bf16") if native else ("fp32",))
     assert any("bf16 skipped" in n for n in s.notes) != native
     s = table3.settings_from_args(parser.parse_args(["--device", "cpu", "--dtypes", "fp32,bf16"]))
     assert s.dtypes == ("fp32", "bf16")
+
+
+def test_table3_cpu_defaults_are_the_quick_main_job():
+    from resfuse_kernels.bench import table3
+    parser = argparse.ArgumentParser()
+    table3.add_arguments(parser)
+    s = table3.settings_from_args(parser.parse_args(["--device", "cpu"]))
+    assert s.models == ("resnet19", "highway19", "resfuse19")
+    assert (s.batch, s.warmup, s.steps, s.budget_s) == (16, 1, 5, table3.CPU_BUDGET_S)
+    assert s.compile_models == ("resfuse19",)
+    assert s.lr == pytest.approx(0.1 * 16 / 128)     # the recipe's lr, scaled to the batch
+    s = table3.settings_from_args(parser.parse_args(["--device", "cpu", "--full-table"]))
+    assert s.models == table3.MODELS and s.compile_models is None and s.budget_s is None
+    s = table3.settings_from_args(parser.parse_args(["--device", "cpu", "--budget", "0",
+                                                     "--lr", "0.3"]))
+    assert s.budget_s is None and s.lr == 0.3
+
+
+def test_table3_budget_cuts_timed_steps():
+    from resfuse_kernels.bench import table3
+    s = table3.Settings(steps=5, warmup=1, budget_s=100.0)
+    jobs = [("fp32", "a", ("p", "q")), ("fp32", "b", ("p", "q"))]
+    done = [{"median_s": 2.0}, {"median_s": 4.0}]            # 3 s a step
+    assert table3.budget_steps(s, [], jobs, 0.0) == 5            # nothing measured yet
+    assert table3.budget_steps(s, done, jobs, 10.0) == 5         # 90 s / (3 s x 4) - 1 = 6
+    assert table3.budget_steps(s, done, jobs, 40.0) == 4         # 60 s / 12 s - 1 = 4
+    assert table3.budget_steps(s, done, jobs, 99.0) == 3         # never fewer than 3
+    assert table3.budget_steps(table3.Settings(steps=5, budget_s=None), done, jobs, 99.0) == 5
+    # Each compiled provider to come sets COMPILE_S aside: (100 - 10 - 2 x 30) / 12 - 1 = 1 -> 3
+    compiled = [("fp32", "a", ("p-compile", "q-compile")), ("fp32", "b", ("p", "q"))]
+    assert table3.COMPILE_S == 30.0
+    assert table3.budget_steps(s, done, compiled, 10.0) == 3
+    assert table3.budget_steps(table3.Settings(steps=9, warmup=1, budget_s=160.0), done,
+                               compiled, 4.0) == 7          # (160 - 4 - 60) / 12 - 1 = 7
+
+
+def test_table3_synthetic_data_is_learnable():
+    """The bench's images depend on their class: a nearest-class-mean rule
+    fitted on half of them labels the other half (a chance-level rule, as with
+    random images, would get ~10 %)."""
+    from resfuse_kernels.bench import table3
+    from resfuse_kernels.data import SyntheticImages, normalize
+    x, y = table3.synthetic_pool(200, 10, seed=3)
+    assert x.shape == (200, 3, 64, 64) and torch.bincount(y).tolist() == [20] * 10
+    images = SyntheticImages(200, 10, 64, 3, "train")            # the same images, shuffled
+    i = 7
+    j = next(k for k in range(200) if torch.equal(normalize(images[k][0][None])[0], x[i]))
+    assert images.labels[j] == y[i]
+    fit, test = slice(0, 100), slice(100, 200)
+    means = torch.stack([x[fit][y[fit] == c].mean(0) for c in range(10)]).flatten(1)
+    guess = torch.cdist(x[test].flatten(1), means).argmin(1)
+    assert (guess == y[test]).float().mean() >= 0.9
+    shuffled = y[fit][torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    means = torch.stack([x[fit][shuffled == c].mean(0) for c in range(10)]).flatten(1)
+    assert (torch.cdist(x[test].flatten(1), means).argmin(1) == y[test]).float().mean() < 0.4
+
+
+def test_table3_loss_summary():
+    from resfuse_kernels.bench import table3
+    summary = table3.loss_summary([4.8, 5.0, 4.0, 3.0, 3.4], classes=100)
+    assert summary == {"loss_first": pytest.approx(4.9), "loss_last": pytest.approx(3.2),
+                       "loss_fell": True, "loss_chance": pytest.approx(math.log(100))}
+    assert table3.loss_summary([4.0, 5.0], 10)["loss_fell"] is False
+
+
+def test_table3_default_output_is_ignored_by_git(tmp_path, monkeypatch):
+    """A default run writes into a new bench/runs/<device>-<time>/ folder that the
+    repository's .gitignore covers: the clone stays clean and the committed
+    bench/results/ are untouched."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    root = Path(__file__).resolve().parent.parent
+    repo = tmp_path / "clone"
+    (repo / "bench" / "results").mkdir(parents=True)
+    shutil.copy(root / ".gitignore", repo / ".gitignore")
+    (repo / "bench" / "results" / "table3-cpu.md").write_text("curated\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    monkeypatch.chdir(repo)
+    rc = bench_main(["table3", "--device", "cpu", "--models", "resnet19",
+                     "--providers", "ref-eager", "--batch", "2", "--steps", "1",
+                     "--warmup", "1", "--epoch-images", "10", "--no-plot"])
+    assert rc == 0
+    (run_dir,) = (repo / "bench" / "runs").iterdir()
+    assert run_dir.name.startswith("cpu-")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["table3-cpu.json", "table3-cpu.md"]
+    assert (repo / "bench" / "results" / "table3-cpu.md").read_text() == "curated\n"
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert status == ""
 
 
 def test_ops_tiny_run_writes_json_and_markdown(tmp_path):

@@ -22,9 +22,23 @@ Providers:
 Precisions: ``fp32`` and ``bf16`` (``torch.autocast`` to bfloat16; weights and
 optimiser stay fp32). Models and inputs are channels_last by default.
 
-Data: synthetic tensors of the epoch's shape, resident on the device (data
-loading is not timed); or ``--data DIR``, a Tiny-ImageNet folder read with
-Pillow (:mod:`resfuse_kernels.data`), decoded once and kept on the device.
+Data: learnable synthetic images of the epoch's shape (each class its own
+pattern, :class:`resfuse_kernels.data.SyntheticImages`), normalised and
+resident on the device (data loading is not timed); or ``--data DIR``, a
+Tiny-ImageNet folder read with Pillow (:mod:`resfuse_kernels.data`), decoded
+once and kept on the device. The learning rate is the recipe's 0.1 at batch
+128, scaled linearly with the batch (so small CPU batches do not diverge);
+every step's loss is kept and the report says whether it fell. Without
+``--full`` the images are a pool of two batches taken in turn (see
+:data:`POOL_BATCHES`).
+
+Defaults (the main job, ``make bench``): on a CPU the paper's three networks
+(ResNet-19, Highway-19, ResFuse-19), fp32, batch 16, 1 warm-up and 5 timed
+steps, the compiled providers for ResFuse-19 only, and the timed steps cut
+(to no fewer than 3) if the run would pass ``--budget`` seconds (150); on a GPU
+every model, precision and provider. ``--full-table`` asks a CPU for the
+whole table. Results go to a new folder ``bench/runs/<device>-<time>/``
+(git-ignored); ``--out bench/results`` writes the curated, committed ones.
 
 Timing: the first step is timed alone (for compiled providers that is the
 compile time, reported separately); ``--warmup`` more steps are untimed; then
@@ -41,7 +55,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +68,14 @@ from ..train import recipe
 from . import common
 
 MODELS = ("resnet19", "highway19", "resfuse19", "resnet25", "resfuse25")
+CPU_MODELS = ("resnet19", "highway19", "resfuse19")   # the main job's default on a CPU
+CPU_BUDGET_S = 150.0   # the main job's measuring on a CPU, compiles included (about 12 s
+COMPILE_S = 30.0       # each on a quiet 2-core CPU; this much is set aside for each)
+REFERENCE_BATCH = 128  # the batch the recipe's learning rate is for
+# Without --full the data is a pool of this many batches, taken in turn: in a
+# few steps every image comes back and the loss falls visibly (the time of a
+# step does not depend on which images it sees).
+POOL_BATCHES = 2
 OPTIONAL_MODELS = ("resnet34",)
 PROVIDERS = ("ref-eager", "fused-eager", "ref-compile", "fused-compile")
 GRAPH_PROVIDERS = ("ref-graph", "fused-graph")
@@ -96,6 +119,7 @@ class Settings:
     weight_decay: float = recipe.WEIGHT_DECAY
     device: str = "cpu"
     seed: int = 0
+    budget_s: Optional[float] = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -130,7 +154,7 @@ def parameters_markdown(rows: list[dict]) -> str:
 class Batches:
     """Training batches resident on the device.
 
-    Synthetic: ``pool`` images of standard-normal noise with random labels.
+    Synthetic: ``pool`` learnable images (:func:`synthetic_pool`).
     ``--data``: the folder's images, normalised once. Batch ``i`` is a slice
     (channels_last slices stay channels_last); the pool wraps around, so every
     batch is full-size (no recompilation for a short last batch). Every
@@ -141,9 +165,8 @@ class Batches:
         g = torch.Generator().manual_seed(s.seed)
         fmt = torch.channels_last if s.channels_last else torch.contiguous_format
         if s.data is None:
-            self.source = "synthetic"
-            x = torch.randn(pool, IMAGE_SHAPE[0], s.image_size, s.image_size, generator=g)
-            y = torch.randint(0, s.classes, (pool,), generator=g)
+            self.source = "synthetic, learnable (class patterns + noise)"
+            x, y = synthetic_pool(pool, s.classes, s.seed, s.image_size)
         else:
             from ..data import load_tensors, normalize
             images, labels, _ = load_tensors(s.data, "train", classes=s.classes, limit=pool)
@@ -161,6 +184,31 @@ class Batches:
             return self.x[start:start + self.batch], self.y[start:start + self.batch]
         idx = torch.arange(start, start + self.batch, device=self.x.device) % n
         return self.x[idx], self.y[idx]
+
+
+def synthetic_pool(pool: int, classes: int, seed: int,
+                   size: int = IMAGE_SHAPE[-1]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pool`` normalised images of :class:`~resfuse_kernels.data.SyntheticImages`
+    (each class a fixed colour pattern plus noise), shuffled, and their labels."""
+    from ..data import SyntheticImages, normalize
+    images = SyntheticImages(pool, classes, size, seed, "train")
+    x = torch.stack([images[i][0] for i in range(pool)])
+    y = torch.tensor(images.labels)
+    perm = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
+    return normalize(x[perm]), y[perm]
+
+
+def scaled_lr(batch: int) -> float:
+    """The recipe's learning rate (0.1 at batch 128) scaled linearly to ``batch``."""
+    return recipe.LR * batch / REFERENCE_BATCH
+
+
+def loss_summary(losses: list[float], classes: int) -> dict:
+    """First and last steps' losses (mean of up to 2 each) and whether it fell."""
+    k = min(2, max(len(losses) // 2, 1))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return {"loss_first": first, "loss_last": last, "loss_fell": last < first,
+            "loss_chance": math.log(classes)}
 
 
 # ---------------------------------------------------------------- measurement
@@ -185,6 +233,7 @@ class Trainer:
         self.forward = torch.compile(model) if provider.endswith("compile") else model
         self.steps = 0
         self.loss: Optional[torch.Tensor] = None
+        self.losses: list[torch.Tensor] = []   # read after the timing (no sync per step)
         self.graphed = None
         if provider.endswith("graph"):
             self.graphed = graphs.GraphedStep(self._train_step, self.opt, warmup=GRAPH_WARMUP,
@@ -204,9 +253,13 @@ class Trainer:
         self.steps += 1
         if self.graphed is not None:
             self.loss = self.graphed(x, y)
+            # the graph's loss is one static tensor, overwritten by the next
+            # replay: keep a copy (one scalar copy per step, no sync)
+            self.losses.append(self.loss.detach().clone())
             return
         self.opt.zero_grad(set_to_none=True)
         self.loss = self._train_step(x, y)
+        self.losses.append(self.loss.detach())
 
     def timed(self, steps: int) -> tuple[float, Optional[int]]:
         """Seconds of ``steps`` steps (one timed region) and the region's peak
@@ -273,6 +326,8 @@ def measure(s: Settings, name: str, providers: tuple[str, ...], dtype: str,
         known = [p for p in peaks[t.provider] if p is not None]
         result["peak_memory_bytes"] = max(known) if known else None
         result["final_loss"] = float(t.loss.detach().float())
+        result["losses"] = [float(x.float()) for x in t.losses]
+        result.update(loss_summary(result["losses"], s.classes))
     return results
 
 
@@ -366,11 +421,73 @@ def markdown(s: Settings, env: dict, rows: list[dict]) -> str:
                      common.fmt_ratio(r["fused_speedup"]), common.fmt_ratio(r["fused_vs_compile"]),
                      common.fmt_bytes(r["peak_memory_bytes"])]
             out.append("| " + " | ".join(cells) + " |")
+    out += loss_markdown(rows, s.classes)
     return "\n".join(out)
 
 
+def loss_markdown(rows: list[dict], classes: int) -> list[str]:
+    """The training loss of each row, first steps against last, with a verdict."""
+    known = [r for r in rows if "loss_first" in r]
+    if not known:
+        return []
+    fell = sum(r["loss_fell"] for r in known)
+    out = ["", "## Training loss", "",
+           f"The networks train while they are timed: the loss of the first steps against "
+           f"the last (mean of 2 each; chance is ln {classes} = {math.log(classes):.2f}). "
+           f"It fell in {fell} of {len(known)} runs"
+           + (" (the synthetic images are learnable: each class is a colour pattern)."
+              if fell == len(known) else
+              ": a run where it did not fall is too short, or diverged."), "",
+           "| model | dtype | provider | steps | loss, first | loss, last | fell |",
+           "|---|---|---|---:|---:|---:|---|"]
+    for r in known:
+        out.append(f"| {r['model']} | {r['dtype']} | {r['provider']} | {len(r['losses'])} "
+                   f"| {r['loss_first']:.3f} | {r['loss_last']:.3f} "
+                   f"| {'yes' if r['loss_fell'] else 'NO'} |")
+    return out
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    """A divisor and unit that keep an axis of times near 1-100."""
+    for div, unit in ((3600.0, "h"), (60.0, "min"), (1.0, "s"), (1e-3, "ms")):
+        if seconds >= 2 * div:
+            return div, unit
+    return 1e-3, "ms"
+
+
+def epoch_spread(r: dict, s: Settings) -> tuple[float, float]:
+    """The row's fastest and slowest timed step (or epoch), as times per epoch."""
+    scale = 1 if s.full else s.steps_per_epoch
+    times = r.get("epoch_times_s") or [t * scale for t in r.get("times_s", [])]
+    return (min(times), max(times)) if times else (r["epoch_s"], r["epoch_s"])
+
+
+def fused_ratios(rows: list[dict]) -> list[dict]:
+    """Per model, dtype and compile mode: fused time / reference time, from the
+    steps (or epochs) timed in the same rounds (round i of one against round i
+    of the other), as median, min and max. Below 1 the fused model is faster."""
+    index = {(r["model"], r["provider"], r["dtype"]): r for r in rows}
+    out = []
+    for r in rows:
+        if not r["provider"].startswith("fused"):
+            continue
+        ref = index.get((r["model"], r["provider"].replace("fused", "ref"), r["dtype"]))
+        if ref is None:
+            continue
+        a = r.get("epoch_times_s") or r.get("times_s") or [r["epoch_s"]]
+        b = ref.get("epoch_times_s") or ref.get("times_s") or [ref["epoch_s"]]
+        paired = sorted(x / y for x, y in zip(a, b))
+        out.append({"model": r["model"], "dtype": r["dtype"],
+                    "mode": r["provider"].split("-", 1)[1],
+                    "median": r["epoch_s"] / ref["epoch_s"],
+                    "min": paired[0], "max": paired[-1], "rounds": len(paired)})
+    return out
+
+
 def plot(s: Settings, env: dict, rows: list[dict], path: Path) -> bool:
-    """Grouped bars: time per epoch per model and provider, one panel per dtype."""
+    """Per dtype, two panels: each provider's time per epoch (bar: median;
+    whisker: fastest to slowest timed step), and the fused / reference time
+    ratio per model and compile mode (whisker: its range over the rounds)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -379,30 +496,59 @@ def plot(s: Settings, env: dict, rows: list[dict], path: Path) -> bool:
         common.log("matplotlib is not installed (pip install 'resfuse-kernels[bench]'): no plot")
         return False
     dtypes = [d for d in s.dtypes if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(max(6 * len(dtypes), 8), 4.8), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
-        names = [m for m in s.models if any(r["model"] == m and r["dtype"] == dtype for r in rows)]
-        providers = [p for p in s.providers if any(r["provider"] == p and r["dtype"] == dtype
-                                                    for r in rows)]
+    fig, axes = plt.subplots(len(dtypes), 2, figsize=(13, 4.6 * len(dtypes)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    colours = {"ref-eager": "#9e9e9e", "fused-eager": "#1f77b4",
+               "ref-compile": "#c7a76c", "fused-compile": "#ff7f0e"}
+    for (ax, rax), dtype in zip(axes, dtypes):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        names = [m for m in s.models if any(r["model"] == m for r in sub)]
+        providers = [p for p in s.providers if any(r["provider"] == p for r in sub)]
+        div, unit = _time_unit(max(epoch_spread(r, s)[1] for r in sub))
         width = 0.8 / max(len(providers), 1)
         for j, p in enumerate(providers):
-            xs, ys = [], []
+            xs, ys, lo, hi = [], [], [], []
             for i, m in enumerate(names):
-                r = next((r for r in rows if (r["model"], r["provider"], r["dtype"]) ==
-                          (m, p, dtype)), None)
+                r = next((r for r in sub if (r["model"], r["provider"]) == (m, p)), None)
                 if r:
+                    fast, slow = epoch_spread(r, s)
                     xs.append(i + (j - (len(providers) - 1) / 2) * width)
-                    ys.append(r["epoch_s"])
-            ax.bar(xs, ys, width, label=p)
+                    ys.append(r["epoch_s"] / div)
+                    lo.append((r["epoch_s"] - fast) / div)
+                    hi.append((slow - r["epoch_s"]) / div)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=p,
+                   color=colours.get(p), edgecolor="black", linewidth=0.4)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=20)
-        ax.set_ylabel("time per epoch (s)" + ("" if s.full else ", extrapolated"))
-        ax.set_title(f"{dtype}, batch {s.batch}")
-        ax.legend(fontsize=8)
+        ax.set_xticklabels(names)
+        ax.set_ylabel(f"time per epoch ({unit})" + ("" if s.full else ", extrapolated"))
+        ax.set_title(f"{dtype}, batch {s.batch}: time per epoch "
+                     f"(bar: median, whisker: fastest to slowest "
+                     f"{'epoch' if s.full else 'step'})", fontsize=9)
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(axis="y", alpha=0.3)
+        ratios = [q for q in fused_ratios(rows) if q["dtype"] == dtype]
+        labels = [f"{q['model']}\n{q['mode']}" for q in ratios]
+        ys = range(len(ratios))
+        # Bars grow from 1 (no difference): left is faster (green), right slower (red).
+        rax.barh(list(ys), [q["median"] - 1 for q in ratios], left=1.0, height=0.5,
+                 xerr=[[max(q["median"] - q["min"], 0) for q in ratios],
+                       [max(q["max"] - q["median"], 0) for q in ratios]], capsize=3,
+                 color=["#2ca02c" if q["median"] < 1 else "#d62728" for q in ratios])
+        for y, q in zip(ys, ratios):
+            rax.text(max(q["max"], 1.0), y - 0.3, f" {q['median']:.2f}x", va="center",
+                     fontsize=10, fontweight="bold")
+        rax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        rax.set_yticks(list(ys))
+        rax.set_yticklabels(labels, fontsize=8)
+        rax.invert_yaxis()
+        top = max([q["max"] for q in ratios] + [1.0])
+        rax.set_xlim(min([q["min"] for q in ratios] + [1.0]) * 0.9, top * 1.15)
+        rax.set_xlabel("fused time / reference time (below 1: fused faster)")
+        rax.set_title("fused / reference, same run (whisker: range over rounds)", fontsize=9)
     v = env["versions"]
-    fig.suptitle(f"Table 3, training time per epoch\n{env['device']}\n"
+    fig.suptitle(f"Table 3, training time per epoch: {env['device']}\n"
                  f"torch {v['torch']}, {'channels_last' if s.channels_last else 'NCHW'}, "
-                 f"NAG SGD", fontsize=9)
+                 f"NAG SGD, {env.get('utc', '')}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -414,9 +560,20 @@ def plot(s: Settings, env: dict, rows: list[dict], path: Path) -> bool:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", default=",".join(MODELS),
+    p.add_argument("--models", default=None,
                    help=f"comma-separated, of {', '.join(MODELS + OPTIONAL_MODELS)} "
-                        f"(default: the first five)")
+                        f"(default: the first five on a GPU or with --full-table, "
+                        f"{','.join(CPU_MODELS)} on a CPU)")
+    p.add_argument("--full-table", action="store_true",
+                   help="on a CPU, the whole table: every model, bf16 too where the CPU has "
+                        "it natively, the compiled providers for every model, no time budget "
+                        "(tens of minutes); a GPU runs it by default")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds of timed work the run aims at, cutting timed steps (to no "
+                        f"fewer than 3) to fit (default: {CPU_BUDGET_S:.0f} on a CPU, none on a "
+                        f"GPU or with --full-table; 0 for none)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {recipe.LR} x batch / {REFERENCE_BATCH})")
     p.add_argument("--providers", default=None,
                    help=f"comma-separated, of {', '.join(PROVIDERS + GRAPH_PROVIDERS)} "
                         "(default: all on a GPU; on a CPU all but the graph providers)")
@@ -441,7 +598,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default synthetic data")
     p.add_argument("--classes", type=int, default=100, help="number of classes (default 100)")
     p.add_argument("--nchw", action="store_true", help="contiguous NCHW instead of channels_last")
-    p.add_argument("--out", default=str(common.DEFAULT_OUT), help="results folder")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: a new bench/runs/<device>-<time>/, which git "
+                        "ignores; --out bench/results for the curated, committed results)")
     p.add_argument("--name", default=None, help="file stem (default table3-<device>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--params-only", action="store_true",
@@ -464,24 +623,34 @@ def default_providers(gpu: bool) -> tuple[str, ...]:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")
+    whole = gpu or args.full_table
+    batch = args.batch or (128 if gpu else 16)
     s = Settings(
-        models=_split(args.models, MODELS + OPTIONAL_MODELS),
+        models=_split(args.models or ",".join(MODELS if whole else CPU_MODELS),
+                      MODELS + OPTIONAL_MODELS),
         providers=_split(args.providers or ",".join(default_providers(gpu)),
                          PROVIDERS + GRAPH_PROVIDERS),
         dtypes=_split(args.dtypes or ",".join(DTYPES), tuple(DTYPES)),
-        batch=args.batch or (128 if gpu else 16),
+        batch=batch, lr=args.lr if args.lr is not None else scaled_lr(batch),
         steps=args.steps or (20 if gpu else 5),
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
         full=args.full, epochs=args.epochs, epoch_images=args.epoch_images,
         image_size=args.image_size,
         classes=args.classes, data=args.data, channels_last=not args.nchw, device=device)
-    if args.dtypes is None and not gpu and not common.cpu_has_native_bf16():
+    if args.dtypes is None and not whole:
+        s.dtypes = ("fp32",)
+        s.notes.append("fp32 only (the CPU default; --dtypes fp32,bf16 or --full-table for bf16)")
+    elif args.dtypes is None and not gpu and not common.cpu_has_native_bf16():
         s.dtypes = tuple(d for d in s.dtypes if d != "bf16")
         s.notes.append("bf16 skipped: this CPU has no native bf16 (AVX512-BF16, AMX or Arm "
                        "BF16), so PyTorch emulates it and a bf16 step measures the emulation "
                        "(~9x an fp32 convolution on an AVX2 CPU); --dtypes fp32,bf16 runs it")
+    if args.budget is not None:
+        s.budget_s = args.budget or None
+    elif not whole and not s.full:
+        s.budget_s = CPU_BUDGET_S
     if args.compile_models is None:
-        s.compile_models = None if gpu else CPU_COMPILE_MODELS
+        s.compile_models = None if whole else CPU_COMPILE_MODELS
     elif args.compile_models != "all":
         s.compile_models = _split(args.compile_models, MODELS + OPTIONAL_MODELS)
     compiled = [p for p in s.providers if p.endswith("compile")]
@@ -489,7 +658,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         s.notes.append(f"compiled providers ({', '.join(compiled)}) run only for "
                        f"{', '.join(s.compile_models)}"
                        + (" (CPU default: torch.compile costs ~30 s per model and precision "
-                          "there; --compile-models all for every model)"
+                          "there; --compile-models all or --full-table for every model)"
                           if args.compile_models is None else ""))
     if s.image_size != IMAGE_SHAPE[-1]:
         s.notes.append(f"images of 3x{s.image_size}x{s.image_size}, not the paper's 3x64x64 "
@@ -502,8 +671,47 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return s
 
 
-def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = True) -> dict:
-    """Measure everything ``s`` asks for; write JSON, Markdown and PNG to ``out``."""
+def plan(s: Settings) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(dtype, model, providers) of each measurement, in order."""
+    jobs = []
+    for dtype in s.dtypes:
+        for model in s.models:
+            providers = tuple(p for p in s.providers if not (
+                p.endswith("compile") and s.compile_models is not None
+                and model not in s.compile_models))
+            if providers:
+                jobs.append((dtype, model, providers))
+    return jobs
+
+
+def budget_steps(s: Settings, done: list[dict], jobs_left: list, elapsed: float) -> int:
+    """Timed steps for the next measurement: ``s.steps``, or fewer (not under 3)
+    when the steps measured so far, and :data:`COMPILE_S` for each compiled
+    provider to come, say the rest would pass ``s.budget_s``."""
+    if s.budget_s is None or s.full or not done:
+        return s.steps
+    per_step = sum(r["median_s"] for r in done) / len(done)
+    units = sum(len(providers) for _, _, providers in jobs_left)
+    compiles = sum(p.endswith("compile") for _, _, providers in jobs_left for p in providers)
+    fits = int((s.budget_s - elapsed - COMPILE_S * compiles) / (per_step * units)) - s.warmup
+    return max(min(s.steps, fits), min(3, s.steps))
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def default_out(device: torch.device) -> Path:
+    """A new folder for one run, named by device and local time, under the
+    git-ignored bench/runs/."""
+    return Path("bench") / "runs" / (f"{common.device_slug(device)}-"
+                                     f"{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run(s: Settings, out: Optional[Path] = None, name: Optional[str] = None,
+        make_plot: bool = True) -> dict:
+    """Measure everything ``s`` asks for; write JSON, Markdown and PNG to ``out``
+    (default: :func:`default_out`)."""
     from .. import backends
     device = torch.device(s.device)
     env = common.environment(device)
@@ -511,8 +719,9 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
         env["fused_backend"] = backends.resolve(device)
     except backends.BackendUnavailable as exc:
         env["fused_backend"] = f"none: {exc}"
+    out = out if out is not None else default_out(device)
     stem = name or f"table3-{common.device_slug(device)}"
-    pool = s.epoch_images if s.full else s.batch * min(max(s.steps + s.warmup, 1), 8)
+    pool = s.epoch_images if s.full else s.batch * POOL_BATCHES
     data = Batches(s, device, pool)
     common.log(f"table3 on {env['device']}: torch {env['versions']['torch']}, batch {s.batch}, "
                f"{'full epochs' if s.full else f'{s.steps} timed steps (epoch extrapolated)'}, "
@@ -520,16 +729,20 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
     for n in s.notes:
         common.log(f"note: {n}")
     rows: list[dict] = []
-    for dtype in s.dtypes:
-        for model in s.models:
-            providers = tuple(p for p in s.providers if not (
-                p.endswith("compile") and s.compile_models is not None
-                and model not in s.compile_models))
-            if not providers:
-                continue
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            for r in measure(s, model, providers, dtype, data):
+    jobs = plan(s)
+    start = time.perf_counter()
+    for i, (dtype, model, providers) in enumerate(jobs):
+        steps = budget_steps(s, rows, jobs[i:], time.perf_counter() - start)
+        if steps != s.steps:
+            s.notes.append(f"{model} {dtype}: {steps} timed steps instead of {s.steps}, to fit "
+                           f"the {s.budget_s:.0f} s budget (--budget 0 for none)")
+        common.log(f"[{i + 1}/{len(jobs)}] {model} {dtype}: {', '.join(providers)}; "
+                   f"{s.warmup} warm-up + {s.steps_per_epoch if s.full else steps} "
+                   f"{'steps' if not s.full else 'steps x ' + str(s.epochs) + ' epochs'} each "
+                   f"({_clock(time.perf_counter() - start)} elapsed)")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for r in measure(replace(s, steps=steps), model, providers, dtype, data):
                 r["data"] = data.source
                 rows.append(r)
                 common.log(f"  {model:10s} {r['provider']:13s} {dtype}: step "
@@ -541,7 +754,9 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
                            + (f", capture {common.fmt_time(r['capture_s'])} ({r['graph']})"
                               if r["capture_s"] is not None else "")
                            + (f", peak {common.fmt_bytes(r['peak_memory_bytes'])}"
-                              if r["peak_memory_bytes"] is not None else ""))
+                              if r["peak_memory_bytes"] is not None else "")
+                           + f"; loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}")
+    common.log(f"measured in {_clock(time.perf_counter() - start)}")
     add_ratios(rows)
     env["load_average_at_end"] = common.load_average()
     settings = asdict(s)
@@ -564,7 +779,8 @@ def run(s: Settings, out: Path, name: Optional[str] = None, make_plot: bool = Tr
 
 def main(args: argparse.Namespace) -> int:
     if args.params_only:
-        rows = parameter_rows(args.classes, _split(args.models, MODELS + OPTIONAL_MODELS))
+        rows = parameter_rows(args.classes, _split(args.models or ",".join(MODELS),
+                                                   MODELS + OPTIONAL_MODELS))
         print(f"Table 3 parameters, {args.classes} classes, 3x64x64 input")
         print(parameters_markdown(rows))
         return int(any(r["paper"] is not None and r["paper"] != r["parameters"] for r in rows))
@@ -573,5 +789,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"Table 3 parameters, {s.classes} classes, 3x64x64 input")
     print(parameters_markdown(rows), flush=True)
     mismatch = any(r["paper"] is not None and r["paper"] != r["parameters"] for r in rows)
-    run(s, Path(args.out), args.name, make_plot=not args.no_plot)
+    run(s, Path(args.out) if args.out else None, args.name, make_plot=not args.no_plot)
     return int(mismatch)
