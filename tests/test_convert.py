@@ -294,3 +294,11 @@ def test_own_blocks_are_switched_by_their_flag():
     assert {f.method for f in report.fused} == {"own block"}
     rk.convert(model, fused=False)
     assert not any(m.fused for m in blocks)
+
+
+def test_benchmark_measures_both_and_keeps_the_report():
+    from resfuse_kernels.bench import convert as bench
+    row = bench.measure(lambda: tv_resnet.resnet18(num_classes=5, width=4), torch.device("cpu"),
+                        "fp32", batch=2, size=32, rounds_=1, warmup=1)
+    assert row["fused"] == 8 and row["original"]["runs"] == row["converted"]["runs"] == 2
+    assert row["ratio"] > 0 and "8 x bn -> add -> relu" in row["report"]
