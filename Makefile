@@ -27,6 +27,9 @@ $(VENV)/.ready: pyproject.toml setup.py $(wildcard csrc/*.h csrc/*/*.cpp csrc/*/
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON)"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	# MONAI for tests/test_convert.py, without its dependencies (torch, numpy:
+	# already here), so that pip never touches torch
+	$(PY) -c "import monai" 2>/dev/null || $(PY) -m pip install -q --no-deps "monai==1.6.1"
 	touch $@
 
 # Tests in parallel, one worker per core (pytest-xdist): the Triton

@@ -267,7 +267,7 @@ def steps_from_one_state(case, runs) -> list[list[Tensor]]:
 
 
 def train_against_oracle(oracle: nn.Module, make_input, steps: int = 3,
-                         wrap=lambda model: model) -> nn.Module:
+                         wrap=lambda model: model, convert=rk.convert) -> nn.Module:
     """``oracle`` (a float64 reference model) against its fused twin, also
     in float64, under the suite's rule (conftest.RULE): same weights, same
     batches, and after every one of several NAG SGD steps the outputs,
@@ -279,8 +279,9 @@ def train_against_oracle(oracle: nn.Module, make_input, steps: int = 3,
     the fused and the reference blocks err as two draws of a spread that
     BatchNorm over four values makes wide (3-5x apart at times), so float32
     is held to PyTorch's error op by op (test_ops.py), and here any
-    difference beyond float64's rounding is a bug."""
-    fused = rk.convert(copy.deepcopy(oracle), fused=True)
+    difference beyond float64's rounding is a bug. ``convert(model)`` makes
+    the fused twin (in place)."""
+    fused = convert(copy.deepcopy(oracle))
     models = (oracle, fused)
     runs = (oracle, wrap(fused))
     # NAG as the paper trains; a step small enough that three of them keep a

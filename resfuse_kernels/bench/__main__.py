@@ -5,6 +5,8 @@
   ``--params-only`` prints just the parameter counts.
 * ``ops``: the fused ops against eager PyTorch and torch.compile: time,
   achieved GB/s from the minimum bytes, fraction of a copy's bandwidth.
+* ``convert``: torchvision-style (and, where installed, torchvision's and
+  timm's) ResNet-18/50, a training step original vs ``rk.convert``-ed.
 
 Results go to bench/results/ (JSON, Markdown, and a PNG for table3).
 ``--help`` on each lists the options.
@@ -17,7 +19,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import ops, table3
+    from . import convert, ops, table3
 
     parser = argparse.ArgumentParser(prog="resfuse-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
                         description=ops.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ops.add_arguments(op)
+    cv = sub.add_parser("convert", help="rk.convert on ResNet-18/50: original vs converted",
+                        description=convert.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_arguments(cv)
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        return convert.main(args)
     if args.command == "table3":
         return table3.main(args)
     return ops.main(args)

@@ -2,7 +2,8 @@
 
 from .blocks import (BasicBlock, FusableBlock, HighwayBlock, PlainBlock, ResFuseBlock,
                      batch_norm_args)
-from .convert import convert
+from .convert import ConvertReport, Fused, Skipped, convert
+from .fused_tail import bn_add_relu
 
-__all__ = ["BasicBlock", "FusableBlock", "HighwayBlock", "PlainBlock", "ResFuseBlock",
-           "batch_norm_args", "convert"]
+__all__ = ["BasicBlock", "ConvertReport", "FusableBlock", "Fused", "HighwayBlock", "PlainBlock",
+           "ResFuseBlock", "Skipped", "batch_norm_args", "bn_add_relu", "convert"]

@@ -26,7 +26,7 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
-def batch_norm_args(bn: nn.BatchNorm2d) -> dict:
+def batch_norm_args(bn: nn.BatchNorm2d, like: Optional[Tensor] = None) -> dict:
     """What ``bn.forward`` would hand to ``F.batch_norm``, with its bookkeeping done.
 
     Mirrors ``nn.BatchNorm2d.forward``: in training with running statistics
@@ -34,17 +34,32 @@ def batch_norm_args(bn: nn.BatchNorm2d) -> dict:
     cumulative average ``1 / num_batches_tracked`` (kept as a tensor, so no
     host sync and no graph break). ``process_group``: the group whose
     statistics a synchronising BatchNorm uses (nn.SyncBatchNorm,
-    :class:`~resfuse_kernels.nn.sync_bn.CpuSyncBatchNorm`), else None.
+    :class:`~resfuse_kernels.nn.sync_bn.CpuSyncBatchNorm`), else None. A
+    missing weight or bias (``affine=False``, or ``bias=False``) is weight 1
+    or bias 0, exactly, when ``like`` (the activation) is given to make them
+    on its device.
     """
-    if bn.weight is None or bn.bias is None:
-        raise ValueError("fused blocks need affine BatchNorm (affine=True)")
+    weight, bias = bn.weight, bn.bias
+    if weight is None or bias is None:
+        if like is None:
+            raise ValueError(
+                f"the fused blocks need a BatchNorm with a weight and a bias (affine=True and, "
+                f"torch >= 2.13, bias=True); this one has "
+                f"{'affine=False' if not bn.affine else 'bias=False'}. rk.convert fuses such "
+                f"BatchNorms in other models (as weight 1, bias 0)")
+        given = weight if weight is not None else bn.running_mean
+        dtype = given.dtype if given is not None else like.dtype
+        if weight is None:
+            weight = torch.ones(bn.num_features, dtype=dtype, device=like.device)
+        if bias is None:
+            bias = torch.zeros(bn.num_features, dtype=dtype, device=like.device)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # in float64, as nn.BatchNorm2d's Python float
             momentum = 1.0 / bn.num_batches_tracked.to(torch.float64)
     uses_running = not bn.training or bn.track_running_stats
-    return dict(weight=bn.weight, bias=bn.bias,
+    return dict(weight=weight, bias=bias,
                 running_mean=bn.running_mean if uses_running else None,
                 running_var=bn.running_var if uses_running else None,
                 training=bn.training or (bn.running_mean is None and bn.running_var is None),
