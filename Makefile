@@ -60,9 +60,20 @@ SEEDS ?= 200
 SOAK_BACKENDS ?= torch,cpu
 SOAK_TESTS ?= tests/test_ops.py -k "oracle or outliers or large_means or low_precision or one_value"
 
+# One pytest session slows down per test as it holds more items (about 9
+# tests/s with 432,000 against 180/s with 8,640, the same tests), so the
+# seeds run in sessions of SOAK_CHUNK, each with its own random seeds.
+SOAK_CHUNK ?= 100
+
 soak: venv
-	RESFUSE_TEST_BACKENDS=$(SOAK_BACKENDS) $(PY) -m pytest -q -n auto -p no:cacheprovider \
-	  $(SOAK_TESTS) --soak $(SEEDS)
+	@left=$(SEEDS); rc=0; \
+	while [ $$left -gt 0 ]; do \
+	  n=$$(( left < $(SOAK_CHUNK) ? left : $(SOAK_CHUNK) )); \
+	  echo "== soak: $$n seeds of $$left left"; \
+	  RESFUSE_TEST_BACKENDS=$(SOAK_BACKENDS) $(PY) -m pytest -q -n auto -p no:cacheprovider \
+	    $(SOAK_TESTS) --soak $$n || rc=1; \
+	  left=$$(( left - n )); \
+	done; exit $$rc
 
 # The mutation check of the suite (tests/mutants.py): one planted bug at a time
 # in a scratch copy of the tree, each of which some test must catch. Slow (tens
