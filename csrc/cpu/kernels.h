@@ -176,6 +176,32 @@ void for_each_vector(const Geometry& g, const F& f) {
   });
 }
 
+// Vec::size() lanes of double sums, kept in registers across a run: a
+// float vector's lanes are widened and added as double (the additions a
+// scalar loop over the lanes makes, in the same order), where sums in a
+// stack array made each run a chain of store-to-load round trips.
+template <typename A>
+struct LaneSums;
+
+template <>
+struct LaneSums<float> {
+  static_assert(at::vec::Vectorized<float>::size() == 8, "AVX2 float lanes");
+  at::vec::Vectorized<double> lo{0.0}, hi{0.0};
+  void add(const at::vec::Vectorized<float>& x) {
+    const __m256 v = x;
+    lo = lo + at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    hi = hi + at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  void store(double* out) const { lo.store(out), hi.store(out + 4); }
+};
+
+template <>
+struct LaneSums<double> {
+  at::vec::Vectorized<double> v{0.0};
+  void add(const at::vec::Vectorized<double>& x) { v = v + x; }
+  void store(double* out) const { v.store(out); }
+};
+
 // Per-channel sums of K quantities over N and S. f(offset, pos, c, count,
 // out) writes the K contributions of a group of lanes into out[0..K);
 // lanes at and beyond `count` must be zero (use Vec::set). Returns K
@@ -205,33 +231,39 @@ std::array<std::vector<double>, K> channel_sums(const Geometry& g, const F& f) {
 
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) A lanes[V::size()];
-    double lane_sums[K][V::size()];
+    alignas(64) double folded[V::size()];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       auto& mine = partial[chunk];
       const int64_t r0 = runs * chunk / chunks, r1 = runs * (chunk + 1) / chunks;
+      const int64_t len = g.run_length();
       for (int64_t r = r0; r < r1; ++r) {
         // NCHW: a run is one channel of one image, summed lane-wise and
         // folded into its channel at its end. channels_last: a run is one
         // pixel across the channels, each lane a channel.
-        const int64_t c = r % g.C, len = g.run_length();
-        for (int64_t pos = 0; pos < len; pos += width) {
-          const int64_t count = std::min(width, len - pos);
-          V out[K];
-          f(r * len + pos, pos, g.channels_last ? 0 : c, count, out);
-          for (int k = 0; k < K; ++k) {
-            out[k].store(lanes);
-            if (g.channels_last) {
+        if (g.channels_last) {
+          for (int64_t pos = 0; pos < len; pos += width) {
+            const int64_t count = std::min(width, len - pos);
+            V out[K];
+            f(r * len + pos, pos, 0, count, out);
+            for (int k = 0; k < K; ++k) {
+              out[k].store(lanes);
               double* s = mine[k].data() + pos;
               for (int64_t i = 0; i < count; ++i) s[i] += lanes[i];
-            } else {
-              if (pos == 0) std::fill(lane_sums[k], lane_sums[k] + width, 0.0);
-              for (int64_t i = 0; i < width; ++i) lane_sums[k][i] += lanes[i];
             }
           }
+          continue;
         }
-        if (!g.channels_last)
-          for (int k = 0; k < K; ++k)
-            for (int64_t i = 0; i < width; ++i) mine[k][c] += lane_sums[k][i];
+        const int64_t c = r % g.C;
+        LaneSums<A> sums[K];
+        for (int64_t pos = 0; pos < len; pos += width) {
+          V out[K];
+          f(r * len + pos, pos, c, std::min(width, len - pos), out);
+          for (int k = 0; k < K; ++k) sums[k].add(out[k]);
+        }
+        for (int k = 0; k < K; ++k) {
+          sums[k].store(folded);
+          for (int64_t i = 0; i < width; ++i) mine[k][c] += folded[i];
+        }
       }
     }
   });
