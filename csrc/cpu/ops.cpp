@@ -316,7 +316,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
-    Tensor x64, v, v64, dv;  // x in double: for v's product and for dW
+    Tensor x64, v, v64, dv, var_k64 = var_k;  // x in double: for v's product and for dW
     // dv in double for float32/float64 storage (the carry's product dtype,
     // as the cuda backend's): where BN_k runs over few values the three
     // terms of dv cancel to a small part of their size, and float32 terms
@@ -328,6 +328,11 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       const Tensor centre = carry_centre(v64, mean_k, g, training);
       v = centred(v64, centre, g, acc);
       if (dv_double) v64 = dense(v64 - centre.view({1, -1, 1, 1}), g);
+      // BN_k's batch variance, like its mean, recomputed in double from v:
+      // over few values dv = w r (g - mean(g) - z mean(g z)) cancels to
+      // eps / (var + eps) of its terms, and the forward's float32 var made
+      // dW err 6.6x the composite's (the CUDA emulation's soak, 2 values)
+      if (dv_double && training && g.count() > 0) var_k64 = v64.square().mean({0, 2, 3});
       // dv overwrites v in place: the apply pass reads each v element just
       // before it writes that dv element (one big allocation fewer).
       dv = v;
@@ -335,7 +340,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
     const Affine<A> bn_k =
-        carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k), var_k, eps_k) : bn_d;
+        carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k64), var_k64, eps_k) : bn_d;
     const scalar_t *pu = u.const_data_ptr<scalar_t>(), *ph = h.const_data_ptr<scalar_t>(),
                    *pg = gy.const_data_ptr<scalar_t>();
     const A* pv = carry ? v.const_data_ptr<A>() : nullptr;
@@ -366,7 +371,12 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     });
     const double M = static_cast<double>(g.count());
     const auto sum_gu = centred_sum(sums[1], sums[2], bn_d);
-    const auto sum_gv = centred_sum(sums[3], sums[4], bn_k);
+    // with dv in double, sum(g z_hat) too from the double v (the float v of
+    // the pass above rounds each v - m, which that cancellation amplifies)
+    const auto sum_gv = dv_double
+        ? centred_sum(channel_vector<double>((dh.to(at::kDouble) * v64).sum({0, 2, 3})),
+                      std::vector<double>(v64.size(1), 0.0), bn_k)
+        : centred_sum(sums[3], sums[4], bn_k);
     const InputGrad<A> in_d(weight_d, bn_d, sums[0], sum_gu, M, training);
     const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sum_gv, M, training);
     A* pdv = carry && !dv_double ? dv.mutable_data_ptr<A>() : nullptr;

@@ -336,9 +336,22 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     });
     if (carry) {
       const int64_t K = w2.size(0), Cx = w2.size(1), H = u_in.size(2), W = u_in.size(3);
-      const Tensor dvp = dv_double ? carry_input_grad(dh, vc64, *weight_k, var_k, eps_k, sums_k,
-                                                      static_cast<double>(g.count()), training, g)
-                                   : dv.to(xa.scalar_type());
+      Tensor dvp;
+      if (dv_double) {
+        // BN_k's batch variance and sum(g (v - m)) again in double from the
+        // double v, as the cpu backend's: over few values dv cancels to
+        // eps / (var + eps) of its terms, and the forward's float32 var and
+        // the kernel's float v made dW err 6.6x the composite's (the
+        // emulation's soak, 2 values a channel)
+        const Tensor var64 = training && g.count() > 0 ? vc64.square().mean({0, 2, 3})
+                                                        : var_k.to(at::kDouble);
+        sums_k[1].copy_((dh.to(at::kDouble) * vc64).sum({0, 2, 3}));
+        dweight_k = ((var64 + eps_k).rsqrt() * sums_k[1]).to(dweight_k.scalar_type());
+        dvp = carry_input_grad(dh, vc64, *weight_k, var64, eps_k, sums_k,
+                               static_cast<double>(g.count()), training, g);
+      } else {
+        dvp = dv.to(xa.scalar_type());
+      }
       if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM each
         const Tensor dv2 = dvp.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
         const Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx});
