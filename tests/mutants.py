@@ -116,8 +116,8 @@ MUTANTS: list[Mutant] = [
       ops_tests("torch", "test_highway_gate_matches_oracle"),
       "planted bug (b): BN_t's running statistics updated with BN_h's momentum"),
     M("py-biased-var", "python", "running variance", "resfuse_kernels/ops/_define.py",
-      "            var = var * factor\n",
-      "            var = var * 1.0\n",
+      "var = torch.mul(var, factor, out=",
+      "var = torch.mul(var, 1.0, out=",
       with_blocks("torch", "highway", "test_highway_gate_matches_oracle"),
       "update_running_stats folds in the biased batch variance (no count / (count - 1))"),
     M("py-dweight-last", "python", "affine gradient", "resfuse_kernels/ops/_define.py",
@@ -134,13 +134,15 @@ MUTANTS: list[Mutant] = [
 
     # ------------------------------------------------------------- composite (torch)
     M("torch-eps-k", "torch", "eps", "resfuse_kernels/ops/composite.py",
-      "v_hat, _ = _normalise(v, mean_k, var_k, eps_k)",
-      "v_hat, _ = _normalise(v, mean_k, var_k, eps_d)",
+      "v_hat = _normalise(v, mean_k, var_k, eps_k)\n"
+      "        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))\n    return",
+      "v_hat = _normalise(v, mean_k, var_k, eps_d)\n"
+      "        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))\n    return",
       ops_tests("torch", "test_resfuse_tail_matches_oracle"),
       "planted bug (c): the forward normalises BN_k with BN_d's eps"),
     M("torch-eps-t-backward", "torch", "eps", "resfuse_kernels/ops/composite.py",
-      "b_hat, rstd_t = _normalise(b_, mean_t, var_t, eps_t)",
-      "b_hat, rstd_t = _normalise(b_, mean_t, var_t, eps_h)",
+      "_bn_backward(g_t, b_, mean_t, var_t, eps_t,",
+      "_bn_backward(g_t, b_, mean_t, var_t, eps_h,",
       ops_tests("torch", "test_highway_gate_matches_oracle"),
       "planted bug (c): the backward normalises BN_t with BN_h's eps"),
     M("torch-backward-term", "torch", "backward term", "resfuse_kernels/ops/composite.py",

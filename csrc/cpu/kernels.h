@@ -348,15 +348,14 @@ void tile_moments_cl(const scalar_t* p, int64_t rows, int64_t C, double* sum, do
   for (int64_t c = 0; c < C; ++c) merge(out[c], Moments{static_cast<double>(rows), sum[c], q[c]});
 }
 
-// Batch mean and biased variance of one activation, per channel, in the
-// statistics dtype (float64 for float64 input, else float32). The runs are
+// Batch mean and biased variance of one activation, per channel, in double
+// (the ops' statistics dtype for every storage dtype, unrounded). The runs are
 // split into one contiguous chunk per thread, read in memory order (the
 // prefetchers lose a stream at every 4 KiB page, so hopping between the runs
 // of one channel would be latency bound); the chunks' moments merge in
 // chunk order at the end.
 template <typename scalar_t>
 std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
-  using A = acc_t<scalar_t>;
   const scalar_t* p = t.const_data_ptr<scalar_t>();
   const int64_t runs = g.runs(), len = g.run_length();
   const int64_t chunks = g.count() == 0 || g.C == 0
@@ -378,15 +377,15 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
       }
     }
   });
-  auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
+  auto opts = t.options().dtype(at::kDouble);
   Tensor mean = at::zeros({g.C}, opts), var = at::zeros({g.C}, opts);
-  A* m = mean.mutable_data_ptr<A>();
-  A* v = var.mutable_data_ptr<A>();
+  double* m = mean.mutable_data_ptr<double>();
+  double* v = var.mutable_data_ptr<double>();
   for (int64_t c = 0; c < g.C && chunks > 0; ++c) {
     Moments total;
     for (const auto& mine : partial) merge(total, mine[c]);
-    m[c] = static_cast<A>(total.mean);
-    v[c] = static_cast<A>(total.m2 / total.n);
+    m[c] = total.mean;
+    v[c] = total.m2 / total.n;
   }
   return {mean, var};
 }
@@ -401,14 +400,15 @@ std::vector<A> channel_vector(const Tensor& t) {
 
 // BatchNorm as (z - mean) * scale + bias, scale = weight * rstd and
 // rstd = 1 / sqrt(var + eps); rstd64 keeps rstd unrounded for the
-// backward's per-channel coefficients. z - mean is formed first: folded
+// backward's per-channel coefficients, and mean_lo the part of the (double)
+// mean that `mean` rounds off, for its sums. z - mean is formed first: folded
 // into z * scale + (bias - mean * scale), the two terms cancel where the
 // mean is large against the spread (b at -0.71 with a spread of 0.005 lost
 // 1e-5 of the gate's input, and db erred 10x PyTorch's).
 template <typename A>
 struct Affine {
   std::vector<A> scale, bias, mean, rstd;
-  std::vector<double> rstd64;
+  std::vector<double> rstd64, mean_lo;
 
   Affine(const Tensor& weight, const Tensor& bias_t, const Tensor& mean_t, const Tensor& var_t,
          double eps) {
@@ -416,11 +416,13 @@ struct Affine {
     auto m = channel_vector<double>(mean_t), v = channel_vector<double>(var_t);
     const size_t C = w.size();
     scale.resize(C), bias.resize(C), mean.resize(C), rstd.resize(C), rstd64.resize(C);
+    mean_lo.resize(C);
     for (size_t c = 0; c < C; ++c) {
       const double r = 1.0 / std::sqrt(v[c] + eps);
       rstd64[c] = r;
       rstd[c] = static_cast<A>(r);
       mean[c] = static_cast<A>(m[c]);
+      mean_lo[c] = std::isfinite(m[c]) ? m[c] - static_cast<double>(mean[c]) : 0.0;
       scale[c] = static_cast<A>(w[c] * r);
       bias[c] = static_cast<A>(b[c]);
     }

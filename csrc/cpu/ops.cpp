@@ -24,14 +24,16 @@
 namespace resfuse_cpu {
 namespace {
 
-// Training statistics or copies of the running ones, in the stats dtype.
+// Training statistics or copies of the running ones, in double: the ops'
+// statistics dtype (resfuse_kernels/ops/_common.py, STATS_DTYPE), which the
+// backward's coefficients take unrounded (Affine::rstd64).
 template <typename scalar_t>
 std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, bool training,
                                            const std::optional<Tensor>& running_mean,
                                            const std::optional<Tensor>& running_var) {
   if (training) return batch_stats<scalar_t>(t, g);
-  auto dtype = c10::CppTypeToScalarType<acc_t<scalar_t>>::value;
-  return {running_mean->to(dtype, false, /*copy=*/true), running_var->to(dtype, false, true)};
+  return {running_mean->to(at::kDouble, false, /*copy=*/true),
+          running_var->to(at::kDouble, false, true)};
 }
 
 // Coefficients of a BN input gradient dz = k1 * g + k2 * (z - m) + k3 (per
@@ -72,13 +74,19 @@ struct InputGrad {
   }
 };
 
-// sum(g z_hat) = rstd sum(g (z - m)), from the hi and lo sums of
-// product_of_difference, in double.
+// sum(g z_hat) = rstd sum(g (z - m)), in double, from the hi and lo sums of
+// product_of_difference about the rounded mean and sum_g = sum(g): less
+// mean_lo sum(g) for the double mean. Over few values rstd is large, and the
+// rounded mean's offset made dweight_h err 7x the composite's (2 values).
+// An infinite sum(g) leaves the sum as it is (0 * inf would make it NaN).
 template <typename A>
 std::vector<double> centred_sum(const std::vector<double>& hi, const std::vector<double>& lo,
-                                const Affine<A>& bn) {
+                                const std::vector<double>& sum_g, const Affine<A>& bn) {
   std::vector<double> out(hi.size());
-  for (size_t c = 0; c < hi.size(); ++c) out[c] = bn.rstd64[c] * (hi[c] + lo[c]);
+  for (size_t c = 0; c < hi.size(); ++c) {
+    const double shift = std::isfinite(sum_g[c]) ? bn.mean_lo[c] * sum_g[c] : 0.0;
+    out[c] = bn.rstd64[c] * (hi[c] + lo[c] - shift);
+  }
   return out;
 }
 
@@ -185,8 +193,8 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
                             out[4], out[5]);
     });
     const double M = static_cast<double>(g.count());
-    const auto sum_gh = centred_sum(sums[1], sums[2], bn_h);
-    const auto sum_gt = centred_sum(sums[4], sums[5], bn_t);
+    const auto sum_gh = centred_sum(sums[1], sums[2], sums[0], bn_h);
+    const auto sum_gt = centred_sum(sums[4], sums[5], sums[3], bn_t);
     const InputGrad<A> in_h(weight_h, bn_h, sums[0], sum_gh, M, training);
     const InputGrad<A> in_t(weight_t, bn_t, sums[3], sum_gt, M, training);
     scalar_t *pda = da.mutable_data_ptr<scalar_t>(), *pdb = db.mutable_data_ptr<scalar_t>(),
@@ -241,16 +249,7 @@ Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx) {
   return pixel_product(x, w.reshape({K, C}), gx, at::kDouble);
 }
 
-// The carry's centre per output channel, in double: the batch mean of v in
-// training (the forward's and the backward's from the same double v), the
-// running mean given in eval.
-Tensor carry_centre(const Tensor& v64, const Tensor& mean_k, const Geometry& g, bool training) {
-  if (!training) return mean_k.to(at::kDouble);
-  if (g.count() == 0) return at::zeros({v64.size(1)}, v64.options());
-  return v64.mean({0, 2, 3});
-}
-
-// v - centre rounded once to the stats dtype `acc`, in g's layout: the
+// v - centre rounded once to the compute dtype `acc`, in g's layout: the
 // fused passes normalise it with mean 0. Centred before rounding: at a mean
 // far from the spread (x's mean 300 put v at +-650 with a spread of 0.77),
 // v itself rounded to float32 erred ulp(650) / 0.77 = 8e-5 of a z_hat, and
@@ -275,18 +274,17 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     if (carry) {
       const Tensor v64 = carry_product(dense(*x_in, g), *w, g);
       if (training) {
-        const Tensor centre = carry_centre(v64, Tensor(), g, true);
-        const Tensor d = v64 - centre.view({1, -1, 1, 1});
-        var_k = (g.count() > 0 ? d.square().mean({0, 2, 3}) : at::zeros_like(centre)).to(acc);
-        mean_k = centre.to(acc);
+        mean_k = g.count() > 0 ? v64.mean({0, 2, 3}) : at::zeros({v64.size(1)}, v64.options());
+        const Tensor d = v64 - mean_k.view({1, -1, 1, 1});
+        var_k = g.count() > 0 ? d.square().mean({0, 2, 3}) : at::zeros_like(mean_k);
         v = dense(d.to(acc), g);
       } else {
         std::tie(mean_k, var_k) = stats_or_running<A>(v64, g, false, running_mean_k, running_var_k);
-        v = centred(v64, carry_centre(v64, mean_k, g, false), g, acc);
+        v = centred(v64, mean_k, g, acc);
       }
     } else {
-      mean_k = at::empty({0}, u.options().dtype(acc));
-      var_k = at::empty({0}, u.options().dtype(acc));
+      mean_k = at::empty({0}, u.options().dtype(at::kDouble));
+      var_k = at::empty({0}, u.options().dtype(at::kDouble));
     }
     std::tie(mean_d, var_d) = stats_or_running<scalar_t>(u, g, training, running_mean_d, running_var_d);
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
@@ -316,7 +314,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
-    Tensor x64, v, v64, dv, var_k64 = var_k;  // x in double: for v's product and for dW
+    Tensor x64, v, v64, dv;  // x in double: for v's product and for dW
     // dv in double for float32/float64 storage (the carry's product dtype,
     // as the cuda backend's): where BN_k runs over few values the three
     // terms of dv cancel to a small part of their size, and float32 terms
@@ -325,14 +323,13 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     if (carry) {
       x64 = dense(*x_in, g).to(at::kDouble);
       v64 = carry_product(x64, *w, g);
-      const Tensor centre = carry_centre(v64, mean_k, g, training);
+      // BN_k's mean and variance as the forward took them, in double: the
+      // batch's of the same double v in training (over few values dv cancels
+      // to eps / (var + eps) of its terms, and a float32 variance made dW err
+      // 6.6x the composite's: the CUDA emulation's soak, 2 values)
+      const Tensor centre = mean_k.to(at::kDouble);
       v = centred(v64, centre, g, acc);
       if (dv_double) v64 = dense(v64 - centre.view({1, -1, 1, 1}), g);
-      // BN_k's batch variance, like its mean, recomputed in double from v:
-      // over few values dv = w r (g - mean(g) - z mean(g z)) cancels to
-      // eps / (var + eps) of its terms, and the forward's float32 var made
-      // dW err 6.6x the composite's (the CUDA emulation's soak, 2 values)
-      if (dv_double && training && g.count() > 0) var_k64 = v64.square().mean({0, 2, 3});
       // dv overwrites v in place: the apply pass reads each v element just
       // before it writes that dv element (one big allocation fewer).
       dv = v;
@@ -340,7 +337,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
     const Affine<A> bn_k =
-        carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k64), var_k64, eps_k) : bn_d;
+        carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k), var_k, eps_k) : bn_d;
     const scalar_t *pu = u.const_data_ptr<scalar_t>(), *ph = h.const_data_ptr<scalar_t>(),
                    *pg = gy.const_data_ptr<scalar_t>();
     const A* pv = carry ? v.const_data_ptr<A>() : nullptr;
@@ -370,13 +367,13 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
                               out[3], out[4]);
     });
     const double M = static_cast<double>(g.count());
-    const auto sum_gu = centred_sum(sums[1], sums[2], bn_d);
+    const auto sum_gu = centred_sum(sums[1], sums[2], sums[0], bn_d);
     // with dv in double, sum(g z_hat) too from the double v (the float v of
     // the pass above rounds each v - m, which that cancellation amplifies)
     const auto sum_gv = dv_double
         ? centred_sum(channel_vector<double>((dh.to(at::kDouble) * v64).sum({0, 2, 3})),
-                      std::vector<double>(v64.size(1), 0.0), bn_k)
-        : centred_sum(sums[3], sums[4], bn_k);
+                      std::vector<double>(v64.size(1), 0.0), sums[0], bn_k)
+        : centred_sum(sums[3], sums[4], sums[0], bn_k);
     const InputGrad<A> in_d(weight_d, bn_d, sums[0], sum_gu, M, training);
     const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sum_gv, M, training);
     A* pdv = carry && !dv_double ? dv.mutable_data_ptr<A>() : nullptr;

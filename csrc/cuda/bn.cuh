@@ -269,9 +269,11 @@ constexpr int kFinalizeWarps = kThreads / 32;
 inline dim3 finalize_grid(int64_t C) { return dim3(ceil_div(C, kFinalizeWarps)); }
 
 // Merges the P partial moments of each channel (in double) into the mean
-// and the biased variance; an empty channel gets 0 and 0, as the composite.
+// and the biased variance, in double (the ops' statistics dtype, unrounded);
+// an empty channel gets 0 and 0, as the composite.
 template <typename A>
-__global__ void stats_finalize_kernel(const A* part, int64_t P, int64_t C, A* mean, A* var) {
+__global__ void stats_finalize_kernel(const A* part, int64_t P, int64_t C, double* mean,
+                                      double* var) {
   const int lane = threadIdx.x & 31;
   const int64_t c = blockIdx.x * static_cast<int64_t>(kFinalizeWarps) + (threadIdx.x >> 5);
   if (c >= C) return;  // whole warps: the shuffles below stay convergent
@@ -284,17 +286,17 @@ __global__ void stats_finalize_kernel(const A* part, int64_t P, int64_t C, A* me
   for (int o = 16; o > 0; o >>= 1) merge(m, shfl_down(m, o));
   if (lane != 0) return;
   const double v = m.n > 0 ? m.m2 / m.n : 0.0;
-  mean[c] = static_cast<A>(m.mean);
-  var[c] = static_cast<A>(v < 0 ? 0.0 : v);  // keeps NaN
+  mean[c] = m.mean;
+  var[c] = v < 0 ? 0.0 : v;  // keeps NaN
 }
 
-// (mean, biased var) over N, H, W of activation t (fit to g), in acc_t<T>.
+// (mean, biased var) over N, H, W of activation t (fit to g), in double.
 template <typename T>
 std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geo& g) {
   using A = acc_t<T>;
   constexpr int VW = vec_width<T>();
   const auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
-  Tensor mean = at::empty({g.C}, opts), var = at::empty({g.C}, opts);
+  Tensor mean = at::empty({g.C}, opts.dtype(at::kDouble)), var = at::empty({g.C}, mean.options());
   if (g.C == 0) return {mean, var};
   const Act<const T> a = act<const T>(t, g);
   const cudaStream_t stream = current_stream();
@@ -315,12 +317,13 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geo& g) {
     }
   });
   launch(stats_finalize_kernel<A>, finalize_grid(g.C), dim3(kThreads), stream,
-         part.const_data_ptr<A>(), P, g.C, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
+         part.const_data_ptr<A>(), P, g.C, mean.mutable_data_ptr<double>(),
+         var.mutable_data_ptr<double>());
   return {mean, var};
 }
 
-// The statistics an op uses: the batch's in training, copies of the
-// running ones (in acc_t<T>) in eval.
+// The statistics an op uses, in double (resfuse_kernels/ops/_common.py,
+// STATS_DTYPE): the batch's in training, copies of the running ones in eval.
 template <typename T>
 std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geo& g, bool training,
                                            const std::optional<Tensor>& running_mean,
@@ -328,17 +331,17 @@ std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geo& g, bool t
   if (training) return batch_stats<T>(t, g);
   TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
               "resfuse_cuda: running statistics are required in eval mode");
-  const auto dtype = c10::CppTypeToScalarType<acc_t<T>>::value;
-  return {running_mean->to(dtype, /*non_blocking=*/false, /*copy=*/true),
-          running_var->to(dtype, false, true)};
+  return {running_mean->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true),
+          running_var->to(at::kDouble, false, true)};
 }
 
 // ----------------------------------------------------------------- BN parameters
 
-// Rows of the (kParamRows, C) per-channel parameter table of one BN. kVar
-// and kWeight keep the inputs of rstd so that the backward's coefficients
-// are formed from the unrounded rstd, as the cpu backend's (Affine::rstd64).
-enum ParamRow { kMean = 0, kRstd, kScale, kBias, kK2, kK3, kVar, kWeight, kParamRows };
+// Rows of the (kParamRows, C) per-channel parameter table of one BN. kWeight
+// keeps weight so that the backward's coefficients are formed from the
+// unrounded rstd (of the double variance, BnGrad::var), as the cpu
+// backend's (Affine::rstd64).
+enum ParamRow { kMean = 0, kRstd, kScale, kBias, kK2, kK3, kWeight, kParamRows };
 
 // One BN's parameters for the V lanes of a vector, with the BN math on them.
 template <typename A, int V>
@@ -404,35 +407,34 @@ struct Bn {
 };
 
 template <typename A>
-__global__ void bn_params_kernel(const A* mean, const A* var, const A* weight, const A* bias,
-                                 double eps, int64_t C, A* table) {
+__global__ void bn_params_kernel(const double* mean, const double* var, const A* weight,
+                                 const A* bias, double eps, int64_t C, A* table) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   // in double, each value rounded once: the cpu backend's Affine
-  const double r = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
-  table[kMean * C + c] = mean[c];
+  const double r = 1.0 / sqrt(var[c] + eps);
+  table[kMean * C + c] = static_cast<A>(mean[c]);
   table[kRstd * C + c] = static_cast<A>(r);
   table[kScale * C + c] = static_cast<A>(static_cast<double>(weight[c]) * r);
   table[kBias * C + c] = bias[c];
   table[kK2 * C + c] = A(0);
   table[kK3 * C + c] = A(0);
-  table[kVar * C + c] = var[c];
   table[kWeight * C + c] = weight[c];
 }
 
 // The parameter table of one BN from its statistics and affine parameters
-// (any floating dtypes; used in acc dtype A).
+// (any floating dtypes; used in acc dtype A, the statistics in double).
 template <typename A>
 Tensor bn_params(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
                  double eps) {
   const auto dtype = c10::CppTypeToScalarType<A>::value;
   const int64_t C = weight.numel();
-  Tensor m = channel(mean, dtype), v = channel(var, dtype);
+  Tensor m = channel(mean, at::kDouble), v = channel(var, at::kDouble);
   Tensor w = channel(weight, dtype), b = channel(bias, dtype);
   Tensor table = at::empty({kParamRows, C}, weight.options().dtype(dtype));
   if (C > 0) {
     launch(bn_params_kernel<A>, dim3(ceil_div(C, kThreads)), dim3(kThreads), current_stream(),
-           m.const_data_ptr<A>(), v.const_data_ptr<A>(), w.const_data_ptr<A>(),
+           m.const_data_ptr<double>(), v.const_data_ptr<double>(), w.const_data_ptr<A>(),
            b.const_data_ptr<A>(), eps, C, table.mutable_data_ptr<A>());
   }
   return table;
@@ -522,6 +524,8 @@ struct BnGrad {
   A* dweight;
   A* dbias;
   A* table;  // its parameter table: kK2 and kK3 are written
+  const double* mean;  // the forward's mean in double, (C,); null where kMean is exact
+  const double* var;   // the forward's variance in double, (C,)
   double eps;
   double* sums = nullptr;  // if given: (2, C), sum(g) and sum(g (z - mean)) in double
 };
@@ -553,7 +557,14 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
       if (k == b.sum_g) sg = s[k];
       if (k == b.sum_gz) sgc = s[k];
     }
-    const double r = 1.0 / sqrt(static_cast<double>(b.table[kVar * C + c]) + b.eps);
+    // sum(g (z - mean)) about the double mean: the reduction took it about
+    // the rounded kMean, off by mean_lo; over few values r is large, and that
+    // offset made dweight err 7x the composite's (2 values a channel)
+    // (an infinite mean or sum(g) leaves it: 0 * inf would make it NaN;
+    // x - x == 0 is false exactly for inf and NaN)
+    if (b.mean != nullptr && b.mean[c] - b.mean[c] == 0.0 && sg - sg == 0.0)
+      sgc -= (b.mean[c] - static_cast<double>(b.table[kMean * C + c])) * sg;
+    const double r = 1.0 / sqrt(b.var[c] + b.eps);
     const double wr = static_cast<double>(b.table[kWeight * C + c]) * r;
     const double sgz = r * sgc;  // sum(g z_hat)
     if (b.sums != nullptr) {

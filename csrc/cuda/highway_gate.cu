@@ -168,6 +168,8 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
     const auto opts = a.options().dtype(c10::CppTypeToScalarType<A>::value);
     Tensor prm_h = bn_params<A>(mean_h, var_h, weight_h, bias_h, eps_h);
     Tensor prm_t = bn_params<A>(mean_t, var_t, weight_t, bias_t, eps_t);
+    const Tensor mean_h64 = channel(mean_h, at::kDouble), var_h64 = channel(var_h, at::kDouble);
+    const Tensor mean_t64 = channel(mean_t, at::kDouble), var_t64 = channel(var_t, at::kDouble);
     // Zeros: they stay the answer when there is nothing to reduce (C == 0).
     dweight_h = at::zeros({C}, opts), dbias_h = at::zeros({C}, opts);
     dweight_t = at::zeros({C}, opts), dbias_t = at::zeros({C}, opts);
@@ -185,9 +187,11 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
       grad_sums<4, CL, V, A>(
           f, g, opts, training, 2,
           BnGrad<A>{0, 1, dweight_h.mutable_data_ptr<A>(), dbias_h.mutable_data_ptr<A>(),
-                    prm_h.mutable_data_ptr<A>(), eps_h},
+                    prm_h.mutable_data_ptr<A>(), mean_h64.const_data_ptr<double>(),
+                    var_h64.const_data_ptr<double>(), eps_h},
           BnGrad<A>{2, 3, dweight_t.mutable_data_ptr<A>(), dbias_t.mutable_data_ptr<A>(),
-                    prm_t.mutable_data_ptr<A>(), eps_t});
+                    prm_t.mutable_data_ptr<A>(), mean_t64.const_data_ptr<double>(),
+                    var_t64.const_data_ptr<double>(), eps_t});
       pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
     });
   });

@@ -10,7 +10,7 @@
 //     apply                   pointwise: y = relu(...)                     reads u, h [, v]; writes y
 //   forward, eval: copies of the running statistics, then as above.
 //   backward:
-//     [carry] v - mean(v)     matmul and mean again (recomputed, not saved)
+//     [carry] v - mean(v)     matmul again (recomputed, not saved), the forward's mean
 //     bn_params d [, k]       (C)
 //     sums                    reduce: sum g, g u_hat [, g v_hat]           reads dy, u, h [, v]
 //                             and dh = g = dy [z > 0]                       writes dh
@@ -21,7 +21,6 @@
 // or 0), so the apply pass reads it back from dh instead of dy and h.
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
-#include <ATen/ops/mean.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
@@ -188,21 +187,13 @@ Tensor centred(const Tensor& v, const Tensor& centre, const Geo& g, at::ScalarTy
 }
 
 // Batch statistics (training) or copies of the running ones (eval) of v, in
-// v's (the product) dtype.
+// double.
 std::pair<Tensor, Tensor> carry_stats(const Tensor& v, const Geo& g, bool training,
                                       const std::optional<Tensor>& running_mean,
                                       const std::optional<Tensor>& running_var) {
   if (v.scalar_type() == at::kDouble)
     return stats_or_running<double>(v, g, training, running_mean, running_var);
   return stats_or_running<float>(v, g, training, running_mean, running_var);
-}
-
-// The carry's centre in v's dtype: the batch mean in training, the running
-// mean (mean_k) in eval.
-Tensor carry_centre(const Tensor& v, const Tensor& mean_k, const Geo& g, bool training) {
-  if (!training) return mean_k.to(v.scalar_type());
-  if (g.N * g.S == 0) return at::zeros({v.size(1)}, v.options());
-  return at::mean(v, {0, 2, 3});
 }
 
 void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const Tensor& bias_d,
@@ -247,13 +238,12 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     if (carry) {
       auto [xp, w2] = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xp, w2, g), g);
-      auto [centre, var_v] = carry_stats(vp, g, training, running_mean_k, running_var_k);
-      mean_k = centre.to(acc), var_k = var_v.to(acc);
-      v = centred(vp, centre, g, acc);
+      std::tie(mean_k, var_k) = carry_stats(vp, g, training, running_mean_k, running_var_k);
+      v = centred(vp, mean_k.to(vp.scalar_type()), g, acc);
       prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);  // v centred
     } else {
-      mean_k = at::empty({0}, u.options().dtype(acc));
-      var_k = at::empty({0}, u.options().dtype(acc));
+      mean_k = at::empty({0}, u.options().dtype(at::kDouble));
+      var_k = at::empty({0}, u.options().dtype(at::kDouble));
     }
     const Bn<A> bn_d{prm_d.const_data_ptr<A>(), g.C};
     const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, g.C};
@@ -291,15 +281,21 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     using A = acc_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
     const auto opts = u.options().dtype(acc);
-    Tensor xa, w2, v, dv, prm_k, vc64, sums_k;
+    Tensor xa, w2, v, dv, prm_k, vc64, sums_k, var_k64;
     // dv in double where the product is (float32/float64 storage), as the cpu backend's
     const bool dv_double = carry && product_type(u.scalar_type()) == at::kDouble;
     Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
+    const Tensor mean_d64 = channel(mean_d, at::kDouble), var_d64 = channel(var_d, at::kDouble);
     dweight_d = at::zeros({C}, opts), dbias_d = at::zeros({C}, opts);
     if (carry) {
       std::tie(xa, w2) = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xa, w2, g), g);
-      const Tensor centre = carry_centre(vp, mean_k, g, training);
+      // BN_k's mean and variance as the forward took them, in double (the
+      // batch's of the same v in training): over few values dv cancels to
+      // eps / (var + eps) of its terms, and a float32 variance made dW err
+      // 6.6x the composite's (the emulation's soak, 2 values a channel)
+      const Tensor centre = mean_k.to(vp.scalar_type());
+      var_k64 = channel(var_k, at::kDouble);
       v = centred(vp, centre, g, acc);
       if (dv_double) {
         vc64 = fit(vp - centre.view({1, -1, 1, 1}), g);
@@ -325,10 +321,12 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       const TailBackward<scalar_t, A, V, CL> f{pg, pu, ph, pv, pdu, pdh, pdv,
                                                bn_d, bn_k, training};
       const BnGrad<A> grad_d{0, 1, dweight_d.mutable_data_ptr<A>(), dbias_d.mutable_data_ptr<A>(),
-                             prm_d.mutable_data_ptr<A>(), eps_d};
+                             prm_d.mutable_data_ptr<A>(), mean_d64.const_data_ptr<double>(),
+                             var_d64.const_data_ptr<double>(), eps_d};
       const BnGrad<A> grad_k =
           carry ? BnGrad<A>{0, 2, dweight_k.mutable_data_ptr<A>(), dbias_k.mutable_data_ptr<A>(),
-                            prm_k.mutable_data_ptr<A>(), eps_k,
+                            prm_k.mutable_data_ptr<A>(), /*mean: v is centred*/ nullptr,
+                            var_k64.const_data_ptr<double>(), eps_k,
                             dv_double ? sums_k.mutable_data_ptr<double>() : nullptr}
                 : grad_d;
       grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
@@ -338,16 +336,12 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       const int64_t K = w2.size(0), Cx = w2.size(1), H = u_in.size(2), W = u_in.size(3);
       Tensor dvp;
       if (dv_double) {
-        // BN_k's batch variance and sum(g (v - m)) again in double from the
-        // double v, as the cpu backend's: over few values dv cancels to
-        // eps / (var + eps) of its terms, and the forward's float32 var and
-        // the kernel's float v made dW err 6.6x the composite's (the
-        // emulation's soak, 2 values a channel)
-        const Tensor var64 = training && g.count() > 0 ? vc64.square().mean({0, 2, 3})
-                                                        : var_k.to(at::kDouble);
+        // sum(g (v - m)) again in double from the double v, as the cpu
+        // backend's: the kernel's float v rounds each v - m, which the
+        // cancellation above amplifies
         sums_k[1].copy_((dh.to(at::kDouble) * vc64).sum({0, 2, 3}));
-        dweight_k = ((var64 + eps_k).rsqrt() * sums_k[1]).to(dweight_k.scalar_type());
-        dvp = carry_input_grad(dh, vc64, *weight_k, var64, eps_k, sums_k,
+        dweight_k = ((var_k64 + eps_k).rsqrt() * sums_k[1]).to(dweight_k.scalar_type());
+        dvp = carry_input_grad(dh, vc64, *weight_k, var_k64, eps_k, sums_k,
                                static_cast<double>(g.count()), training, g);
       } else {
         dvp = dv.to(xa.scalar_type());

@@ -5,8 +5,10 @@ Conventions every backend follows:
 * Activations (the 4-D inputs) share one floating dtype; the output has it
   too. Under autocast, mixed activation dtypes are promoted to their common
   type first (what the reference's elementwise ops would do).
-* Arithmetic and statistics are in float32 (float64 for float64 inputs),
-  whatever the storage dtype: :func:`stat_dtype`.
+* Arithmetic is in float32 (float64 for float64 inputs), whatever the
+  storage dtype: :func:`compute_dtype`.
+* The statistics a forward kernel returns, and its backward takes, are
+  float64 for every storage dtype: :data:`STATS_DTYPE`.
 * The output is channels_last when the first activation is (and is not also
   plain contiguous), contiguous otherwise: :func:`memory_format`. The fake
   (meta) implementations allocate with the same rule, so compiled graphs
@@ -39,9 +41,17 @@ def empty_output(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
                        memory_format=memory_format(t))
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation and statistics dtype for activations of ``dtype``."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of in-kernel arithmetic for activations of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The batch statistics (mean, biased var) the forward hands the backward, for
+# every storage dtype: the backends form them in double, and over few values
+# a BatchNorm's input gradient cancels to eps / (var + eps) of its terms, so a
+# float32 variance or mean made da and dweight_k err 3-7x PyTorch's (soak
+# seeds 3966488167, 2437485952: tests/soak-record.md). C values each: free.
+STATS_DTYPE = torch.float64
 
 
 def check_activation(name: str, t: object, like: Optional[Tensor] = None,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import empty_output, memory_format, no_autocast, stat_dtype
+from ._common import compute_dtype, empty_output, memory_format, no_autocast
 
 NAMESPACE = "resfuse"
 
@@ -74,9 +74,10 @@ def update_running_stats(count: int, *updates: tuple) -> None:
         for running_mean, running_var, mean, var, momentum in updates:
             if running_mean is None or running_var is None:
                 continue
-            var = var * factor
-            if mean.dtype != running_mean.dtype:  # the statistics of float64 activations
-                mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+            # the ops' statistics are float64: the unbiased variance rounded
+            # once into the running dtype (mul writes its out= in that dtype)
+            var = torch.mul(var, factor, out=torch.empty_like(running_var))
+            mean = mean.to(running_mean.dtype)
             if isinstance(momentum, Tensor):  # momentum=None: the cumulative average
                 momentum = momentum.to(running_mean.dtype)
                 running_mean.lerp_(mean, momentum)
@@ -350,12 +351,12 @@ class FusedOp:
         return F.conv2d(z, w.reshape(w.shape[0], w.shape[1], 1, 1).to(dtype))
 
     def _group_moments(self, args: tuple, present: list, group) -> tuple[int, dict]:
-        """The group's count and, per BatchNorm, (mean, biased var) in the
-        dtype of its weight: local moments in the statistics' dtype (torch's
+        """The group's count and, per BatchNorm, (mean, biased var) in float64
+        (STATS_DTYPE, unrounded): local moments in the compute dtype (torch's
         var_mean), widened to float64, exchanged by one all_gather and merged
         by Chan's formula, count-weighted (an empty rank adds nothing)."""
         first = args[0]
-        local = stat_dtype(first.dtype)
+        local = compute_dtype(first.dtype)
         channels = first.shape[1]
         n = first.numel() // channels if channels else 0
         parts = [torch.full((1,), float(n), dtype=torch.float64, device=first.device)]
@@ -380,8 +381,7 @@ class FusedOp:
                 m2s = gathered[:, 1 + (2 * j + 1) * channels:1 + (2 * j + 2) * channels]
                 mean = (counts * means).sum(0) / total.clamp(min=1)
                 m2 = (m2s + counts * (means - mean).square()).sum(0)
-                dtype = args[self.bn_at[k][0]].dtype
-                moments[k] = (mean.to(dtype), (m2 / total.clamp(min=1)).to(dtype))
+                moments[k] = (mean, m2 / total.clamp(min=1))
         return count, moments
 
     def _sync_function(self) -> Callable:
@@ -426,7 +426,7 @@ class FusedOp:
         dist.all_reduce(total, group=group)
         channels = saved[0].shape[1]
         first = saved[0]
-        ct = stat_dtype(first.dtype)
+        ct = compute_dtype(first.dtype)
         with torch.no_grad(), no_autocast(first):
             for j, k in enumerate(present):
                 w_at, mean_at, var_at = self.bn_at[k]

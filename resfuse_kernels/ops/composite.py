@@ -2,8 +2,8 @@
 
 This is the formula of the op docstrings made executable, forward and the
 hand-derived backward, computed in float32 (float64 for float64 inputs),
-with the batch statistics, the backward's per-channel sums and the carry's
-backward products in float64.
+with the batch statistics (handed to the backward unrounded), the
+backward's per-channel sums and the carry's backward products in float64.
 It runs wherever PyTorch does and is what every faster backend must match.
 It is not fast: it makes one pass over memory per PyTorch op.
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import memory_format, stat_dtype
+from ._common import STATS_DTYPE, compute_dtype, memory_format
 
 _DIMS = (0, 2, 3)  # the reduction dimensions of a per-channel statistic
 
@@ -32,48 +32,58 @@ def _c(t: Tensor) -> Tensor:
 
 def _stats(z: Tensor, training: bool, running_mean: Optional[Tensor],
            running_var: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(mean, biased var) of the batch in training, copies of the running ones in eval."""
+    """(mean, biased var) of the batch in training, copies of the running ones
+    in eval, in STATS_DTYPE: in float64 from z, unrounded (PyTorch's CPU
+    BatchNorm accumulates in double too)."""
     if not training:
         assert running_mean is not None and running_var is not None
-        return running_mean.to(z.dtype, copy=True), running_var.to(z.dtype, copy=True)
+        return running_mean.to(STATS_DTYPE, copy=True), running_var.to(STATS_DTYPE, copy=True)
     if z.numel() == 0:
-        zeros = z.new_zeros(z.shape[1])
+        zeros = z.new_zeros(z.shape[1], dtype=STATS_DTYPE)
         return zeros, zeros.clone()
-    # in float64, rounded once: as accurate as statistics stored in z's
-    # precision can be (PyTorch's CPU BatchNorm accumulates in double too)
-    var, mean = torch.var_mean(z.double(), dim=_DIMS, correction=0)
-    return mean.to(z.dtype), var.to(z.dtype)
+    var, mean = torch.var_mean(z.to(STATS_DTYPE), dim=_DIMS, correction=0)
+    return mean, var
 
 
-def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(z_hat, rstd): z standardised per channel, and 1/sqrt(var + eps)."""
-    rstd = torch.rsqrt(var + eps)
-    return (z - _c(mean)) * _c(rstd), rstd
+def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """z standardised per channel in z's dtype, with the statistics rounded
+    to it (the forward's z_hat, which the backward recomputes bit for bit)."""
+    return (z - _c(mean.to(z.dtype))) * _c(torch.rsqrt(var.to(z.dtype) + eps))
 
 
-def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+def _rstd(var: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(var + eps) in float64 from the unrounded variance: the
+    backward's coefficients (where BatchNorm runs over few values its input
+    gradient cancels to eps / (var + eps) of its terms)."""
+    return torch.rsqrt(var.double() + eps)
+
+
+def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor,
                  training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of BN's input, weight and bias given g = dL/dBN(z).
+    """Gradients of BN's input, weight and bias given g = dL/dBN(z), for the
+    forward's (float64) statistics ``mean`` and ``var``.
 
     training: dz = weight * rstd * (g - mean(g) - z_hat * mean(g * z_hat));
     eval:     dz = weight * rstd * g.
 
     Taken, as the cpu backend takes it, as k1 g + k2 (z - mean) + k3 with the
-    per-channel coefficients in float64, and sum(g * z_hat) as
-    rstd * sum(g (z - mean)) with the differences, products and sum in
-    float64, as PyTorch's CPU BatchNorm takes it: where the sum cancels
-    (BatchNorm over few values) float32 products made dweight err 5x
-    PyTorch's in a trained block.
+    per-channel coefficients in float64 (from the unrounded rstd) and z - mean
+    in z's dtype, and sum(g * z_hat) as rstd * sum(g (z - mean)) with the
+    differences (about the float64 mean), products and sum in float64, as
+    PyTorch's CPU BatchNorm takes it: where the sum cancels (BatchNorm over
+    few values) float32 products made dweight err 5x PyTorch's in a trained
+    block, and about a mean rounded to float32 dweight_k erred 3.3x PyTorch's
+    at a mean far from the spread (x's mean 300).
     """
     dbias = g.sum(_DIMS, dtype=torch.float64)
-    centred = (g.double() * (z.double() - _c(mean.double()))).sum(_DIMS)
-    r, wr = rstd.double(), weight.double() * rstd.double()
-    dweight = centred * r
+    r = _rstd(var, eps)
+    wr = weight.double() * r
+    dweight = (g.double() * (z.double() - _c(mean.double()))).sum(_DIMS) * r
     if not training:
         return g * _c(wr.to(g.dtype)), dweight.to(g.dtype), dbias.to(g.dtype)
     count = max(g.numel() // max(g.shape[1], 1), 1)
     k2, k3 = -wr * r * dweight / count, -wr * dbias / count
-    dz = torch.addcmul(_c(k3.to(g.dtype)) + g * _c(wr.to(g.dtype)), z - _c(mean),
+    dz = torch.addcmul(_c(k3.to(g.dtype)) + g * _c(wr.to(g.dtype)), z - _c(mean.to(z.dtype)),
                        _c(k2.to(g.dtype)))
     return dz, dweight.to(g.dtype), dbias.to(g.dtype)
 
@@ -88,12 +98,12 @@ def _out(t: Tensor, like: Tensor) -> Tensor:
 def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
                          weight_t, bias_t, running_mean_t, running_var_t,
                          training: bool, eps_h: float, eps_t: float):
-    ct = stat_dtype(a.dtype)
+    ct = compute_dtype(a.dtype)
     a_, b_, x_ = a.to(ct), b.to(ct), x.to(ct)
     mean_h, var_h = _stats(a_, training, running_mean_h, running_var_h)
     mean_t, var_t = _stats(b_, training, running_mean_t, running_var_t)
-    a_hat, _ = _normalise(a_, mean_h, var_h, eps_h)
-    b_hat, _ = _normalise(b_, mean_t, var_t, eps_t)
+    a_hat = _normalise(a_, mean_h, var_h, eps_h)
+    b_hat = _normalise(b_, mean_t, var_t, eps_t)
     gate_h = torch.relu(a_hat * _c(weight_h.to(ct)) + _c(bias_h.to(ct)))
     gate_t = torch.sigmoid(b_hat * _c(weight_t.to(ct)) + _c(bias_t.to(ct)))
     y = gate_h * gate_t + x_ * (1 - gate_t)
@@ -103,17 +113,17 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
 def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
                           weight_t, bias_t, mean_t, var_t,
                           training: bool, eps_h: float, eps_t: float):
-    ct = stat_dtype(a.dtype)
+    ct = compute_dtype(a.dtype)
     g, a_, b_, x_ = grad_y.to(ct), a.to(ct), b.to(ct), x.to(ct)
-    a_hat, rstd_h = _normalise(a_, mean_h, var_h, eps_h)
-    b_hat, rstd_t = _normalise(b_, mean_t, var_t, eps_t)
+    a_hat = _normalise(a_, mean_h, var_h, eps_h)
+    b_hat = _normalise(b_, mean_t, var_t, eps_t)
     gate_h = torch.relu(a_hat * _c(weight_h.to(ct)) + _c(bias_h.to(ct)))
     gate_t = torch.sigmoid(b_hat * _c(weight_t.to(ct)) + _c(bias_t.to(ct)))
     dx = g * (1 - gate_t)
     g_h = g * gate_t * (gate_h > 0)
     g_t = g * (gate_h - x_) * gate_t * (1 - gate_t)
-    da, dweight_h, dbias_h = _bn_backward(g_h, a_, mean_h, rstd_h, weight_h.to(ct), training)
-    db, dweight_t, dbias_t = _bn_backward(g_t, b_, mean_t, rstd_t, weight_t.to(ct), training)
+    da, dweight_h, dbias_h = _bn_backward(g_h, a_, mean_h, var_h, eps_h, weight_h.to(ct), training)
+    db, dweight_t, dbias_t = _bn_backward(g_t, b_, mean_t, var_t, eps_t, weight_t.to(ct), training)
     return (_out(da, a), _out(db, b), _out(dx, x),
             dweight_h.to(weight_h.dtype), dbias_h.to(bias_h.dtype),
             dweight_t.to(weight_t.dtype), dbias_t.to(bias_t.dtype))
@@ -130,17 +140,17 @@ def _carry(x: Tensor, w: Tensor) -> Tensor:
 def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
                          x, w, weight_k, bias_k, running_mean_k, running_var_k,
                          training: bool, eps_d: float, eps_k: float):
-    ct = stat_dtype(u.dtype)
+    ct = compute_dtype(u.dtype)
     u_ = u.to(ct)
     mean_d, var_d = _stats(u_, training, running_mean_d, running_var_d)
-    u_hat, _ = _normalise(u_, mean_d, var_d, eps_d)
+    u_hat = _normalise(u_, mean_d, var_d, eps_d)
     z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
     if x is None:
-        mean_k, var_k = u_.new_empty(0), u_.new_empty(0)
+        mean_k, var_k = u_.new_empty(0, dtype=STATS_DTYPE), u_.new_empty(0, dtype=STATS_DTYPE)
     else:
         v = _carry(x.to(ct), w.to(ct))
         mean_k, var_k = _stats(v, training, running_mean_k, running_var_k)
-        v_hat, _ = _normalise(v, mean_k, var_k, eps_k)
+        v_hat = _normalise(v, mean_k, var_k, eps_k)
         z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
     return _out(torch.relu(z), u), mean_d, var_d, mean_k, var_k
 
@@ -148,22 +158,22 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
 def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
                           x, w, weight_k, bias_k, mean_k, var_k,
                           training: bool, eps_d: float, eps_k: float):
-    ct = stat_dtype(u.dtype)
+    ct = compute_dtype(u.dtype)
     g, u_ = grad_y.to(ct), u.to(ct)
-    u_hat, rstd_d = _normalise(u_, mean_d, var_d, eps_d)
+    u_hat = _normalise(u_, mean_d, var_d, eps_d)
     z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
     if x is not None:
         x_, w_ = x.to(ct), w.to(ct)
         v = _carry(x_, w_)
-        v_hat, rstd_k = _normalise(v, mean_k, var_k, eps_k)
+        v_hat = _normalise(v, mean_k, var_k, eps_k)
         z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
     g = g * (z > 0)
-    du, dweight_d, dbias_d = _bn_backward(g, u_, mean_d, rstd_d, weight_d.to(ct), training)
+    du, dweight_d, dbias_d = _bn_backward(g, u_, mean_d, var_d, eps_d, weight_d.to(ct), training)
     grads = [_out(du, u), _out(g, h), dweight_d.to(weight_d.dtype), dbias_d.to(bias_d.dtype)]
     if x is None:  # no carry: its four gradients are empty tensors
         none = u.new_empty(0)
         return (*grads, none, none.clone(), none.clone(), none.clone())
-    dv, dweight_k, dbias_k = _bn_backward(g, v, mean_k, rstd_k, weight_k.to(ct), training)
+    dv, dweight_k, dbias_k = _bn_backward(g, v, mean_k, var_k, eps_k, weight_k.to(ct), training)
     # dx = W^T dv and dW = dv x^T in float64 for float32 storage, rounded
     # once, as the cpu backend's: BatchNorm over few values amplifies their
     # rounding (csrc/cpu/ops.cpp, pixel_product)

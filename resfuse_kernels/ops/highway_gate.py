@@ -35,7 +35,7 @@ from typing import Optional
 from torch import Tensor
 
 from ._common import (check_activation, check_batch_norm, check_momenta, empty_output,
-                      promote_under_autocast, stat_dtype)
+                      promote_under_autocast, STATS_DTYPE)
 from ._define import FusedOp
 
 __all__ = ["highway_gate"]
@@ -62,13 +62,13 @@ def signature(a: Tensor, b: Tensor, x: Tensor,
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward kernel's: returns ``(y, mean_h, var_h, mean_t, var_t)``,
     the output and the statistics used (the batch's biased ones in training,
-    the running ones in eval). Running statistics are read, never written:
+    the running ones in eval), in float64 (``STATS_DTYPE``). Running statistics are read, never written:
     :func:`highway_gate` updates them. The backward kernel's returns
     ``(da, db, dx, dweight_h, dbias_h, dweight_t, dbias_t)``."""
 
 
 def fake(a, b, x, *_):
-    stats = [a.new_empty(a.shape[1], dtype=stat_dtype(a.dtype)) for _ in range(4)]
+    stats = [a.new_empty(a.shape[1], dtype=STATS_DTYPE) for _ in range(4)]
     return (empty_output(a), *stats)
 
 

@@ -38,7 +38,7 @@ from typing import Optional
 from torch import Tensor
 
 from ._common import (check_activation, check_batch_norm, check_momenta, empty_output,
-                      promote_under_autocast, stat_dtype)
+                      promote_under_autocast, STATS_DTYPE)
 from ._define import FusedOp
 
 __all__ = ["resfuse_tail"]
@@ -82,14 +82,14 @@ def signature(u: Tensor, h: Tensor,
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward kernel's: returns ``(y, mean_d, var_d, mean_k, var_k)``,
     the output and the statistics used (batch, biased, in training; running
-    in eval); without the carry ``mean_k`` and ``var_k`` are empty. Running
+    in eval), in float64 (``STATS_DTYPE``); without the carry ``mean_k`` and ``var_k`` are empty. Running
     statistics are read, never written: :func:`resfuse_tail` updates them.
     The backward kernel's returns ``(du, dh, dweight_d, dbias_d, dx, dw,
     dweight_k, dbias_k)``, the last four empty without the carry."""
 
 
 def fake(u, h, weight_d, bias_d, running_mean_d, running_var_d, x, *_):
-    dtype = stat_dtype(u.dtype)
+    dtype = STATS_DTYPE
     carry_channels = 0 if x is None else u.shape[1]
     return (empty_output(u),
             u.new_empty(u.shape[1], dtype=dtype), u.new_empty(u.shape[1], dtype=dtype),

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import memory_format, stat_dtype
+from ..ops._common import STATS_DTYPE, compute_dtype, memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -245,7 +245,7 @@ TAIL_STAGES = 1
 
 def compute_type(dtype: torch.dtype):
     """The tl dtype of in-kernel arithmetic for storage ``dtype``."""
-    return tl.float64 if stat_dtype(dtype) == torch.float64 else tl.float32
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 # Reduction programs under the interpreter: few, as each costs a Python run of
@@ -304,12 +304,12 @@ def layout_flag(strides: tuple[int, int, int]) -> int:
 
 def bn_params(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor) -> list[torch.Tensor]:
-    """``[mean, var, weight, bias]`` of one BatchNorm as dense vectors, the
-    statistics in ``mean``'s (the stat) dtype. The kernels form ``rstd``
-    themselves (:func:`rstd_vector`), with eps a constexpr: no torch ops
-    per BatchNorm on the host."""
-    sdt = mean.dtype
-    return [mean.contiguous(), var.to(sdt).contiguous(), weight.contiguous(), bias.contiguous()]
+    """``[mean, var, weight, bias]`` of one BatchNorm as dense vectors, each
+    in its own dtype: the kernels load them in the compute dtype
+    (:func:`channel_vector`) and form ``rstd`` themselves
+    (:func:`rstd_vector`), with eps a constexpr: no torch ops per BatchNorm
+    on the host."""
+    return [mean.contiguous(), var.contiguous(), weight.contiguous(), bias.contiguous()]
 
 
 def scratch(like: torch.Tensor) -> torch.Tensor:
@@ -649,29 +649,30 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     """Per-channel (mean, biased var) of ``x`` (and of ``y``, same shape).
 
     ``x``/``y`` come from :func:`view3` with strides ``sx``/``sy``. Returns
-    ``[mean_x, var_x]`` or ``[mean_x, var_x, mean_y, var_y]`` in the stat dtype.
+    ``[mean_x, var_x]`` or ``[mean_x, var_x, mean_y, var_y]`` in STATS_DTYPE
+    (computed in the compute dtype).
     """
     n, c, h, w = x.shape
     s = h * w
-    sdt = stat_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     two = y is not None
     width = 2 * c if two else c
     if x.numel() == 0:
-        zeros = [x.new_zeros(c, dtype=sdt) for _ in range(4 if two else 2)]
+        zeros = [x.new_zeros(c, dtype=STATS_DTYPE) for _ in range(4 if two else 2)]
         return zeros
     # chunks from the smallest tile height any config uses
     chunks = num_chunks(x.device, n * cdiv(s, 16))
-    cnt = torch.empty(chunks, dtype=sdt, device=x.device)
-    mean_p = torch.empty(chunks, width, dtype=sdt, device=x.device)
+    cnt = torch.empty(chunks, dtype=cdt, device=x.device)
+    mean_p = torch.empty(chunks, width, dtype=cdt, device=x.device)
     m2_p = torch.empty_like(mean_p)
-    shift = torch.empty(width, dtype=sdt, device=x.device)
+    shift = torch.empty(width, dtype=cdt, device=x.device)
     ct = compute_type(x.dtype)
     if y is None:
         y, sy = x, sx
     launch(_stats_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         x, y, cnt, mean_p, m2_p, shift, n, c, s, *sx, *sy, layout_flag(sx),
         TWO=two, CT=ct)
-    out = [torch.empty(c, dtype=sdt, device=x.device) for _ in range(4 if two else 2)]
+    out = [torch.empty(c, dtype=STATS_DTYPE, device=x.device) for _ in range(4 if two else 2)]
     ys = out[2:] if two else [scratch(cnt), scratch(cnt)]  # never written when not two
     finalize_stats(cnt, mean_p, m2_p, out[:2] + ys, width, c, ct, shift)
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import stat_dtype
+from ..ops._common import STATS_DTYPE, compute_dtype
 from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params, bn_vectors,
                       cdiv, channel_vector, chunk_range, compute_type, empty_like_format,
                       grid_tiles, launch, layout_flag, num_chunks, offsets, sum_partials,
@@ -159,7 +159,6 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
 def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
                          weight_t, bias_t, running_mean_t, running_var_t,
                          training: bool, eps_h: float, eps_t: float):
-    sdt = stat_dtype(a.dtype)
     n, c, h, w = a.shape
     a3, sa = view3(a)
     b3, sb = view3(b)
@@ -167,8 +166,10 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
     if training:
         mean_h, var_h, mean_t, var_t = batch_stats(a3, sa, b3, sb)
     else:
-        mean_h, var_h = running_mean_h.to(sdt, copy=True), running_var_h.to(sdt, copy=True)
-        mean_t, var_t = running_mean_t.to(sdt, copy=True), running_var_t.to(sdt, copy=True)
+        mean_h = running_mean_h.to(STATS_DTYPE, copy=True)
+        var_h = running_var_h.to(STATS_DTYPE, copy=True)
+        mean_t = running_mean_t.to(STATS_DTYPE, copy=True)
+        var_t = running_var_t.to(STATS_DTYPE, copy=True)
     y = empty_like_format(a)
     if a.numel() == 0:
         return y, mean_h, var_h, mean_t, var_t
@@ -185,7 +186,7 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
 def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
                           weight_t, bias_t, mean_t, var_t,
                           training: bool, eps_h: float, eps_t: float):
-    sdt = stat_dtype(a.dtype)
+    cdt = compute_dtype(a.dtype)
     n, c, h, w = a.shape
     s = h * w
     da, db, dx = empty_like_format(a), empty_like_format(b), empty_like_format(x)
@@ -197,10 +198,10 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     b3, sb = view3(b)
     x3, sx = view3(x)
     ct = compute_type(a.dtype)
-    params = (bn_params(mean_h.to(sdt), var_h, weight_h, bias_h)
-              + bn_params(mean_t.to(sdt), var_t, weight_t, bias_t))
+    params = (bn_params(mean_h, var_h, weight_h, bias_h)
+              + bn_params(mean_t, var_t, weight_t, bias_t))
     chunks = num_chunks(a.device, n * cdiv(s, 16))
-    part = torch.empty(chunks, 4 * c, dtype=sdt, device=a.device)
+    part = torch.empty(chunks, 4 * c, dtype=cdt, device=a.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, n, c, s,
         *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)

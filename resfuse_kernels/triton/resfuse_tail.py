@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import stat_dtype
+from ..ops._common import STATS_DTYPE, compute_dtype
 from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats, bn_params,
                       bn_vectors, cdiv, channel_vector, chunk_range, compute_type,
                       empty_like_format, finalize_stats, in_output_format, launch, layout_flag,
@@ -310,7 +310,7 @@ def _shift_mean_kernel(mean_ptr, out_ptr, w_ptr, x0_ptr, K, CX, SIGN: tl.constex
 
 
 def _carry_shift(x3: torch.Tensor, sx) -> torch.Tensor:
-    """The carry's shift x0, (CX,) in the stat dtype (one launch; the same x
+    """The carry's shift x0, (CX,) in the compute dtype (one launch; the same x
     gives the same x0 in the forward and the backward).
 
     The kernels compute v' = W (x - x0) = v - W x0, whose magnitude is that
@@ -318,39 +318,42 @@ def _carry_shift(x3: torch.Tensor, sx) -> torch.Tensor:
     digits of v - mean(v) that BatchNorm keeps.
     """
     n, cx, h, w = x3.shape
-    x0 = torch.empty(cx, dtype=stat_dtype(x3.dtype), device=x3.device)
+    x0 = torch.empty(cx, dtype=compute_dtype(x3.dtype), device=x3.device)
     launch(_carry_shift_kernel)[(cdiv(cx, 16),)](
         x3, x0, min(n * h * w, SHIFT_SAMPLE), h * w, cx, *sx, CT=compute_type(x3.dtype),
         SAMPLE=SHIFT_SAMPLE, BLOCK_X=16)
     return x0
 
 
-def _shift_mean(mean: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor,
-                sign: int) -> torch.Tensor:
-    """``mean + sign * W x0`` in float64, returned in x0's (the stat) dtype:
-    +1 turns the mean of v' into mean(v), -1 the other way (one launch, where
-    a float64 torch.mv and its casts would take several)."""
+def _shift_mean(mean: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor, sign: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``mean + sign * W x0`` in float64, returned in ``dtype``: +1 turns the
+    mean of v' into mean(v) (STATS_DTYPE), -1 the other way (the compute
+    dtype; one launch, where a float64 torch.mv and its casts would take
+    several)."""
     k, cx = w2.shape
-    out = torch.empty(k, dtype=x0.dtype, device=x0.device)
+    out = torch.empty(k, dtype=dtype, device=x0.device)
     launch(_shift_mean_kernel)[(cdiv(k, 64),)](
         mean.contiguous(), out, w2, x0, k, cx, SIGN=sign, BLOCK_K=64, BLOCK_X=32)
     return out
 
 
 def _carry_stats(x3, sx, x0, w2):
-    """(mean', biased var) of v' = W (x - x0) per output channel; never stored."""
+    """(mean', biased var) of v' = W (x - x0) per output channel, mean' in
+    the compute dtype, var in STATS_DTYPE; v' itself is never stored."""
     n, _, h, wdt = x3.shape
     k, cx = w2.shape
     s = h * wdt
-    sdt = stat_dtype(x3.dtype)
+    cdt = compute_dtype(x3.dtype)
     chunks = num_chunks(x3.device, n * cdiv(s, 16))
-    cnt = torch.empty(chunks, dtype=sdt, device=x3.device)
-    mean_p = torch.empty(chunks, k, dtype=sdt, device=x3.device)
+    cnt = torch.empty(chunks, dtype=cdt, device=x3.device)
+    mean_p = torch.empty(chunks, k, dtype=cdt, device=x3.device)
     m2_p = torch.empty_like(mean_p)
     ct = compute_type(x3.dtype)
     launch(_carry_stats_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
         x3, x0, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
-    mean, var = (torch.empty(k, dtype=sdt, device=x3.device) for _ in range(2))
+    mean = torch.empty(k, dtype=cdt, device=x3.device)
+    var = torch.empty(k, dtype=STATS_DTYPE, device=x3.device)
     finalize_stats(cnt, mean_p, m2_p, [mean, var, scratch(cnt), scratch(cnt)], k, k, ct)
     return mean, var
 
@@ -358,7 +361,7 @@ def _carry_stats(x3, sx, x0, w2):
 def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
                          x, w, weight_k, bias_k, running_mean_k, running_var_k,
                          training: bool, eps_d: float, eps_k: float):
-    sdt = stat_dtype(u.dtype)
+    cdt = compute_dtype(u.dtype)
     n, k, hh, ww = u.shape
     s = hh * ww
     carry = x is not None
@@ -369,27 +372,28 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
         x3, sx = view3(x)
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
-        x0 = u.new_zeros(cx, dtype=sdt) if u.numel() == 0 else _carry_shift(x3, sx)
+        x0 = u.new_zeros(cx, dtype=cdt) if u.numel() == 0 else _carry_shift(x3, sx)
     else:
         x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
     if training:
         mean_d, var_d = batch_stats(u3, su)
         if not carry:
-            mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
+            mean_k, var_k = u.new_empty(0, dtype=STATS_DTYPE), u.new_empty(0, dtype=STATS_DTYPE)
         elif u.numel() == 0:
-            mean_k, var_k = u.new_zeros(k, dtype=sdt), u.new_zeros(k, dtype=sdt)
+            mean_k, var_k = u.new_zeros(k, dtype=STATS_DTYPE), u.new_zeros(k, dtype=STATS_DTYPE)
         else:
             shifted_mean_k, var_k = _carry_stats(x3, sx, x0, w2)
-            mean_k = _shift_mean(shifted_mean_k, w2, x0, 1)
+            mean_k = _shift_mean(shifted_mean_k, w2, x0, 1, STATS_DTYPE)
     else:
-        mean_d, var_d = running_mean_d.to(sdt, copy=True), running_var_d.to(sdt, copy=True)
+        mean_d = running_mean_d.to(STATS_DTYPE, copy=True)
+        var_d = running_var_d.to(STATS_DTYPE, copy=True)
         if carry:
-            mean_k = running_mean_k.to(sdt, copy=True)
-            var_k = running_var_k.to(sdt, copy=True)
+            mean_k = running_mean_k.to(STATS_DTYPE, copy=True)
+            var_k = running_var_k.to(STATS_DTYPE, copy=True)
             if u.numel():
-                shifted_mean_k = _shift_mean(running_mean_k, w2, x0, -1)
+                shifted_mean_k = _shift_mean(running_mean_k, w2, x0, -1, cdt)
         else:
-            mean_k, var_k = u.new_empty(0, dtype=sdt), u.new_empty(0, dtype=sdt)
+            mean_k, var_k = u.new_empty(0, dtype=STATS_DTYPE), u.new_empty(0, dtype=STATS_DTYPE)
     if u.numel() == 0:
         return y, mean_d, var_d, mean_k, var_k
     pd = bn_params(mean_d, var_d, weight_d, bias_d)
@@ -406,7 +410,7 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
 def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
                           x, w, weight_k, bias_k, mean_k, var_k,
                           training: bool, eps_d: float, eps_k: float):
-    sdt = stat_dtype(u.dtype)
+    cdt = compute_dtype(u.dtype)
     ct = compute_type(u.dtype)
     n, k, hh, ww = u.shape
     s = hh * ww
@@ -426,21 +430,21 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
         # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW
-        # matmuls, in the stat dtype (float32 for bf16/fp16 storage, as the
+        # matmuls, in the compute dtype (float32 for bf16/fp16 storage, as the
         # cpu and cuda backends keep it)
-        low = u.dtype != sdt  # bf16/fp16 (float32 and float64 compute in themselves)
-        dv = torch.empty(n, s, k, dtype=sdt, device=u.device)
+        low = u.dtype != cdt  # bf16/fp16 (float32 and float64 compute in themselves)
+        dv = torch.empty(n, s, k, dtype=cdt, device=u.device)
         sdv = (s * k, 1, k)
         x0 = _carry_shift(x3, sx)  # the forward's shift: same x, same x0
-        shifted_mean_k = _shift_mean(mean_k, w2, x0, -1)
+        shifted_mean_k = _shift_mean(mean_k, w2, x0, -1, cdt)
     else:
         x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
         dv, sdv = scratch(du), (0, 0, 0)  # never written
-    pd = bn_params(mean_d.to(sdt), var_d, weight_d, bias_d)
+    pd = bn_params(mean_d, var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
     eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
     chunks = num_chunks(u.device, n * cdiv(s, 16))
-    part = torch.empty(chunks, 3 * k, dtype=sdt, device=u.device)
+    part = torch.empty(chunks, 3 * k, dtype=cdt, device=u.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, x0, w2, dh, part, *pd, *pk, n, k, s, cx,
         *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry, **eps, CT=ct)
