@@ -599,50 +599,110 @@ def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct,
 
 
 @triton.jit
-def _sum_partials(part_ptr, means_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, P, C, M,
-                  G: tl.constexpr, SRC0: tl.constexpr, SRC1: tl.constexpr, SRC2: tl.constexpr,
-                  SRC3: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
-                  BLOCK_P: tl.constexpr):
-    """Sum P rows of per-chunk partial sums, G groups of C columns: writes the
-    G*C means (sum / M) and, for k = 0..3 with SRCk >= 0, output k = the sums
-    of group SRCk in its own dtype (the gradients of a BatchNorm's affine)."""
+def _group_sum(part_ptr, P, W, col, c, mask, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Column ``col + c`` of P rows of width W, summed in float64, [BLOCK_P,
+    BLOCK] tiles at a time (a loop over single rows would wait out one memory
+    latency per chunk)."""
+    acc = tl.zeros([BLOCK], tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        acc += tl.sum(tl.load(part_ptr + p.to(tl.int64)[:, None] * W + col + c[None, :],
+                              mask=(p < P)[:, None] & mask[None, :], other=0.0).to(tl.float64),
+                      axis=0)
+    return acc
+
+
+@triton.jit
+def _bn_grad(part_ptr, P, W, C, M, SG: tl.constexpr, SC: tl.constexpr,
+             m_ptr, v_ptr, w_ptr, dw_ptr, db_ptr, coef_ptr, c, mask,
+             EPS: tl.constexpr, TRAINING: tl.constexpr, CT: tl.constexpr,
+             BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One BatchNorm's gradients from its sums of g (group SG) and of
+    g (z - mean) about the mean rounded to CT (group SC), all in float64:
+    dbias = sum(g); dweight = rstd sum(g (z - mean)) about the float64 mean;
+    and the input gradient's coefficients k1 = w rstd,
+    k2 = -w rstd^2 sum(g z_hat) / M, k3 = -w rstd sum(g) / M (0 in eval),
+    stored in CT at coef_ptr (3 rows of C): the cpu and cuda backends' form."""
+    sg = _group_sum(part_ptr, P, W, SG * C, c, mask, BLOCK, BLOCK_P)
+    sgc = _group_sum(part_ptr, P, W, SC * C, c, mask, BLOCK, BLOCK_P)
+    m = tl.load(m_ptr + c, mask=mask, other=0.0).to(tl.float64)
+    # the sums' mean was m rounded to CT; x - x == 0 only for finite x (an
+    # infinite mean or sum(g) is left as it is: 0 * inf would make it NaN)
+    lo = m - m.to(CT).to(tl.float64)
+    sgc = tl.where((m - m == 0.0) & (sg - sg == 0.0), sgc - lo * sg, sgc)
+    var = tl.load(v_ptr + c, mask=mask, other=1.0).to(tl.float64)
+    r = 1.0 / tl.sqrt(var + tl.full(var.shape, EPS, tl.float64))
+    wr = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float64) * r
+    dweight = r * sgc
+    tl.store(dw_ptr + c, to_storage(dweight, dw_ptr), mask=mask)
+    tl.store(db_ptr + c, to_storage(sg, db_ptr), mask=mask)
+    tl.store(coef_ptr + c, wr.to(CT), mask=mask)
+    if TRAINING:
+        tl.store(coef_ptr + C + c, (-wr * r * dweight / M).to(CT), mask=mask)
+        tl.store(coef_ptr + 2 * C + c, (-wr * sg / M).to(CT), mask=mask)
+    else:
+        tl.store(coef_ptr + C + c, tl.zeros([BLOCK], CT), mask=mask)
+        tl.store(coef_ptr + 2 * C + c, tl.zeros([BLOCK], CT), mask=mask)
+
+
+@triton.jit
+def _bn_grad_finalize(part_ptr, coef_ptr, P, C, M,
+                      m0_ptr, v0_ptr, w0_ptr, dw0_ptr, db0_ptr,
+                      m1_ptr, v1_ptr, w1_ptr, dw1_ptr, db1_ptr,
+                      G: tl.constexpr, SG0: tl.constexpr, SC0: tl.constexpr,
+                      SG1: tl.constexpr, SC1: tl.constexpr,
+                      EPS0: tl.constexpr, EPS1: tl.constexpr, TRAINING: tl.constexpr,
+                      CT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """:func:`_bn_grad` of one or two BatchNorms (SG1 < 0: one) from the P
+    rows of G groups of C per-chunk partial sums."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < C
-    for g in tl.static_range(G):
-        acc = tl.zeros([BLOCK], CT)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            acc += tl.sum(tl.load(part_ptr + p.to(tl.int64)[:, None] * (G * C) + g * C + c[None, :],
-                                  mask=(p < P)[:, None] & mask[None, :], other=0.0).to(CT), axis=0)
-        tl.store(means_ptr + g * C + c, acc / M, mask=mask)
-        if SRC0 == g:
-            tl.store(o0_ptr + c, to_storage(acc, o0_ptr), mask=mask)
-        if SRC1 == g:
-            tl.store(o1_ptr + c, to_storage(acc, o1_ptr), mask=mask)
-        if SRC2 == g:
-            tl.store(o2_ptr + c, to_storage(acc, o2_ptr), mask=mask)
-        if SRC3 == g:
-            tl.store(o3_ptr + c, to_storage(acc, o3_ptr), mask=mask)
+    _bn_grad(part_ptr, P, G * C, C, M, SG0, SC0, m0_ptr, v0_ptr, w0_ptr, dw0_ptr, db0_ptr,
+             coef_ptr, c, mask, EPS0, TRAINING, CT, BLOCK, BLOCK_P)
+    if SG1 >= 0:
+        _bn_grad(part_ptr, P, G * C, C, M, SG1, SC1, m1_ptr, v1_ptr, w1_ptr, dw1_ptr, db1_ptr,
+                 coef_ptr + 3 * C, c, mask, EPS1, TRAINING, CT, BLOCK, BLOCK_P)
 
 
-def sum_partials(part: torch.Tensor, count: int, outs: list[tuple[torch.Tensor, int]],
-                 ct) -> torch.Tensor:
-    """Finish a backward reduction in one launch: ``part`` holds per-chunk
-    partial sums, ``(chunks, G*C)`` for G groups of C channels. Writes each
-    ``(out, g)`` of ``outs`` (at most four) with group g's sums, cast to
-    ``out``'s dtype, and returns the ``(G*C,)`` means, sums / ``count``, for
-    the apply pass (where a ``part.sum(0)``, a division and a cast per
-    gradient would take a torch op each)."""
+@triton.jit
+def input_grad(coef_ptr, c, cmask, C, g, centred, TRAINING: tl.constexpr, CT: tl.constexpr):
+    """A BatchNorm's input gradient k1 g + (k2 (z - mean) + k3) with two FMAs
+    (k1 g alone in eval), from the coefficients :func:`bn_grad_finalize`
+    wrote (3 rows of C at coef_ptr): the cpu and cuda backends' form."""
+    k1 = tl.broadcast_to(channel_vector(coef_ptr, c, cmask, CT)[None, :], g.shape)
+    if TRAINING:
+        k2 = tl.broadcast_to(channel_vector(coef_ptr + C, c, cmask, CT)[None, :], g.shape)
+        k3 = tl.broadcast_to(channel_vector(coef_ptr + 2 * C, c, cmask, CT)[None, :], g.shape)
+        out = tl.fma(k1, g, tl.fma(k2, centred, k3))
+    else:
+        out = k1 * g
+    return out
+
+
+def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool,
+                     ct) -> torch.Tensor:
+    """Finish a backward reduction in one launch. ``part`` holds per-chunk
+    partial sums, ``(chunks, G*C)`` for G groups of C channels; each of
+    ``bns`` (one or two) is ``(sum_g group, sum_gc group, mean, var, weight,
+    eps, dweight, dbias)``, its sums of g and of g (z - mean) about the mean
+    rounded to the compute dtype. Writes each BatchNorm's dweight and dbias
+    and returns the ``(2, 3, C)`` coefficients (k1, k2, k3) of the input
+    gradients ``k1 g + k2 (z - mean) + k3``, in the compute dtype, for the
+    apply pass (where torch ops per gradient would take a launch each)."""
     chunks, width = part.shape
-    c = outs[0][0].shape[0]
-    means = torch.empty(width, dtype=part.dtype, device=part.device)
-    pointers = [o for o, _ in outs] + [scratch(part) for _ in range(4 - len(outs))]
-    sources = {f"SRC{k}": outs[k][1] if k < len(outs) else -1 for k in range(4)}
+    c = bns[0][4].shape[0]
+    coef = torch.empty(2, 3, c, dtype=torch.float64 if ct == tl.float64 else torch.float32,
+                       device=part.device)
+    one = bns[0]
+    # one BatchNorm: the second's outputs are never written (scratch, not
+    # aliases of the first's: torch.compile clones each output of a kernel)
+    two = bns[1] if len(bns) > 1 else (-1, -1, *one[2:6], scratch(part), scratch(part))
     block = 64
-    launch(_sum_partials)[(cdiv(c, block),)](
-        part, means, *pointers, chunks, c, count, G=width // c, **sources, CT=ct,
-        BLOCK=block, BLOCK_P=32)
-    return means
+    launch(_bn_grad_finalize)[(cdiv(c, block),)](
+        part, coef, chunks, c, count, *one[2:5], *one[6:8], *two[2:5], *two[6:8],
+        G=width // c, SG0=one[0], SC0=one[1], SG1=two[0], SC1=two[1], EPS0=float(one[5]),
+        EPS1=float(two[5]), TRAINING=bool(training), CT=ct, BLOCK=block, BLOCK_P=32)
+    return coef
 
 
 def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):

@@ -8,9 +8,11 @@ statistics. The apply pass folds each BatchNorm into a per-channel
 ``scale = weight * rstd`` and computes ``(a - mean) * scale + bias``.
 
 Backward: one reduction pass (per-chunk partial sums of ``g_h``,
-``g_h * a_hat``, ``g_t``, ``g_t * b_hat``, recomputing ``H`` and ``T``;
-summed over the chunks by :func:`~._launch.sum_partials`, which also writes
-the four affine gradients) and one apply pass writing ``da, db, dx``.
+``g_h (a - mean_h)``, ``g_t``, ``g_t (b - mean_t)``, recomputing ``H`` and
+``T``; summed over the chunks in float64 by
+:func:`~._launch.bn_grad_finalize`, which also writes the four affine
+gradients and each input gradient's coefficients) and one apply pass
+writing ``da = k1 g_h + k2 (a - mean_h) + k3``, ``db`` likewise, and ``dx``.
 Every kernel is fused; the host allocates and launches, no torch arithmetic.
 """
 
@@ -20,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import STATS_DTYPE, compute_dtype
-from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_params, bn_vectors,
-                      cdiv, channel_vector, chunk_range, compute_type, empty_like_format,
-                      grid_tiles, launch, layout_flag, num_chunks, offsets, sum_partials,
+from ..ops._common import STATS_DTYPE
+from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_grad_finalize,
+                      bn_params, bn_vectors, cdiv, chunk_range, compute_type, empty_like_format,
+                      grid_tiles, input_grad, launch, layout_flag, num_chunks, offsets,
                       tile_coords, to_storage, view3)
 
 
@@ -104,13 +106,13 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
         a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
         b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
         x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        a_hat, b_hat, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
+        _, _, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
         g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
         g_t = g * (gh - x) * gt * (1.0 - gt)
         sum_gh += g_h
-        sum_gha += g_h * a_hat
+        sum_gha += g_h * (a - mh[None, :])
         sum_gt += g_t
-        sum_gtb += g_t * b_hat
+        sum_gtb += g_t * (b - mt[None, :])
     row = part_ptr + tl.program_id(0).to(tl.int64) * 4 * C
     tl.store(row + c, tl.sum(sum_gh, axis=0), mask=cmask)
     tl.store(row + C + c, tl.sum(sum_gha, axis=0), mask=cmask)
@@ -120,7 +122,7 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
-def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, means_ptr,
+def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, coef_ptr,
                            mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
                            N, C, S,
                            sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
@@ -138,19 +140,12 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, m
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
     mh, rh, wh, bh = bn_vectors(mh_ptr, vh_ptr, wh_ptr, bh_ptr, c, cmask, EPS_H, CT)
     mt, rt, wt, bt = bn_vectors(mt_ptr, vt_ptr, wt_ptr, bt_ptr, c, cmask, EPS_T, CT)
-    a_hat, b_hat, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
+    _, _, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
     dx = g * (1.0 - gt)
     g_h = g * gt * (gh > 0.0).to(CT)
     g_t = g * (gh - x) * gt * (1.0 - gt)
-    if TRAINING:
-        m_gh = channel_vector(means_ptr, c, cmask, CT)
-        m_gha = channel_vector(means_ptr + C, c, cmask, CT)
-        m_gt = channel_vector(means_ptr + 2 * C, c, cmask, CT)
-        m_gtb = channel_vector(means_ptr + 3 * C, c, cmask, CT)
-        g_h = g_h - m_gh[None, :] - a_hat * m_gha[None, :]
-        g_t = g_t - m_gt[None, :] - b_hat * m_gtb[None, :]
-    da = g_h * (wh * rh)[None, :]
-    db = g_t * (wt * rt)[None, :]
+    da = input_grad(coef_ptr, c, cmask, C, g_h, a - mh[None, :], TRAINING, CT)
+    db = input_grad(coef_ptr + 3 * C, c, cmask, C, g_t, b - mt[None, :], TRAINING, CT)
     tl.store(da_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(da, da_ptr), mask=mask)
     tl.store(db_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(db, db_ptr), mask=mask)
     tl.store(dx_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dx, dx_ptr), mask=mask)
@@ -186,7 +181,6 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
 def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
                           weight_t, bias_t, mean_t, var_t,
                           training: bool, eps_h: float, eps_t: float):
-    cdt = compute_dtype(a.dtype)
     n, c, h, w = a.shape
     s = h * w
     da, db, dx = empty_like_format(a), empty_like_format(b), empty_like_format(x)
@@ -201,17 +195,18 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     params = (bn_params(mean_h, var_h, weight_h, bias_h)
               + bn_params(mean_t, var_t, weight_t, bias_t))
     chunks = num_chunks(a.device, n * cdiv(s, 16))
-    part = torch.empty(chunks, 4 * c, dtype=cdt, device=a.device)
+    part = torch.empty(chunks, 4 * c, dtype=torch.float64, device=a.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, n, c, s,
         *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
     grads = [torch.empty_like(p) for p in (weight_h, bias_h, weight_t, bias_t)]
     dweight_h, dbias_h, dweight_t, dbias_t = grads
-    # partial rows: sum g_h, sum g_h * a_hat, sum g_t, sum g_t * b_hat
-    means = sum_partials(part, n * s, [(dbias_h, 0), (dweight_h, 1), (dbias_t, 2),
-                                       (dweight_t, 3)], ct)
+    # partial rows: sum g_h, sum g_h (a - mean_h), sum g_t, sum g_t (b - mean_t)
+    coef = bn_grad_finalize(part, n * s, [
+        (0, 1, mean_h, var_h, weight_h, eps_h, dweight_h, dbias_h),
+        (2, 3, mean_t, var_t, weight_t, eps_t, dweight_t, dbias_t)], training, ct)
     launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
-        g3, a3, b3, x3, da, db, dx, means, *params, n, c, s,
+        g3, a3, b3, x3, da, db, dx, coef, *params, n, c, s,
         *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
         TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
     return (da, db, dx, *grads)

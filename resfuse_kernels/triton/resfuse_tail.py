@@ -28,11 +28,12 @@ batches, where the direct route keeps the error of PyTorch's own fp32 BN.
 It costs the same: one read of x and one C x K product per pixel.)
 
 Backward: one reduction pass (recomputing ``z``, with ``W x`` for the
-carry, summing ``g``, ``g * u_hat``, ``g * v_hat`` per chunk and writing
-``dh = g = dy [z > 0]``, exact in the storage dtype;
-:func:`~._launch.sum_partials` adds the chunks and writes the BN gradients)
-and one apply pass reading ``dh`` and ``u`` (and ``x``) and writing ``du``
-and, with the carry, ``dv``: it never reads ``dy`` or ``h``, so the plain
+carry, summing ``g``, ``g (u - mean_d)``, ``g (v' - mean_k')`` per chunk and
+writing ``dh = g = dy [z > 0]``, exact in the storage dtype;
+:func:`~._launch.bn_grad_finalize` adds the chunks in float64 and writes the
+BN gradients and the input gradients' coefficients) and one apply pass
+reading ``dh`` and ``u`` (and ``x``) and writing ``du = k1 g + k2 (u -
+mean_d) + k3`` and, with the carry, ``dv`` likewise: it never reads ``dy`` or ``h``, so the plain
 tail's backward moves 7 activation tensors, not 8 (the carry's 10, not 11).
 **dx and dW are torch matmuls** on that materialised ``dv``: ``dx = dv W``
 and ``dW = dv^T x`` over the N*H*W pixels. ``dv`` is kept in the stat
@@ -61,11 +62,11 @@ import triton
 import triton.language as tl
 
 from ..ops._common import STATS_DTYPE, compute_dtype
-from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats, bn_params,
-                      bn_vectors, cdiv, channel_vector, chunk_range, compute_type,
-                      empty_like_format, finalize_stats, in_output_format, launch, layout_flag,
-                      merge_slots, num_chunks, offsets, scratch, slot_welford, sum_partials,
-                      tile_coords, to_storage, twelve_bits, view3)
+from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats,
+                      bn_grad_finalize, bn_params, bn_vectors, cdiv, channel_vector, chunk_range,
+                      compute_type, empty_like_format, finalize_stats, in_output_format,
+                      input_grad, launch, layout_flag, merge_slots, num_chunks, offsets, scratch,
+                      slot_welford, tile_coords, to_storage, twelve_bits, view3)
 
 
 @triton.jit
@@ -110,20 +111,20 @@ def _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
             CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY: tl.constexpr, CT: tl.constexpr, BLOCK_S: tl.constexpr,
             BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
-    """(z, u_hat, v_hat) of a tile (v_hat is u_hat without the carry), from
-    the vectors of :func:`_bns`; ``mk`` is the mean of the shifted carry
-    v' = W (x - x0)."""
+    """(z, u - mean_d, v' - mean_k') of a tile (the second again without the
+    carry), from the vectors of :func:`_bns`; ``mk`` is the mean of the
+    shifted carry v' = W (x - x0)."""
     u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
     h = tl.load(h_ptr + offsets(n, s, c, shn, shc, shs), mask=mask, other=0.0).to(CT)
-    u_hat = (u - md[None, :]) * rd[None, :]
-    z = u_hat * wd[None, :] + bd[None, :] + h
-    v_hat = u_hat
+    uc = u - md[None, :]
+    z = (uc * rd[None, :]) * wd[None, :] + bd[None, :] + h
+    vc = uc
     if HAS_CARRY:
         v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                         CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        v_hat = (v - mk[None, :]) * rk[None, :]
-        z += v_hat * wk[None, :] + bk[None, :]
-    return z, u_hat, v_hat
+        vc = v - mk[None, :]
+        z += (vc * rk[None, :]) * wk[None, :] + bk[None, :]
+    return z, uc, vc
 
 
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
@@ -175,7 +176,7 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, p
         n = n.to(tl.int64)
         smask = s < S
         mask = smask[:, None] & cmask[None, :]
-        z, u_hat, v_hat = _tail_z(
+        z, uc, vc = _tail_z(
             u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
             md, rd, wd, bd, mk, rk, wk, bk, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
             HAS_CARRY, CT, BLOCK_S, BLOCK_C, BLOCK_X)
@@ -184,9 +185,9 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, p
         # dh is g, exact in the storage dtype (dy or 0): the apply pass reads it
         tl.store(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), to_storage(g, dh_ptr), mask=mask)
         sum_g += g
-        sum_gu += g * u_hat
+        sum_gu += g * uc
         if HAS_CARRY:
-            sum_gv += g * v_hat
+            sum_gv += g * vc
     row = part_ptr + tl.program_id(0).to(tl.int64) * 3 * C
     tl.store(row + c, tl.sum(sum_g, axis=0), mask=cmask)
     tl.store(row + C + c, tl.sum(sum_gu, axis=0), mask=cmask)
@@ -195,7 +196,7 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, p
 
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
-def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, means_ptr,
+def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, coef_ptr,
                            md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                            N, C, S, CX,
                            s2n, s2c, s2s, sun, suc, sus, sxn, sxc, sxs,
@@ -213,23 +214,19 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
     g = tl.load(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), mask=mask, other=0.0).to(CT)
-    gd = g
-    gc = g  # g less its mean, shared by both BNs' input gradients
-    if TRAINING:  # in eval dz = w r g: neither u nor W x is read
+    uc = g  # u - mean_d; in eval dz = k1 g: neither u nor W x is read
+    if TRAINING:
         u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
-        u_hat = (u - md[None, :]) * rd[None, :]
-        gc = g - channel_vector(means_ptr, c, cmask, CT)[None, :]
-        gd = gc - u_hat * channel_vector(means_ptr + C, c, cmask, CT)[None, :]
-    du = gd * (wd * rd)[None, :]
+        uc = u - md[None, :]
+    du = input_grad(coef_ptr, c, cmask, C, g, uc, TRAINING, CT)
     tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(du, du_ptr), mask=mask)
     if HAS_CARRY:
-        gk = gc
+        vc = g
         if TRAINING:
             v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                             CT, BLOCK_S, BLOCK_C, BLOCK_X)
-            v_hat = (v - mk[None, :]) * rk[None, :]
-            gk = gc - v_hat * channel_vector(means_ptr + 2 * C, c, cmask, CT)[None, :]
-        dv = gk * (wk * rk)[None, :]
+            vc = v - mk[None, :]
+        dv = input_grad(coef_ptr + 3 * C, c, cmask, C, g, vc, TRAINING, CT)
         tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr),
                  mask=mask)
 
@@ -436,7 +433,9 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         dv = torch.empty(n, s, k, dtype=cdt, device=u.device)
         sdv = (s * k, 1, k)
         x0 = _carry_shift(x3, sx)  # the forward's shift: same x, same x0
-        shifted_mean_k = _shift_mean(mean_k, w2, x0, -1, cdt)
+        # in float64: bn_grad_finalize takes the sums about it, not about
+        # its rounding the kernels use
+        shifted_mean_k = _shift_mean(mean_k, w2, x0, -1, torch.float64)
     else:
         x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
         dv, sdv = scratch(du), (0, 0, 0)  # never written
@@ -444,19 +443,20 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
     eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
     chunks = num_chunks(u.device, n * cdiv(s, 16))
-    part = torch.empty(chunks, 3 * k, dtype=cdt, device=u.device)
+    part = torch.empty(chunks, 3 * k, dtype=torch.float64, device=u.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, x0, w2, dh, part, *pd, *pk, n, k, s, cx,
         *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry, **eps, CT=ct)
     dweight_d, dbias_d = torch.empty_like(weight_d), torch.empty_like(bias_d)
-    outs = [(dbias_d, 0), (dweight_d, 1)]  # partial rows: sum g, sum g u_hat, sum g v_hat
+    # partial rows: sum g, sum g (u - mean_d), sum g (v' - mean_k')
+    bns = [(0, 1, mean_d, var_d, weight_d, eps_d, dweight_d, dbias_d)]
     if carry:
         dweight_k, dbias_k = torch.empty_like(weight_k), torch.empty_like(bias_k)
-        outs += [(dbias_k, 0), (dweight_k, 2)]
-    means = sum_partials(part, n * s, outs, ct)
+        bns.append((0, 2, shifted_mean_k, var_k, weight_k, eps_k, dweight_k, dbias_k))
+    coef = bn_grad_finalize(part, n * s, bns, training, ct)
     launch(_backward_apply_kernel)[lambda meta: (n * cdiv(s, meta["BLOCK_S"]),
                                                  cdiv(k, meta["BLOCK_C"]))](
-        dh, u3, x3, x0, w2, du, dv, means, *pd, *pk,
+        dh, u3, x3, x0, w2, du, dv, coef, *pd, *pk,
         n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
         layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), **eps, CT=ct)
     grads = (du, dh, dweight_d, dbias_d)
