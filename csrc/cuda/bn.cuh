@@ -376,6 +376,20 @@ template <typename A>
 struct Bn {
   const A* p;
   int64_t C;
+  // (4, C) in double, written by grad_finalize_kernel for float arithmetic
+  // (null otherwise): k1, k2, k3 and the mean of the input gradient.
+  const double* p64 = nullptr;
+
+  // The training input gradient k1 g + (k2 (z - mean) + k3) of channel ch
+  // in double, rounded once: over few values a channel the three terms
+  // cancel to eps / (var + eps) of their size, and float terms and
+  // coefficients made da err 15x the composite's at two values
+  // (CUDA-emulation soak seed 4108258873; the cpu backend's apply64).
+  __device__ __forceinline__ A input_grad64(A g, A z, int64_t ch) const {
+    const double* q = p64 + ch;
+    const double inner = fused_madd(q[C], static_cast<double>(z) - q[3 * C], q[2 * C]);
+    return static_cast<A>(fused_madd(q[0], static_cast<double>(g), inner));
+  }
 
   // Row r for the lanes of the vector at channel c: in channels_last the V
   // lanes are V channels, read as one vector (a table row is 16-byte
@@ -405,6 +419,16 @@ struct Bn {
     return b;
   }
 };
+
+// A BN's input gradient for lane l of the vector at channel c: in double
+// (Bn::input_grad64) where the table has its double rows and in training,
+// else BnLanes::input_grad.
+template <int V, bool CL, typename A>
+__device__ __forceinline__ A bn_input_grad(const Bn<A>& bn, const BnLanes<A, V>& lanes, A g, A z,
+                                           int64_t c, int l, bool training) {
+  if (training && bn.p64 != nullptr) return bn.input_grad64(g, z, CL ? c + l : c);
+  return lanes.input_grad(g, z, l, training);
+}
 
 template <typename A>
 __global__ void bn_params_kernel(const double* mean, const double* var, const A* weight,
@@ -528,6 +552,7 @@ struct BnGrad {
   const double* var;   // the forward's variance in double, (C,)
   double eps;
   double* sums = nullptr;  // if given: (2, C), sum(g) and sum(g (z - mean)) in double
+  double* coef64 = nullptr;  // if given: Bn::p64's rows
 };
 
 // Adds the P partials of each channel (double, a warp per channel); for
@@ -576,6 +601,13 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
     const bool batch = training && M > 0;
     b.table[kK2 * C + c] = static_cast<A>(batch ? -wr * r * sgz / M : 0.0);
     b.table[kK3 * C + c] = static_cast<A>(batch ? -wr * sg / M : 0.0);
+    if (b.coef64 != nullptr) {
+      b.coef64[c] = wr;
+      b.coef64[C + c] = batch ? -wr * r * sgz / M : 0.0;
+      b.coef64[2 * C + c] = batch ? -wr * sg / M : 0.0;
+      b.coef64[3 * C + c] =
+          b.mean != nullptr ? b.mean[c] : static_cast<double>(b.table[kMean * C + c]);
+    }
   }
 }
 

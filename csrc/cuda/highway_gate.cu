@@ -95,8 +95,8 @@ struct HighwayBackward {
 #pragma unroll
     for (int l = 0; l < V; ++l) {
       const GateGrads<A> d = gate_grads(gv[l], av[l], bv[l], xv[l], lh, lt, l);
-      dav[l] = lh.input_grad(d.g_h, av[l], l, training);
-      dbv[l] = lt.input_grad(d.g_t, bv[l], l, training);
+      dav[l] = bn_input_grad<V, CL>(bn_h, lh, d.g_h, av[l], c, l, training);
+      dbv[l] = bn_input_grad<V, CL>(bn_t, lt, d.g_t, bv[l], c, l, training);
       dxv[l] = d.dx;
     }
     store<V>(at_<CL>(da, n, c, s), dav);
@@ -173,7 +173,17 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
     // Zeros: they stay the answer when there is nothing to reduce (C == 0).
     dweight_h = at::zeros({C}, opts), dbias_h = at::zeros({C}, opts);
     dweight_t = at::zeros({C}, opts), dbias_t = at::zeros({C}, opts);
-    const Bn<A> bn_h{prm_h.const_data_ptr<A>(), C}, bn_t{prm_t.const_data_ptr<A>(), C};
+    // float arithmetic: the input gradients in double (Bn::input_grad64)
+    constexpr bool in64 = std::is_same_v<A, float>;
+    Tensor coef_h, coef_t;
+    if (in64) {
+      coef_h = at::empty({4, C}, opts.dtype(at::kDouble));
+      coef_t = at::empty({4, C}, opts.dtype(at::kDouble));
+    }
+    double* c64_h = in64 ? coef_h.mutable_data_ptr<double>() : nullptr;
+    double* c64_t = in64 ? coef_t.mutable_data_ptr<double>() : nullptr;
+    const Bn<A> bn_h{prm_h.const_data_ptr<A>(), C, c64_h};
+    const Bn<A> bn_t{prm_t.const_data_ptr<A>(), C, c64_t};
     const auto pg = act<const scalar_t>(gy, g), pa = act<const scalar_t>(a, g),
                pb = act<const scalar_t>(b, g), px = act<const scalar_t>(x, g);
     const auto pda = act<scalar_t>(da, g), pdb = act<scalar_t>(db, g), pdx = act<scalar_t>(dx, g);
@@ -188,10 +198,10 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
           f, g, opts, training, 2,
           BnGrad<A>{0, 1, dweight_h.mutable_data_ptr<A>(), dbias_h.mutable_data_ptr<A>(),
                     prm_h.mutable_data_ptr<A>(), mean_h64.const_data_ptr<double>(),
-                    var_h64.const_data_ptr<double>(), eps_h},
+                    var_h64.const_data_ptr<double>(), eps_h, nullptr, c64_h},
           BnGrad<A>{2, 3, dweight_t.mutable_data_ptr<A>(), dbias_t.mutable_data_ptr<A>(),
                     prm_t.mutable_data_ptr<A>(), mean_t64.const_data_ptr<double>(),
-                    var_t64.const_data_ptr<double>(), eps_t});
+                    var_t64.const_data_ptr<double>(), eps_t, nullptr, c64_t});
       pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
     });
   });

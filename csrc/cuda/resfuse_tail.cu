@@ -124,8 +124,8 @@ struct TailBackward {
     }
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      duv[l] = ld.input_grad(gm[l], uv[l], l, training);
-      if (carry) dvv[l] = lk.input_grad(gm[l], vv[l], l, training);
+      duv[l] = bn_input_grad<V, CL>(bn_d, ld, gm[l], uv[l], c, l, training);
+      if (carry) dvv[l] = bn_input_grad<V, CL>(bn_k, lk, gm[l], vv[l], c, l, training);
     }
     store<V>(at_<CL>(du, n, c, s), duv);
     if (carry) store<V>(at_<CL>(dv, n, c, s), dvv);
@@ -306,8 +306,15 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);
       dweight_k = at::zeros({C}, opts), dbias_k = at::zeros({C}, opts);
     }
-    const Bn<A> bn_d{prm_d.const_data_ptr<A>(), C};
-    const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, C};
+    // float arithmetic: the input gradients in double (Bn::input_grad64)
+    constexpr bool in64 = std::is_same_v<A, float>;
+    Tensor coef_d, coef_k;
+    if (in64) coef_d = at::empty({4, C}, opts.dtype(at::kDouble));
+    if (in64 && carry) coef_k = at::empty({4, C}, opts.dtype(at::kDouble));
+    double* c64_d = in64 ? coef_d.mutable_data_ptr<double>() : nullptr;
+    double* c64_k = in64 && carry ? coef_k.mutable_data_ptr<double>() : nullptr;
+    const Bn<A> bn_d{prm_d.const_data_ptr<A>(), C, c64_d};
+    const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, C, c64_k};
     const auto pg = act<const scalar_t>(gy, g), pu = act<const scalar_t>(u, g),
                ph = act<const scalar_t>(h, g);
     const Act<const A> pv = carry ? act<const A>(v, g) : Act<const A>{nullptr, 0, 0};
@@ -322,12 +329,12 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
                                                bn_d, bn_k, training};
       const BnGrad<A> grad_d{0, 1, dweight_d.mutable_data_ptr<A>(), dbias_d.mutable_data_ptr<A>(),
                              prm_d.mutable_data_ptr<A>(), mean_d64.const_data_ptr<double>(),
-                             var_d64.const_data_ptr<double>(), eps_d};
+                             var_d64.const_data_ptr<double>(), eps_d, nullptr, c64_d};
       const BnGrad<A> grad_k =
           carry ? BnGrad<A>{0, 2, dweight_k.mutable_data_ptr<A>(), dbias_k.mutable_data_ptr<A>(),
                             prm_k.mutable_data_ptr<A>(), /*mean: v is centred*/ nullptr,
                             var_k64.const_data_ptr<double>(), eps_k,
-                            dv_double ? sums_k.mutable_data_ptr<double>() : nullptr}
+                            dv_double ? sums_k.mutable_data_ptr<double>() : nullptr, c64_k}
                 : grad_d;
       grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
       pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)

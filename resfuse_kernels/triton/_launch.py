@@ -622,7 +622,8 @@ def _bn_grad(part_ptr, P, W, C, M, SG: tl.constexpr, SC: tl.constexpr,
     dbias = sum(g); dweight = rstd sum(g (z - mean)) about the float64 mean;
     and the input gradient's coefficients k1 = w rstd,
     k2 = -w rstd^2 sum(g z_hat) / M, k3 = -w rstd sum(g) / M (0 in eval),
-    stored in CT at coef_ptr (3 rows of C): the cpu and cuda backends' form."""
+    stored in float64 at coef_ptr (3 rows of C): the cpu and cuda backends'
+    form."""
     sg = _group_sum(part_ptr, P, W, SG * C, c, mask, BLOCK, BLOCK_P)
     sgc = _group_sum(part_ptr, P, W, SC * C, c, mask, BLOCK, BLOCK_P)
     m = tl.load(m_ptr + c, mask=mask, other=0.0).to(tl.float64)
@@ -636,13 +637,13 @@ def _bn_grad(part_ptr, P, W, C, M, SG: tl.constexpr, SC: tl.constexpr,
     dweight = r * sgc
     tl.store(dw_ptr + c, to_storage(dweight, dw_ptr), mask=mask)
     tl.store(db_ptr + c, to_storage(sg, db_ptr), mask=mask)
-    tl.store(coef_ptr + c, wr.to(CT), mask=mask)
+    tl.store(coef_ptr + c, wr, mask=mask)
     if TRAINING:
-        tl.store(coef_ptr + C + c, (-wr * r * dweight / M).to(CT), mask=mask)
-        tl.store(coef_ptr + 2 * C + c, (-wr * sg / M).to(CT), mask=mask)
+        tl.store(coef_ptr + C + c, -wr * r * dweight / M, mask=mask)
+        tl.store(coef_ptr + 2 * C + c, -wr * sg / M, mask=mask)
     else:
-        tl.store(coef_ptr + C + c, tl.zeros([BLOCK], CT), mask=mask)
-        tl.store(coef_ptr + 2 * C + c, tl.zeros([BLOCK], CT), mask=mask)
+        tl.store(coef_ptr + C + c, tl.zeros([BLOCK], tl.float64), mask=mask)
+        tl.store(coef_ptr + 2 * C + c, tl.zeros([BLOCK], tl.float64), mask=mask)
 
 
 @triton.jit
@@ -665,18 +666,25 @@ def _bn_grad_finalize(part_ptr, coef_ptr, P, C, M,
 
 
 @triton.jit
-def input_grad(coef_ptr, c, cmask, C, g, centred, TRAINING: tl.constexpr, CT: tl.constexpr):
-    """A BatchNorm's input gradient k1 g + (k2 (z - mean) + k3) with two FMAs
-    (k1 g alone in eval), from the coefficients :func:`bn_grad_finalize`
-    wrote (3 rows of C at coef_ptr): the cpu and cuda backends' form."""
-    k1 = tl.broadcast_to(channel_vector(coef_ptr, c, cmask, CT)[None, :], g.shape)
+def input_grad(coef_ptr, mean_ptr, c, cmask, C, g, z, TRAINING: tl.constexpr, CT: tl.constexpr):
+    """A BatchNorm's input gradient k1 g + (k2 (z - mean) + k3) from the
+    (float64) coefficients :func:`bn_grad_finalize` wrote (3 rows of C at
+    coef_ptr) and the float64 mean: in training in float64 with two FMAs,
+    rounded once to CT, as the cpu and cuda backends (over few values a
+    channel the terms cancel to eps / (var + eps) of their size, and float32
+    terms made da err 15x the composite's at two values); in eval k1 g."""
+    k1 = channel_vector(coef_ptr, c, cmask, tl.float64)[None, :]
     if TRAINING:
-        k2 = tl.broadcast_to(channel_vector(coef_ptr + C, c, cmask, CT)[None, :], g.shape)
-        k3 = tl.broadcast_to(channel_vector(coef_ptr + 2 * C, c, cmask, CT)[None, :], g.shape)
-        out = tl.fma(k1, g, tl.fma(k2, centred, k3))
+        k2 = channel_vector(coef_ptr + C, c, cmask, tl.float64)[None, :]
+        k3 = channel_vector(coef_ptr + 2 * C, c, cmask, tl.float64)[None, :]
+        m = channel_vector(mean_ptr, c, cmask, tl.float64)[None, :]
+        centred = z.to(tl.float64) - m
+        out = tl.fma(tl.broadcast_to(k1, g.shape), g.to(tl.float64),
+                     tl.fma(tl.broadcast_to(k2, g.shape), centred,
+                            tl.broadcast_to(k3, g.shape)))
     else:
-        out = k1 * g
-    return out
+        out = k1 * g.to(tl.float64)
+    return out.to(CT)
 
 
 def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool,
@@ -687,12 +695,11 @@ def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool,
     eps, dweight, dbias)``, its sums of g and of g (z - mean) about the mean
     rounded to the compute dtype. Writes each BatchNorm's dweight and dbias
     and returns the ``(2, 3, C)`` coefficients (k1, k2, k3) of the input
-    gradients ``k1 g + k2 (z - mean) + k3``, in the compute dtype, for the
-    apply pass (where torch ops per gradient would take a launch each)."""
+    gradients ``k1 g + k2 (z - mean) + k3``, in float64, for the apply pass
+    (:func:`input_grad`; torch ops per gradient would take a launch each)."""
     chunks, width = part.shape
     c = bns[0][4].shape[0]
-    coef = torch.empty(2, 3, c, dtype=torch.float64 if ct == tl.float64 else torch.float32,
-                       device=part.device)
+    coef = torch.empty(2, 3, c, dtype=torch.float64, device=part.device)
     one = bns[0]
     # one BatchNorm: the second's outputs are never written (scratch, not
     # aliases of the first's: torch.compile clones each output of a kernel)

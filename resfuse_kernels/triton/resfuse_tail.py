@@ -214,19 +214,17 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     mask = smask[:, None] & cmask[None, :]
     g = tl.load(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), mask=mask, other=0.0).to(CT)
-    uc = g  # u - mean_d; in eval dz = k1 g: neither u nor W x is read
+    u = g  # in eval dz = k1 g: neither u nor W x is read
     if TRAINING:
         u = tl.load(u_ptr + offsets(n, s, c, sun, suc, sus), mask=mask, other=0.0).to(CT)
-        uc = u - md[None, :]
-    du = input_grad(coef_ptr, c, cmask, C, g, uc, TRAINING, CT)
+    du = input_grad(coef_ptr, md_ptr, c, cmask, C, g, u, TRAINING, CT)
     tl.store(du_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(du, du_ptr), mask=mask)
     if HAS_CARRY:
-        vc = g
+        v = g
         if TRAINING:
             v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                             CT, BLOCK_S, BLOCK_C, BLOCK_X)
-            vc = v - mk[None, :]
-        dv = input_grad(coef_ptr + 3 * C, c, cmask, C, g, vc, TRAINING, CT)
+        dv = input_grad(coef_ptr + 3 * C, mk_ptr, c, cmask, C, g, v, TRAINING, CT)
         tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr),
                  mask=mask)
 
