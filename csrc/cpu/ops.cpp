@@ -44,68 +44,64 @@ std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, b
 // when the mean is large against the spread.
 template <typename A>
 struct InputGrad {
-  std::vector<A> k1, k2, k3, mean;
-  std::vector<double> k1d, k2d, k3d, mean64;  // the training form in double (A = float)
+  std::vector<double> k1, k2, k3, mean;  // in double: see apply
   bool batch;  // the batch-statistics terms (k2, k3) are there
   InputGrad(const Tensor& weight, const Affine<A>& bn, const std::vector<double>& sum_g,
             const std::vector<double>& sum_gz, double count, bool training)
-      : mean(bn.mean), batch(training && count > 0) {
+      : batch(training && count > 0) {
     auto w = channel_vector<double>(weight);
     const size_t C = w.size();
-    k1.resize(C), k2.assign(C, 0), k3.assign(C, 0);
-    k1d.resize(C), k2d.assign(C, 0), k3d.assign(C, 0), mean64.resize(C);
+    k1.resize(C), k2.assign(C, 0), k3.assign(C, 0), mean.resize(C);
     for (size_t c = 0; c < C; ++c) {
       const double r = bn.rstd64[c], wr = w[c] * r;
-      k1d[c] = wr;
-      if (batch) k2d[c] = -wr * r * sum_gz[c] / count, k3d[c] = -wr * sum_g[c] / count;
-      k1[c] = static_cast<A>(k1d[c]), k2[c] = static_cast<A>(k2d[c]);
-      k3[c] = static_cast<A>(k3d[c]);
-      mean64[c] = static_cast<double>(bn.mean[c]) + bn.mean_lo[c];
+      k1[c] = wr;
+      if (batch) k2[c] = -wr * r * sum_gz[c] / count, k3[c] = -wr * sum_g[c] / count;
+      mean[c] = static_cast<double>(bn.mean[c]) + bn.mean_lo[c];
     }
   }
-  // dz for a group of lanes, given g and z. In eval k1 g alone: 0 * (z - m)
-  // would make an infinite z's gradient NaN where PyTorch's (and the
-  // composite's) is finite. In training, for float arithmetic, in double
-  // (apply64): over few values a channel the three terms cancel to
-  // eps / (var + eps) of their size, and float32 terms and coefficients made
-  // da err 15x the composite's at two values (CUDA-emulation soak seed
-  // 4108258873: 4.7e-6; 5.7e-8 in double).
+  // dz for a group of lanes, given g and z, in double and rounded once: over
+  // few values a channel the three terms cancel to eps / (var + eps) of
+  // their size, and float32 terms and coefficients made da err 15x the
+  // composite's at two values (CUDA-emulation soak seed 4108258873: 4.7e-6;
+  // 5.7e-8 in double). In eval k1 g alone: 0 * (z - m) would make an
+  // infinite z's gradient NaN where PyTorch's (and the composite's) is finite.
   at::vec::Vectorized<A> apply(const Geometry& geo, int64_t c, int64_t pos, int64_t n,
                                const at::vec::Vectorized<A>& g,
                                const at::vec::Vectorized<A>& z) const {
-    if (!batch) return channel_param(k1.data(), geo, c, pos, n) * g;
     if constexpr (std::is_same_v<A, float>) {
-      return apply64(geo, c, pos, n, g, z);
+      const __m256 gx = g, zx = z;
+      const __m128 lo = half(geo, c, pos, n, _mm256_castps256_ps128(gx),
+                             _mm256_castps256_ps128(zx), 0);
+      const __m128 hi = half(geo, c, pos, n, _mm256_extractf128_ps(gx, 1),
+                             _mm256_extractf128_ps(zx, 1), 4);
+      return at::vec::Vectorized<float>(_mm256_set_m128(hi, lo));
     } else {
-      return at::vec::fmadd(
-          channel_param(k1.data(), geo, c, pos, n), g,
-          at::vec::fmadd(channel_param(k2.data(), geo, c, pos, n),
-                         z - channel_param(mean.data(), geo, c, pos, n),
-                         channel_param(k3.data(), geo, c, pos, n)));
+      return formula(geo, c, pos, n, g, z);
     }
   }
-  // k1 g + (k2 (z - m) + k3) in double for 8 float lanes (AVX2: two halves
-  // of 4 doubles), rounded once to float.
-  at::vec::Vectorized<float> apply64(const Geometry& geo, int64_t c, int64_t pos, int64_t n,
-                                     const at::vec::Vectorized<float>& g,
-                                     const at::vec::Vectorized<float>& z) const {
-    using VF = at::vec::Vectorized<float>;
-    using VD = at::vec::Vectorized<double>;
-    static_assert(VF::size() == 8 && VD::size() == 4, "apply64 is written for AVX2");
-    const __m256 gx = g, zx = z;
-    auto half = [&](__m128 gh, __m128 zh, int64_t first) -> __m128 {
-      const int64_t m = std::min<int64_t>(4, n - first);
-      if (m <= 0) return _mm_setzero_ps();
-      const VD gd(_mm256_cvtps_pd(gh)), zd(_mm256_cvtps_pd(zh));
-      const VD k1v = channel_param(k1d.data(), geo, c, pos + first, m);
-      const VD k2v = channel_param(k2d.data(), geo, c, pos + first, m);
-      const VD k3v = channel_param(k3d.data(), geo, c, pos + first, m);
-      const VD mv = channel_param(mean64.data(), geo, c, pos + first, m);
-      return _mm256_cvtpd_ps(at::vec::fmadd(k1v, gd, at::vec::fmadd(k2v, zd - mv, k3v)));
-    };
-    const __m128 lo = half(_mm256_castps256_ps128(gx), _mm256_castps256_ps128(zx), 0);
-    const __m128 hi = half(_mm256_extractf128_ps(gx, 1), _mm256_extractf128_ps(zx, 1), 4);
-    return VF(_mm256_set_m128(hi, lo));
+
+ private:
+  // k1 g [+ (k2 (z - m) + k3)] in double for the n lanes starting at (c, pos).
+  at::vec::Vectorized<double> formula(const Geometry& geo, int64_t c, int64_t pos, int64_t n,
+                                      const at::vec::Vectorized<double>& g,
+                                      const at::vec::Vectorized<double>& z) const {
+    const auto k1v = channel_param(k1.data(), geo, c, pos, n);
+    if (!batch) return k1v * g;
+    return at::vec::fmadd(k1v, g,
+                          at::vec::fmadd(channel_param(k2.data(), geo, c, pos, n),
+                                         z - channel_param(mean.data(), geo, c, pos, n),
+                                         channel_param(k3.data(), geo, c, pos, n)));
+  }
+  // One half (4 lanes from `first`) of 8 float lanes (AVX2), widened to
+  // double, then rounded once.
+  __m128 half(const Geometry& geo, int64_t c, int64_t pos, int64_t n, __m128 g, __m128 z,
+              int64_t first) const {
+    static_assert(at::vec::Vectorized<float>::size() == 8 &&
+                  at::vec::Vectorized<double>::size() == 4, "written for AVX2");
+    const int64_t m = std::min<int64_t>(4, n - first);
+    if (m <= 0) return _mm_setzero_ps();
+    const at::vec::Vectorized<double> gd(_mm256_cvtps_pd(g)), zd(_mm256_cvtps_pd(z));
+    return _mm256_cvtpd_ps(formula(geo, c, pos + first, m, gd, zd));
   }
 };
 
@@ -129,29 +125,17 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type());
 }
 
-// InputGrad's dz = k1 g + k2 (z - m) + k3 with every term and coefficient in
-// double, for g (the storage dtype) and the centred z - m (double), in g's
-// layout; in eval k1 g alone, as InputGrad::apply.
+// InputGrad's dz = k1 g + k2 (z - m) + k3 as a double tensor, for g (the
+// storage dtype) and the centred z - m (double), in g's layout; in eval
+// k1 g alone, as InputGrad::apply.
 template <typename A>
-Tensor carry_input_grad(const Tensor& g_in, const Tensor& centred64, const Tensor& weight,
-                        const Affine<A>& bn, const std::vector<double>& sum_g,
-                        const std::vector<double>& sum_gz, double count, bool training,
+Tensor carry_input_grad(const Tensor& g_in, const Tensor& centred64, const InputGrad<A>& in,
                         const Geometry& geo) {
-  const auto w = channel_vector<double>(weight);
-  const size_t C = w.size();
-  std::vector<double> k1(C), k2(C, 0.0), k3(C, 0.0);
-  const bool batch = training && count > 0;
-  for (size_t c = 0; c < C; ++c) {
-    const double r = bn.rstd64[c], wr = w[c] * r;
-    k1[c] = wr;
-    if (batch) k2[c] = -wr * r * sum_gz[c] / count, k3[c] = -wr * sum_g[c] / count;
-  }
   const auto opts = at::TensorOptions().dtype(at::kDouble);
-  const Tensor k1t = at::tensor(k1, opts).view({1, -1, 1, 1});
-  Tensor dz = g_in.to(at::kDouble) * k1t;
-  if (batch)
-    dz = dz + (centred64 * at::tensor(k2, opts).view({1, -1, 1, 1}) +
-               at::tensor(k3, opts).view({1, -1, 1, 1}));
+  Tensor dz = g_in.to(at::kDouble) * at::tensor(in.k1, opts).view({1, -1, 1, 1});
+  if (in.batch)
+    dz = dz + (centred64 * at::tensor(in.k2, opts).view({1, -1, 1, 1}) +
+               at::tensor(in.k3, opts).view({1, -1, 1, 1}));
   return dense(dz, geo);
 }
 
@@ -425,7 +409,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       // dx = W^T dv per pixel, as the forward's product; dW = dv x^T in
       // double too, for the same reason.
       const Tensor dv64 = dv_double
-          ? carry_input_grad(dh, v64, *weight_k, bn_k, sums[0], sum_gv, M, training, g)
+          ? carry_input_grad(dh, v64, in_k, g)
           : dv.to(at::kDouble);
       dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type());
       if (g.channels_last) {

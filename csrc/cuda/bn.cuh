@@ -341,12 +341,12 @@ std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geo& g, bool t
 // keeps weight so that the backward's coefficients are formed from the
 // unrounded rstd (of the double variance, BnGrad::var), as the cpu
 // backend's (Affine::rstd64).
-enum ParamRow { kMean = 0, kRstd, kScale, kBias, kK2, kK3, kWeight, kParamRows };
+enum ParamRow { kMean = 0, kRstd, kScale, kBias, kWeight, kParamRows };
 
 // One BN's parameters for the V lanes of a vector, with the BN math on them.
 template <typename A, int V>
 struct BnLanes {
-  A mean[V], rstd[V], scale[V], bias[V], k2[V], k3[V];
+  A mean[V], rstd[V], scale[V], bias[V];
 
   // weight * (z - mean) * rstd + bias, with (z - mean) formed first so a
   // large mean does not cancel against the spread.
@@ -358,17 +358,6 @@ struct BnLanes {
   __device__ __forceinline__ double centred(A z, int l) const {
     return static_cast<double>(z) - static_cast<double>(mean[l]);
   }
-  // The input gradient from g = dL/dBN(z):
-  //   training: w r (g - sum_g/M - z_hat sum_gz/M) = k1 g + k2 (z - mean) + k3
-  //   eval:     w r g
-  // with k1 = w r, k2 = -w r^2 sum_gz/M, k3 = -w r sum_g/M (grad_finalize),
-  // as k1 g + (k2 (z - mean) + k3) with two FMAs, as the cpu backend's: the
-  // terms cancel where the BatchNorm runs over few values, and each rounding
-  // of a term's size counts (three of them made dv err 2x the composite's).
-  __device__ __forceinline__ A input_grad(A g, A z, int l, bool training) const {
-    if (!training) return scale[l] * g;
-    return fused_madd(scale[l], g, fused_madd(k2[l], z - mean[l], k3[l]));
-  }
 };
 
 // A parameter table on the device.
@@ -376,17 +365,22 @@ template <typename A>
 struct Bn {
   const A* p;
   int64_t C;
-  // (4, C) in double, written by grad_finalize_kernel for float arithmetic
-  // (null otherwise): k1, k2, k3 and the mean of the input gradient.
+  // The backward's (4, C) coefficients in double, written by
+  // grad_finalize_kernel: k1, k2, k3 and the mean of the input gradient.
   const double* p64 = nullptr;
 
-  // The training input gradient k1 g + (k2 (z - mean) + k3) of channel ch
-  // in double, rounded once: over few values a channel the three terms
-  // cancel to eps / (var + eps) of their size, and float terms and
-  // coefficients made da err 15x the composite's at two values
-  // (CUDA-emulation soak seed 4108258873; the cpu backend's apply64).
-  __device__ __forceinline__ A input_grad64(A g, A z, int64_t ch) const {
+  // The input gradient of channel ch from g = dL/dBN(z):
+  //   training: w r (g - sum_g/M - z_hat sum_gz/M) = k1 g + k2 (z - mean) + k3
+  //   eval:     w r g
+  // with k1 = w r, k2 = -w r^2 sum_gz/M, k3 = -w r sum_g/M, as
+  // k1 g + (k2 (z - mean) + k3) with two FMAs in double, rounded once: over
+  // few values a channel the terms cancel to eps / (var + eps) of their
+  // size, and float terms and coefficients made da err 15x the composite's
+  // at two values (CUDA-emulation soak seed 4108258873; the cpu backend's
+  // InputGrad).
+  __device__ __forceinline__ A input_grad(A g, A z, int64_t ch, bool training) const {
     const double* q = p64 + ch;
+    if (!training) return static_cast<A>(q[0] * static_cast<double>(g));
     const double inner = fused_madd(q[C], static_cast<double>(z) - q[3 * C], q[2 * C]);
     return static_cast<A>(fused_madd(q[0], static_cast<double>(g), inner));
   }
@@ -414,21 +408,9 @@ struct Bn {
     row<V, CL>(kRstd, c, b.rstd);
     row<V, CL>(kScale, c, b.scale);
     row<V, CL>(kBias, c, b.bias);
-    row<V, CL>(kK2, c, b.k2);
-    row<V, CL>(kK3, c, b.k3);
     return b;
   }
 };
-
-// A BN's input gradient for lane l of the vector at channel c: in double
-// (Bn::input_grad64) where the table has its double rows and in training,
-// else BnLanes::input_grad.
-template <int V, bool CL, typename A>
-__device__ __forceinline__ A bn_input_grad(const Bn<A>& bn, const BnLanes<A, V>& lanes, A g, A z,
-                                           int64_t c, int l, bool training) {
-  if (training && bn.p64 != nullptr) return bn.input_grad64(g, z, CL ? c + l : c);
-  return lanes.input_grad(g, z, l, training);
-}
 
 template <typename A>
 __global__ void bn_params_kernel(const double* mean, const double* var, const A* weight,
@@ -441,8 +423,6 @@ __global__ void bn_params_kernel(const double* mean, const double* var, const A*
   table[kRstd * C + c] = static_cast<A>(r);
   table[kScale * C + c] = static_cast<A>(static_cast<double>(weight[c]) * r);
   table[kBias * C + c] = bias[c];
-  table[kK2 * C + c] = A(0);
-  table[kK3 * C + c] = A(0);
   table[kWeight * C + c] = weight[c];
 }
 
@@ -547,12 +527,12 @@ struct BnGrad {
   int sum_g, sum_gz;  // indices of sum(g) and sum(g (z - mean)) among the K sums
   A* dweight;
   A* dbias;
-  A* table;  // its parameter table: kK2 and kK3 are written
+  const A* table;  // its parameter table (kMean, kWeight)
   const double* mean;  // the forward's mean in double, (C,); null where kMean is exact
   const double* var;   // the forward's variance in double, (C,)
   double eps;
   double* sums = nullptr;  // if given: (2, C), sum(g) and sum(g (z - mean)) in double
-  double* coef64 = nullptr;  // if given: Bn::p64's rows
+  double* coef64 = nullptr;  // Bn::p64's rows, written
 };
 
 // Adds the P partials of each channel (double, a warp per channel); for
@@ -599,15 +579,11 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
     b.dbias[c] = static_cast<A>(sg);
     b.dweight[c] = static_cast<A>(sgz);
     const bool batch = training && M > 0;
-    b.table[kK2 * C + c] = static_cast<A>(batch ? -wr * r * sgz / M : 0.0);
-    b.table[kK3 * C + c] = static_cast<A>(batch ? -wr * sg / M : 0.0);
-    if (b.coef64 != nullptr) {
-      b.coef64[c] = wr;
-      b.coef64[C + c] = batch ? -wr * r * sgz / M : 0.0;
-      b.coef64[2 * C + c] = batch ? -wr * sg / M : 0.0;
-      b.coef64[3 * C + c] =
-          b.mean != nullptr ? b.mean[c] : static_cast<double>(b.table[kMean * C + c]);
-    }
+    b.coef64[c] = wr;
+    b.coef64[C + c] = batch ? -wr * r * sgz / M : 0.0;
+    b.coef64[2 * C + c] = batch ? -wr * sg / M : 0.0;
+    b.coef64[3 * C + c] =
+        b.mean != nullptr ? b.mean[c] : static_cast<double>(b.table[kMean * C + c]);
   }
 }
 

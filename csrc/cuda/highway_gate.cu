@@ -95,8 +95,8 @@ struct HighwayBackward {
 #pragma unroll
     for (int l = 0; l < V; ++l) {
       const GateGrads<A> d = gate_grads(gv[l], av[l], bv[l], xv[l], lh, lt, l);
-      dav[l] = bn_input_grad<V, CL>(bn_h, lh, d.g_h, av[l], c, l, training);
-      dbv[l] = bn_input_grad<V, CL>(bn_t, lt, d.g_t, bv[l], c, l, training);
+      dav[l] = bn_h.input_grad(d.g_h, av[l], CL ? c + l : c, training);
+      dbv[l] = bn_t.input_grad(d.g_t, bv[l], CL ? c + l : c, training);
       dxv[l] = d.dx;
     }
     store<V>(at_<CL>(da, n, c, s), dav);
@@ -173,15 +173,11 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
     // Zeros: they stay the answer when there is nothing to reduce (C == 0).
     dweight_h = at::zeros({C}, opts), dbias_h = at::zeros({C}, opts);
     dweight_t = at::zeros({C}, opts), dbias_t = at::zeros({C}, opts);
-    // float arithmetic: the input gradients in double (Bn::input_grad64)
-    constexpr bool in64 = std::is_same_v<A, float>;
-    Tensor coef_h, coef_t;
-    if (in64) {
-      coef_h = at::empty({4, C}, opts.dtype(at::kDouble));
-      coef_t = at::empty({4, C}, opts.dtype(at::kDouble));
-    }
-    double* c64_h = in64 ? coef_h.mutable_data_ptr<double>() : nullptr;
-    double* c64_t = in64 ? coef_t.mutable_data_ptr<double>() : nullptr;
+    // the input gradients' coefficients in double (Bn::input_grad)
+    Tensor coef_h = at::empty({4, C}, opts.dtype(at::kDouble));
+    Tensor coef_t = at::empty({4, C}, opts.dtype(at::kDouble));
+    double* c64_h = coef_h.mutable_data_ptr<double>();
+    double* c64_t = coef_t.mutable_data_ptr<double>();
     const Bn<A> bn_h{prm_h.const_data_ptr<A>(), C, c64_h};
     const Bn<A> bn_t{prm_t.const_data_ptr<A>(), C, c64_t};
     const auto pg = act<const scalar_t>(gy, g), pa = act<const scalar_t>(a, g),

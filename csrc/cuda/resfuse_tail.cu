@@ -115,17 +115,12 @@ struct TailBackward {
     A gm[V], uv[V], vv[V], duv[V], dvv[V];
     load<V>(at_<CL>(dh, n, c, s), gm);
     load<V>(at_<CL>(u, n, c, s), uv);
-    const BnLanes<A, V> ld = bn_d.template lanes<V, CL>(c);
-    BnLanes<A, V> lk;
     const bool carry = v.p != nullptr && dv.p != nullptr;
-    if (carry) {
-      load<V>(at_<CL>(v, n, c, s), vv);
-      lk = bn_k.template lanes<V, CL>(c);
-    }
+    if (carry) load<V>(at_<CL>(v, n, c, s), vv);
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      duv[l] = bn_input_grad<V, CL>(bn_d, ld, gm[l], uv[l], c, l, training);
-      if (carry) dvv[l] = bn_input_grad<V, CL>(bn_k, lk, gm[l], vv[l], c, l, training);
+      duv[l] = bn_d.input_grad(gm[l], uv[l], CL ? c + l : c, training);
+      if (carry) dvv[l] = bn_k.input_grad(gm[l], vv[l], CL ? c + l : c, training);
     }
     store<V>(at_<CL>(du, n, c, s), duv);
     if (carry) store<V>(at_<CL>(dv, n, c, s), dvv);
@@ -306,13 +301,11 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);
       dweight_k = at::zeros({C}, opts), dbias_k = at::zeros({C}, opts);
     }
-    // float arithmetic: the input gradients in double (Bn::input_grad64)
-    constexpr bool in64 = std::is_same_v<A, float>;
-    Tensor coef_d, coef_k;
-    if (in64) coef_d = at::empty({4, C}, opts.dtype(at::kDouble));
-    if (in64 && carry) coef_k = at::empty({4, C}, opts.dtype(at::kDouble));
-    double* c64_d = in64 ? coef_d.mutable_data_ptr<double>() : nullptr;
-    double* c64_k = in64 && carry ? coef_k.mutable_data_ptr<double>() : nullptr;
+    // the input gradients' coefficients in double (Bn::input_grad)
+    Tensor coef_d = at::empty({4, C}, opts.dtype(at::kDouble)), coef_k;
+    if (carry) coef_k = at::empty({4, C}, opts.dtype(at::kDouble));
+    double* c64_d = coef_d.mutable_data_ptr<double>();
+    double* c64_k = carry ? coef_k.mutable_data_ptr<double>() : nullptr;
     const Bn<A> bn_d{prm_d.const_data_ptr<A>(), C, c64_d};
     const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, C, c64_k};
     const auto pg = act<const scalar_t>(gy, g), pu = act<const scalar_t>(u, g),
