@@ -240,9 +240,8 @@ MUTANTS: list[Mutant] = [
       ops_tests("cpu", "test_resfuse_tail_matches_oracle"),
       "the tail backward kernel uses BN_d's eps for BN_k"),
     M("cpu-dv-term", "cpu", "backward term", "csrc/cpu/ops.cpp",
-      "dz = dz + (centred64 * at::tensor(in.k2, opts).view({1, -1, 1, 1}) +\n"
-      "               at::tensor(in.k3, opts).view({1, -1, 1, 1}));",
-      "dz = dz + centred64 * at::tensor(in.k2, opts).view({1, -1, 1, 1});",
+      "in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sum_gv, M, training);",
+      "in_k(carry ? *weight_k : weight_d, bn_k, std::vector<double>(g.C), sum_gv, M, training);",
       ops_tests("cpu", "test_resfuse_tail_matches_oracle"),
       "the carry's dv (formed in double) without its - sum(g) / M term"),
     M("cpu-backward-term", "cpu", "backward term", "csrc/cpu/ops.cpp",

@@ -135,6 +135,59 @@ inline at::vec::Vectorized<A> channel_param(const A* p, const Geometry& g, int64
   return g.channels_last ? V::loadu(p + pos, count) : V(p[c]);
 }
 
+// ---------------------------------------------------------------- double lanes
+//
+// The double-precision steps (input gradients, the carry's double v) work on
+// an acc_t vector as Halves<A> vectors of 4 doubles: 2 for float (AVX2's 8
+// lanes), 1 for double.
+using Vec64 = at::vec::Vectorized<double>;
+template <typename A>
+constexpr int kHalves = at::vec::Vectorized<A>::size() / Vec64::size();
+template <typename A>
+using Halves = std::array<Vec64, kHalves<A>>;
+
+// How many of the n lanes of a group fall in half j.
+inline int64_t half_lanes(int64_t n, int j) {
+  return std::clamp<int64_t>(n - j * Vec64::size(), 0, Vec64::size());
+}
+
+template <typename A>
+inline Halves<A> widen(const at::vec::Vectorized<A>& x) {
+  if constexpr (std::is_same_v<A, float>) {
+    static_assert(at::vec::Vectorized<float>::size() == 8 && Vec64::size() == 4, "AVX2");
+    const __m256 v = x;
+    return {Vec64(_mm256_cvtps_pd(_mm256_castps256_ps128(v))),
+            Vec64(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)))};
+  } else {
+    return {x};
+  }
+}
+
+// Each lane rounded once to acc_t.
+template <typename A>
+inline at::vec::Vectorized<A> narrow(const Halves<A>& d) {
+  if constexpr (std::is_same_v<A, float>) {
+    return at::vec::Vectorized<float>(
+        _mm256_set_m128(_mm256_cvtpd_ps(d[1]), _mm256_cvtpd_ps(d[0])));
+  } else {
+    return d[0];
+  }
+}
+
+// z - mean in double for the n lanes of a double tensor at p (per-channel
+// means as channel_param's); lanes at and beyond n are 0.
+template <typename A>
+inline Halves<A> centred_lanes(const double* p, const double* mean, const Geometry& g, int64_t c,
+                               int64_t pos, int64_t n) {
+  Halves<A> d;
+  for (int j = 0; j < kHalves<A>; ++j) {
+    const int64_t m = half_lanes(n, j), first = j * Vec64::size();
+    d[j] = m > 0 ? Vec64::loadu(p + first, m) - channel_param(mean, g, c, pos + first, m)
+                 : Vec64(0);
+  }
+  return d;
+}
+
 // 1 / (1 + exp(-z)), NaN for NaN as torch.sigmoid: exp_u20 clamps its
 // argument with min/max, which drop a NaN (sigmoid(NaN) came out 0, and a
 // NaN gate input gave y = x, a whole channel of it in training).

@@ -10,9 +10,10 @@
 //   tail backward:             sums(g, g*u_hat [, g*v_hat]), dh = g | du [, dv]
 // In eval the statistics pass disappears. The carry's 1x1 products v = W x
 // and dx = W^T dv, and dW = dv x^T, go through ATen's matmuls in double
-// (pixel_product says why), and so do v's statistics; the fused passes read
-// v - mean(v) rounded once to fp32 (`centred`), and the backward writes dv
-// over it. The math is in the Python ops' docstrings.
+// (pixel_product says why), for every storage dtype; v's statistics are
+// batch_stats of the double v, the fused passes read the double v and centre
+// it (centred_lanes), and the backward's apply pass writes dv in double.
+// The math is in the Python ops' docstrings.
 #include "ops.h"
 
 #include <torch/library.h>
@@ -68,40 +69,34 @@ struct InputGrad {
   at::vec::Vectorized<A> apply(const Geometry& geo, int64_t c, int64_t pos, int64_t n,
                                const at::vec::Vectorized<A>& g,
                                const at::vec::Vectorized<A>& z) const {
-    if constexpr (std::is_same_v<A, float>) {
-      const __m256 gx = g, zx = z;
-      const __m128 lo = half(geo, c, pos, n, _mm256_castps256_ps128(gx),
-                             _mm256_castps256_ps128(zx), 0);
-      const __m128 hi = half(geo, c, pos, n, _mm256_extractf128_ps(gx, 1),
-                             _mm256_extractf128_ps(zx, 1), 4);
-      return at::vec::Vectorized<float>(_mm256_set_m128(hi, lo));
-    } else {
-      return formula(geo, c, pos, n, g, z);
+    const Halves<A> gd = widen<A>(g), zd = widen<A>(z);
+    Halves<A> dz;
+    for (int j = 0; j < kHalves<A>; ++j) dz[j] = formula(geo, c, pos, n, j, gd[j], zd[j]);
+    return narrow<A>(dz);
+  }
+  // The same for a z given in double (the carry's centred v), kept in
+  // double: dv, the input of the double products dx = W^T dv and dW.
+  void apply64(double* out, const Geometry& geo, int64_t c, int64_t pos, int64_t n,
+               const at::vec::Vectorized<A>& g, const Halves<A>& z) const {
+    const Halves<A> gd = widen<A>(g);
+    for (int j = 0; j < kHalves<A>; ++j) {
+      const int64_t m = half_lanes(n, j);
+      if (m > 0) formula(geo, c, pos, n, j, gd[j], z[j]).store(out + j * Vec64::size(), m);
     }
   }
 
  private:
-  // k1 g [+ (k2 (z - m) + k3)] in double for the n lanes starting at (c, pos).
-  at::vec::Vectorized<double> formula(const Geometry& geo, int64_t c, int64_t pos, int64_t n,
-                                      const at::vec::Vectorized<double>& g,
-                                      const at::vec::Vectorized<double>& z) const {
-    const auto k1v = channel_param(k1.data(), geo, c, pos, n);
+  // k1 g [+ (k2 (z - m) + k3)] in double for half j of the n lanes at (c, pos).
+  Vec64 formula(const Geometry& geo, int64_t c, int64_t pos, int64_t n, int j, const Vec64& g,
+                const Vec64& z) const {
+    const int64_t m = half_lanes(n, j), first = pos + j * Vec64::size();
+    if (m == 0) return Vec64(0);
+    const auto k1v = channel_param(k1.data(), geo, c, first, m);
     if (!batch) return k1v * g;
     return at::vec::fmadd(k1v, g,
-                          at::vec::fmadd(channel_param(k2.data(), geo, c, pos, n),
-                                         z - channel_param(mean.data(), geo, c, pos, n),
-                                         channel_param(k3.data(), geo, c, pos, n)));
-  }
-  // One half (4 lanes from `first`) of 8 float lanes (AVX2), widened to
-  // double, then rounded once.
-  __m128 half(const Geometry& geo, int64_t c, int64_t pos, int64_t n, __m128 g, __m128 z,
-              int64_t first) const {
-    static_assert(at::vec::Vectorized<float>::size() == 8 &&
-                  at::vec::Vectorized<double>::size() == 4, "written for AVX2");
-    const int64_t m = std::min<int64_t>(4, n - first);
-    if (m <= 0) return _mm_setzero_ps();
-    const at::vec::Vectorized<double> gd(_mm256_cvtps_pd(g)), zd(_mm256_cvtps_pd(z));
-    return _mm256_cvtpd_ps(formula(geo, c, pos + first, m, gd, zd));
+                          at::vec::fmadd(channel_param(k2.data(), geo, c, first, m),
+                                         z - channel_param(mean.data(), geo, c, first, m),
+                                         channel_param(k3.data(), geo, c, first, m)));
   }
 };
 
@@ -123,20 +118,6 @@ std::vector<double> centred_sum(const std::vector<double>& hi, const std::vector
 
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type());
-}
-
-// InputGrad's dz = k1 g + k2 (z - m) + k3 as a double tensor, for g (the
-// storage dtype) and the centred z - m (double), in g's layout; in eval
-// k1 g alone, as InputGrad::apply.
-template <typename A>
-Tensor carry_input_grad(const Tensor& g_in, const Tensor& centred64, const InputGrad<A>& in,
-                        const Geometry& geo) {
-  const auto opts = at::TensorOptions().dtype(at::kDouble);
-  Tensor dz = g_in.to(at::kDouble) * at::tensor(in.k1, opts).view({1, -1, 1, 1});
-  if (in.batch)
-    dz = dz + (centred64 * at::tensor(in.k2, opts).view({1, -1, 1, 1}) +
-               at::tensor(in.k3, opts).view({1, -1, 1, 1}));
-  return dense(dz, geo);
 }
 
 }  // namespace
@@ -268,15 +249,6 @@ Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx) {
   return pixel_product(x, w.reshape({K, C}), gx, at::kDouble);
 }
 
-// v - centre rounded once to the compute dtype `acc`, in g's layout: the
-// fused passes normalise it with mean 0. Centred before rounding: at a mean
-// far from the spread (x's mean 300 put v at +-650 with a spread of 0.77),
-// v itself rounded to float32 erred ulp(650) / 0.77 = 8e-5 of a z_hat, and
-// dweight_k 4.5x PyTorch's.
-Tensor centred(const Tensor& v64, const Tensor& centre, const Geometry& g, at::ScalarType acc) {
-  return dense((v64 - centre.view({1, -1, 1, 1})).to(acc), g);
-}
-
 }  // namespace
 
 RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
@@ -288,19 +260,12 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_fwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<A>::value;
-    Tensor v;
+    Tensor v64;  // the carry's v = W x in double; BN_k's statistics from it
+    std::vector<double> centre_k;
     if (carry) {
-      const Tensor v64 = carry_product(dense(*x_in, g), *w, g);
-      if (training) {
-        mean_k = g.count() > 0 ? v64.mean({0, 2, 3}) : at::zeros({v64.size(1)}, v64.options());
-        const Tensor d = v64 - mean_k.view({1, -1, 1, 1});
-        var_k = g.count() > 0 ? d.square().mean({0, 2, 3}) : at::zeros_like(mean_k);
-        v = dense(d.to(acc), g);
-      } else {
-        std::tie(mean_k, var_k) = stats_or_running<A>(v64, g, false, running_mean_k, running_var_k);
-        v = centred(v64, mean_k, g, acc);
-      }
+      v64 = carry_product(dense(*x_in, g), *w, g);
+      std::tie(mean_k, var_k) = stats_or_running<double>(v64, g, training, running_mean_k, running_var_k);
+      centre_k = channel_vector<double>(mean_k);
     } else {
       mean_k = at::empty({0}, u.options().dtype(at::kDouble));
       var_k = at::empty({0}, u.options().dtype(at::kDouble));
@@ -311,12 +276,14 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     const Affine<A> bn_k =
         carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k), var_k, eps_k) : bn_d;
     const scalar_t *pu = u.const_data_ptr<scalar_t>(), *ph = h.const_data_ptr<scalar_t>();
-    const A* pv = carry ? v.const_data_ptr<A>() : nullptr;
+    const double* pv = carry ? v64.const_data_ptr<double>() : nullptr;
     scalar_t* py = y.mutable_data_ptr<scalar_t>();
     for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
       V z = bn_d.apply(load(pu + off, n), g, c, pos, n) + load(ph + off, n);
-      if (pv != nullptr)
-        z = z + bn_k.apply(load(pv + off, n), g, c, pos, n);
+      if (pv != nullptr) {
+        const V vc = narrow<A>(centred_lanes<A>(pv + off, centre_k.data(), g, c, pos, n));
+        z = z + bn_k.apply(vc, g, c, pos, n);
+      }
       store(py + off, at::vec::maximum(z, V(0)), n);
     });
   });
@@ -332,26 +299,18 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_bwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<A>::value;
-    Tensor x64, v, v64, dv;  // x in double: for v's product and for dW
-    // dv in double for float32/float64 storage (the carry's product dtype,
-    // as the cuda backend's): where BN_k runs over few values the three
-    // terms of dv cancel to a small part of their size, and float32 terms
-    // made dW err 7x the composite's (the CUDA emulation's soak, 3 seeds)
-    const bool dv_double = carry && (u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble);
+    // The carry in double (pixel_product says why): x for the products, v
+    // again as the forward formed it, and dv. BN_k's mean and variance are
+    // the forward's, unrounded: over few values a channel dv cancels to
+    // eps / (var + eps) of its terms, and a float32 variance made dW err
+    // 6.6x the composite's (the CUDA emulation's soak, 2 values).
+    Tensor x64, v64, dv64;
+    std::vector<double> centre_k;
     if (carry) {
       x64 = dense(*x_in, g).to(at::kDouble);
       v64 = carry_product(x64, *w, g);
-      // BN_k's mean and variance as the forward took them, in double: the
-      // batch's of the same double v in training (over few values dv cancels
-      // to eps / (var + eps) of its terms, and a float32 variance made dW err
-      // 6.6x the composite's: the CUDA emulation's soak, 2 values)
-      const Tensor centre = mean_k.to(at::kDouble);
-      v = centred(v64, centre, g, acc);
-      if (dv_double) v64 = dense(v64 - centre.view({1, -1, 1, 1}), g);
-      // dv overwrites v in place: the apply pass reads each v element just
-      // before it writes that dv element (one big allocation fewer).
-      dv = v;
+      dv64 = at::empty_like(v64);
+      centre_k = channel_vector<double>(mean_k);
     }
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
@@ -359,19 +318,30 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
         carry ? Affine<A>(*weight_k, *bias_k, at::zeros_like(var_k), var_k, eps_k) : bn_d;
     const scalar_t *pu = u.const_data_ptr<scalar_t>(), *ph = h.const_data_ptr<scalar_t>(),
                    *pg = gy.const_data_ptr<scalar_t>();
-    const A* pv = carry ? v.const_data_ptr<A>() : nullptr;
+    const double* pv = carry ? v64.const_data_ptr<double>() : nullptr;
     scalar_t *pdu = du.mutable_data_ptr<scalar_t>(), *pdh = dh.mutable_data_ptr<scalar_t>();
     // The reduction pass recomputes z, forms g = dy [z > 0] and writes it as
     // dh (exact in the storage dtype: dy or 0); the apply pass reads it back
-    // with u (and v) and never needs h or z again: 7 activation passes, not 8.
-    // sums of g, g (u - m_d) (hi, lo), g (v - m_k) (hi, lo)
-    auto sums = channel_sums<5, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
+    // with u (and v) and never needs h or z again.
+    // sums of g, g (u - m_d) (hi, lo), g (v - m_k) (hi, lo, rest): the
+    // double v - m_k is the float vc plus its rest, and g vc is exact as
+    // hi + lo, so sum(g (v - m_k)) is as exact as dv's other inputs. From
+    // vc alone dW's worst error in the CUDA-emulation harness at two values
+    // a channel was 0.49 of the tolerance rule's bound over 300 seeds (0.78
+    // over 3,000), against 0.014 with the rest.
+    auto reduce = [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
       const V uv = load(pu + off, n);
       V z = bn_d.apply(uv, g, c, pos, n) + load(ph + off, n);
-      V vv(0);
+      V vc(0), rest(0);
       if (pv != nullptr) {
-        vv = load(pv + off, n);
-        z = z + bn_k.apply(vv, g, c, pos, n);
+        const Halves<A> vc64 = centred_lanes<A>(pv + off, centre_k.data(), g, c, pos, n);
+        vc = narrow<A>(vc64);
+        const Halves<A> back = widen<A>(vc);
+        Halves<A> diff;
+        for (int j = 0; j < kHalves<A>; ++j) diff[j] = vc64[j] - back[j];  // exact
+        rest = narrow<A>(diff);
+        rest = V::blendv(rest, V(0), rest != rest);  // inf - inf at an infinite v
+        z = z + bn_k.apply(vc, g, c, pos, n);
       }
       const V gm = V::set(V(0), V::blendv(V(0), load(pg + off, n), z > V(0)), n);
       store(pdh + off, gm, n);
@@ -379,28 +349,32 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       product_of_difference(gm, V::set(V(0), uv, n),
                             V::set(V(0), channel_param(bn_d.mean.data(), g, c, pos, n), n),
                             out[1], out[2]);
-      out[3] = out[4] = V(0);
-      if (pv != nullptr)
-        product_of_difference(gm, V::set(V(0), vv, n),
-                              V::set(V(0), channel_param(bn_k.mean.data(), g, c, pos, n), n),
-                              out[3], out[4]);
-    });
+      if (pv != nullptr) {
+        product_of_difference(gm, V::set(V(0), vc, n), V(0), out[3], out[4]);
+        out[5] = gm * V::set(V(0), rest, n);
+      }
+    };
+    // without the carry, its three sums are neither formed nor added
+    std::array<std::vector<double>, 6> sums;
+    if (carry) {
+      sums = channel_sums<6, scalar_t>(g, reduce);
+    } else {
+      auto plain = channel_sums<3, scalar_t>(g, reduce);
+      for (int k = 0; k < 6; ++k) sums[k] = k < 3 ? std::move(plain[k]) : std::vector<double>(g.C);
+    }
     const double M = static_cast<double>(g.count());
     const auto sum_gu = centred_sum(sums[1], sums[2], sums[0], bn_d);
-    // with dv in double, sum(g z_hat) too from the double v (the float v of
-    // the pass above rounds each v - m, which that cancellation amplifies)
-    const auto sum_gv = dv_double
-        ? centred_sum(channel_vector<double>((dh.to(at::kDouble) * v64).sum({0, 2, 3})),
-                      std::vector<double>(v64.size(1), 0.0), sums[0], bn_k)
-        : centred_sum(sums[3], sums[4], sums[0], bn_k);
+    for (int64_t c = 0; c < g.C; ++c) sums[4][c] += sums[5][c];
+    const auto sum_gv = centred_sum(sums[3], sums[4], sums[0], bn_k);
     const InputGrad<A> in_d(weight_d, bn_d, sums[0], sum_gu, M, training);
     const InputGrad<A> in_k(carry ? *weight_k : weight_d, bn_k, sums[0], sum_gv, M, training);
-    A* pdv = carry && !dv_double ? dv.mutable_data_ptr<A>() : nullptr;
+    double* pdv = carry ? dv64.mutable_data_ptr<double>() : nullptr;
     for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
       const V gm = load(pdh + off, n);
       store(pdu + off, in_d.apply(g, c, pos, n, gm, load(pu + off, n)), n);
       if (pdv != nullptr)
-        store(pdv + off, in_k.apply(g, c, pos, n, gm, load(pv + off, n)), n);
+        in_k.apply64(pdv + off, g, c, pos, n, gm,
+                     centred_lanes<A>(pv + off, centre_k.data(), g, c, pos, n));
     });
     dbias_d = channel_tensor(sums[0], bias_d);
     dweight_d = channel_tensor(sum_gu, weight_d);
@@ -408,9 +382,6 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       const int64_t K = w->size(0), C = w->size(1);
       // dx = W^T dv per pixel, as the forward's product; dW = dv x^T in
       // double too, for the same reason.
-      const Tensor dv64 = dv_double
-          ? carry_input_grad(dh, v64, in_k, g)
-          : dv.to(at::kDouble);
       dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type());
       if (g.channels_last) {
         dw = at::mm(dv64.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
