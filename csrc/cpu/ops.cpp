@@ -329,11 +329,13 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     // vc alone dW's worst error in the CUDA-emulation harness at two values
     // a channel was 0.49 of the tolerance rule's bound over 300 seeds (0.78
     // over 3,000), against 0.014 with the rest.
-    auto reduce = [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
+    // One instantiation with the carry, one without (its code compiled out).
+    auto reduce = [&](auto with_carry) {
+      return [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
       const V uv = load(pu + off, n);
       V z = bn_d.apply(uv, g, c, pos, n) + load(ph + off, n);
       V vc(0), rest(0);
-      if (pv != nullptr) {
+      if constexpr (decltype(with_carry)::value) {
         const Halves<A> vc64 = centred_lanes<A>(pv + off, centre_k.data(), g, c, pos, n);
         vc = narrow<A>(vc64);
         const Halves<A> back = widen<A>(vc);
@@ -349,17 +351,17 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       product_of_difference(gm, V::set(V(0), uv, n),
                             V::set(V(0), channel_param(bn_d.mean.data(), g, c, pos, n), n),
                             out[1], out[2]);
-      if (pv != nullptr) {
+      if constexpr (decltype(with_carry)::value) {
         product_of_difference(gm, V::set(V(0), vc, n), V(0), out[3], out[4]);
         out[5] = gm * V::set(V(0), rest, n);
       }
+      };
     };
-    // without the carry, its three sums are neither formed nor added
     std::array<std::vector<double>, 6> sums;
     if (carry) {
-      sums = channel_sums<6, scalar_t>(g, reduce);
+      sums = channel_sums<6, scalar_t>(g, reduce(std::true_type{}));
     } else {
-      auto plain = channel_sums<3, scalar_t>(g, reduce);
+      auto plain = channel_sums<3, scalar_t>(g, reduce(std::false_type{}));
       for (int k = 0; k < 6; ++k) sums[k] = k < 3 ? std::move(plain[k]) : std::vector<double>(g.C);
     }
     const double M = static_cast<double>(g.count());
