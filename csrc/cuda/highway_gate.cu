@@ -193,12 +193,12 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
       grad_sums<4, CL, V, A>(
           f, g, opts, training, 2,
           BnGrad<A>{0, 1, dweight_h.mutable_data_ptr<A>(), dbias_h.mutable_data_ptr<A>(),
-                    prm_h.mutable_data_ptr<A>(), mean_h64.const_data_ptr<double>(),
+                    prm_h.const_data_ptr<A>(), mean_h64.const_data_ptr<double>(),
                     var_h64.const_data_ptr<double>(), eps_h, nullptr, c64_h},
           BnGrad<A>{2, 3, dweight_t.mutable_data_ptr<A>(), dbias_t.mutable_data_ptr<A>(),
-                    prm_t.mutable_data_ptr<A>(), mean_t64.const_data_ptr<double>(),
+                    prm_t.const_data_ptr<A>(), mean_t64.const_data_ptr<double>(),
                     var_t64.const_data_ptr<double>(), eps_t, nullptr, c64_t});
-      pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
+      pointwise<CL, V>(f, g);  // reads the coefficients grad_sums wrote (same stream)
     });
   });
   return {da.contiguous(resfuse::format_of(a_in)), db.contiguous(resfuse::format_of(b_in)),

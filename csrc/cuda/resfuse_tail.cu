@@ -158,8 +158,8 @@ Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
 // coefficient in double, from g = dh, the centred v in double and the raw
 // sums (sum(g), sum(g (v - m))) grad_finalize kept: where BN_k runs over
 // few values the three terms cancel to a small part of their size, and
-// float32 terms made dW err 7x the composite's. The cpu backend's
-// carry_input_grad, term by term. In eval k1 g alone.
+// float32 terms made dW err 7x the composite's. The cpu backend forms the
+// same terms in its apply pass (InputGrad::apply64). In eval k1 g alone.
 Tensor carry_input_grad(const Tensor& gm, const Tensor& centred64, const Tensor& weight,
                         const Tensor& var, double eps, const Tensor& sums, double count,
                         bool training, const Geo& g) {
@@ -321,16 +321,16 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       const TailBackward<scalar_t, A, V, CL> f{pg, pu, ph, pv, pdu, pdh, pdv,
                                                bn_d, bn_k, training};
       const BnGrad<A> grad_d{0, 1, dweight_d.mutable_data_ptr<A>(), dbias_d.mutable_data_ptr<A>(),
-                             prm_d.mutable_data_ptr<A>(), mean_d64.const_data_ptr<double>(),
+                             prm_d.const_data_ptr<A>(), mean_d64.const_data_ptr<double>(),
                              var_d64.const_data_ptr<double>(), eps_d, nullptr, c64_d};
       const BnGrad<A> grad_k =
           carry ? BnGrad<A>{0, 2, dweight_k.mutable_data_ptr<A>(), dbias_k.mutable_data_ptr<A>(),
-                            prm_k.mutable_data_ptr<A>(), /*mean: v is centred*/ nullptr,
+                            prm_k.const_data_ptr<A>(), /*mean: v is centred*/ nullptr,
                             var_k64.const_data_ptr<double>(), eps_k,
                             dv_double ? sums_k.mutable_data_ptr<double>() : nullptr, c64_k}
                 : grad_d;
       grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
-      pointwise<CL, V>(f, g);  // reads k2, k3 that grad_sums wrote (same stream)
+      pointwise<CL, V>(f, g);  // reads the coefficients grad_sums wrote (same stream)
     });
     if (carry) {
       const int64_t K = w2.size(0), Cx = w2.size(1), H = u_in.size(2), W = u_in.size(3);
