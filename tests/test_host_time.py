@@ -31,7 +31,8 @@ def test_breakdown_pieces_replay_the_fused_call(op):
     moved = bn.running_mean - before
     assert moved.abs().max() > 0
     pieces = host_time.parts(case)
-    assert set(pieces) == {"kernels", "checks", "running update"}
+    assert set(pieces) == {"kernels", "checks", "running update",
+                           "autograd.Function floor"}
     snapshot = bn.running_mean.clone()
     pieces["running update"]()
     # the same batch mean m folded in again with momentum 0.1, where the
@@ -41,15 +42,19 @@ def test_breakdown_pieces_replay_the_fused_call(op):
     pieces["checks"]()
     pieces["kernels"]()
     torch.testing.assert_close(case.fused(), y, rtol=0, atol=0)
+    # the floor hands autograd the gradients the op's backward gives
+    for got, want in zip(pieces["autograd.Function floor"](), case.backward(case.fused())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_measure_reports_a_breakdown_that_adds_up():
     row = host_time.measure("resfuse_tail", (1, 4, 2, 2), "cpu", ["eager"], reps=2, count=1)
     pieces = row["breakdown_us"]
-    assert list(pieces) == ["kernels", "checks", "running update", "autograd and the rest"]
-    assert all(pieces[k] > 0 for k in ("kernels", "checks", "running update"))
+    measured = ["kernels", "checks", "running update", "autograd.Function floor"]
+    assert list(pieces) == measured + ["the rest"]
+    assert all(pieces[k] > 0 for k in measured)
     assert sum(pieces.values()) == pytest.approx(row["median_us"]["fused eager"])
     text = host_time.markdown({"device": "cpu", "torch": torch.__version__, "threads": 1,
                                "backend": "cpu", "rounds": 1, "reps": 2, "routes": ["eager"],
                                "rows": [row]})
-    assert "| resfuse_tail | 1x4x2x2 |" in text and "autograd and the rest" in text
+    assert "| resfuse_tail | 1x4x2x2 |" in text and "autograd.Function floor" in text
