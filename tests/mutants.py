@@ -106,13 +106,13 @@ M = Mutant
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------- Python wrapper
     M("py-momentum-k", "python", "momentum", "resfuse_kernels/ops/resfuse_tail.py",
-      "(momentum_d, momentum_k), process_group)",
-      "(momentum_d, momentum_d), process_group)",
+      '"momentum_k": momentum_k}, process_group)',
+      '"momentum_k": momentum_d}, process_group)',
       ops_tests("torch", "test_resfuse_tail_matches_oracle"),
       "planted bug (b): BN_k's running statistics updated with BN_d's momentum"),
     M("py-momentum-t", "python", "momentum", "resfuse_kernels/ops/highway_gate.py",
-      "(momentum_h, momentum_t), process_group)",
-      "(momentum_h, momentum_h), process_group)",
+      '"momentum_t": momentum_t}, process_group)',
+      '"momentum_t": momentum_h}, process_group)',
       ops_tests("torch", "test_highway_gate_matches_oracle"),
       "planted bug (b): BN_t's running statistics updated with BN_h's momentum"),
     M("py-biased-var", "python", "running variance", "resfuse_kernels/ops/_define.py",

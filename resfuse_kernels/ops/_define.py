@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import compute_dtype, empty_output, memory_format, no_autocast
+from ._common import (check_momenta, compute_dtype, empty_output, memory_format, no_autocast,
+                      promote_under_autocast)
 
 NAMESPACE = "resfuse"
 
@@ -106,14 +107,16 @@ class FusedOp:
     arguments; ``fake(*args)`` returns empty outputs shaped as the forward's;
     ``bn_inputs``: what each BatchNorm normalises, an activation's name or
     ``(x, w)`` for the 1x1 convolution ``w x`` (used by the synchronised
-    path only).
+    path only); ``activations``: the names of the 4-D inputs, promoted to
+    one dtype under autocast.
     """
 
     def __init__(self, name: str, signature: Callable, check: Callable, fake: Callable,
-                 bn_inputs: dict[str, str | tuple[str, str]]):
+                 bn_inputs: dict[str, str | tuple[str, str]], activations: tuple[str, ...]):
         self.name, self.check, self.fake = name, check, fake
         self.signature = inspect.signature(signature, eval_str=True)
         names = list(self.signature.parameters)
+        self.activation_at = [names.index(a) for a in activations]
         self.training_at = names.index("training")
         self.bns = [n[len("weight_"):] for n in names if n.startswith("weight_")]
         # (weight, running_mean, running_var) positions of each BatchNorm
@@ -271,12 +274,29 @@ class FusedOp:
 
     # -- the public call ------------------------------------------------------
 
-    def __call__(self, args: tuple, momenta: tuple, process_group=None) -> Tensor:
-        """Run the op on the forward kernel's ``args`` (checked, promoted)
-        and fold the batch statistics into the running ones with ``momenta``
-        (one per BatchNorm, in order) when training. With a ``process_group``
+    def __call__(self, args: tuple, momenta: dict, process_group=None) -> Tensor:
+        """Run the op on the forward kernel's ``args`` (the activations
+        promoted under autocast, then checked) and fold the batch statistics
+        into the running ones with ``momenta`` (``momentum_<bn>`` by name,
+        one per BatchNorm, in order) when training. With a ``process_group``
         of more than one rank, training statistics are the group's
         (:meth:`_synchronised`). Returns y."""
+        if not all(isinstance(m, float) for m in momenta.values()):
+            check_momenta(**momenta)  # the common case pays one isinstance a momentum
+        return self._call(self._promoted(args), tuple(momenta.values()), process_group)
+
+    def _promoted(self, args: tuple) -> tuple:
+        """``args`` with the activations promoted to one dtype under autocast."""
+        at = self.activation_at
+        promoted = promote_under_autocast([args[i] for i in at])
+        if all(p is args[i] for p, i in zip(promoted, at)):
+            return args
+        args = list(args)
+        for p, i in zip(promoted, at):
+            args[i] = p
+        return tuple(args)
+
+    def _call(self, args: tuple, momenta: tuple, process_group) -> Tensor:
         first = args[0]
         training = args[self.training_at]
         synchronised = (process_group is not None and training

@@ -34,8 +34,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ._common import (check_activation, check_batch_norm, check_momenta, empty_output,
-                      promote_under_autocast, STATS_DTYPE)
+from ._common import check_activation, check_batch_norm, empty_output, STATS_DTYPE
 from ._define import FusedOp
 
 __all__ = ["highway_gate"]
@@ -72,7 +71,8 @@ def fake(a, b, x, *_):
     return (empty_output(a), *stats)
 
 
-OP = FusedOp("highway_gate", signature, check, fake, bn_inputs={"h": "a", "t": "b"})
+OP = FusedOp("highway_gate", signature, check, fake, bn_inputs={"h": "a", "t": "b"},
+             activations=("a", "b", "x"))
 
 
 def highway_gate(a: Tensor, b: Tensor, x: Tensor,
@@ -93,21 +93,8 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
             parameters and running statistics, each of shape (C,).
         weight_t, bias_t, running_mean_t, running_var_t: likewise for BN_t;
             ``bias_t`` is the gate bias.
-        training: batch statistics (True) or running statistics (False),
-            as ``F.batch_norm``.
-        momentum_h, momentum_t: weight of the batch statistics in the running
-            update (``F.batch_norm``'s momentum; a 0-dim tensor works too).
-            The running statistics are updated in place when ``training``.
-            None is an error: nn.BatchNorm2d's ``momentum=None`` (the
-            cumulative average) is ``1 / num_batches_tracked``, which the
-            caller passes (the fused blocks do).
-        eps_h, eps_t: added to the variances.
-        process_group: a ``torch.distributed`` process group (e.g.
-            ``dist.group.WORLD``): in training, the BatchNorm statistics are
-            the group's, as ``nn.SyncBatchNorm``'s (count-weighted; a rank
-            may hold any batch size, 0 included); every rank must call the op,
-            forward and backward. None (the default), a group of one rank or
-            eval mode: this process's statistics, no communication.
+        training, momentum_h, momentum_t, eps_h, eps_t, process_group: as
+            :func:`resfuse_kernels.ops.resfuse_tail`'s, for BN_h and BN_t.
 
     Returns:
         y, shaped like ``a``; channels_last if ``a`` is.
@@ -115,9 +102,6 @@ def highway_gate(a: Tensor, b: Tensor, x: Tensor,
     Gradients flow to ``a``, ``b``, ``x`` and the four affine parameters.
     The math, forward and backward, is in this module's docstring.
     """
-    if not (isinstance(momentum_h, float) and isinstance(momentum_t, float)):
-        check_momenta(momentum_h=momentum_h, momentum_t=momentum_t)
-    a, b, x = promote_under_autocast([a, b, x])
     return OP((a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
                weight_t, bias_t, running_mean_t, running_var_t, training, eps_h, eps_t),
-              (momentum_h, momentum_t), process_group)
+              {"momentum_h": momentum_h, "momentum_t": momentum_t}, process_group)

@@ -37,8 +37,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ._common import (check_activation, check_batch_norm, check_momenta, empty_output,
-                      promote_under_autocast, STATS_DTYPE)
+from ._common import check_activation, check_batch_norm, empty_output, STATS_DTYPE
 from ._define import FusedOp
 
 __all__ = ["resfuse_tail"]
@@ -96,7 +95,8 @@ def fake(u, h, weight_d, bias_d, running_mean_d, running_var_d, x, *_):
             u.new_empty(carry_channels, dtype=dtype), u.new_empty(carry_channels, dtype=dtype))
 
 
-OP = FusedOp("resfuse_tail", signature, check, fake, bn_inputs={"d": "u", "k": ("x", "w")})
+OP = FusedOp("resfuse_tail", signature, check, fake, bn_inputs={"d": "u", "k": ("x", "w")},
+             activations=("u", "h", "x"))
 
 
 def resfuse_tail(u: Tensor, h: Tensor,
@@ -142,9 +142,6 @@ def resfuse_tail(u: Tensor, h: Tensor,
     Gradients flow to ``u``, ``h``, ``x``, ``w`` and the four affine
     parameters. The math, forward and backward, is in this module's docstring.
     """
-    if not (isinstance(momentum_d, float) and isinstance(momentum_k, float)):
-        check_momenta(momentum_d=momentum_d, momentum_k=momentum_k)
-    u, h, x = promote_under_autocast([u, h, x])
     return OP((u, h, weight_d, bias_d, running_mean_d, running_var_d,
                x, w, weight_k, bias_k, running_mean_k, running_var_k, training, eps_d, eps_k),
-              (momentum_d, momentum_k), process_group)
+              {"momentum_d": momentum_d, "momentum_k": momentum_k}, process_group)
