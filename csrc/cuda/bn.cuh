@@ -105,7 +105,8 @@ bool vectorizable(const Geo& g, const Act<T>&... acts) {
 }
 
 // Calls fn(std::integral_constant<bool, CL>, std::integral_constant<int, V>)
-// with V = VW when `vec` else 1: the layout and vector width as constants.
+// with V = VW when `vec` else 1: the layout and vector width as constants
+// (for parameters `cl` and `v`, `cl()` and `v()` are template arguments).
 template <int VW, typename Fn>
 void dispatch_layout(bool cl, bool vec, Fn&& fn) {
   using T = std::true_type;
@@ -670,13 +671,20 @@ inline void check_first(const char* name, const Tensor& t) {
               "resfuse_cuda: C and H * W must each be below 2^31, got ", t.sizes());
 }
 
-inline void check_channel(const char* name, const Tensor& t, int64_t C, const Tensor& like) {
+// check_channels(C, like, "weight_h", weight_h, "bias_h", bias_h, ...): each
+// named tensor holds C floating-point values on like's device.
+inline void check_channels(int64_t, const Tensor&) {}
+
+template <typename... Rest>
+void check_channels(int64_t C, const Tensor& like, const char* name, const Tensor& t,
+                    const Rest&... rest) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "resfuse_cuda: ", name, " must have shape (", C,
               ",), got ", t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resfuse_cuda: ", name,
               " must be floating point, got ", t.scalar_type());
   TORCH_CHECK(t.device() == like.device(), "resfuse_cuda: ", name, " is on ", t.device(),
               " but the activations are on ", like.device());
+  check_channels(C, like, rest...);
 }
 
 }  // namespace resfuse_cuda

@@ -111,10 +111,8 @@ void check_inputs(const Tensor& a, const Tensor& b, const Tensor& x, const Tenso
   check_activation("b", b, a);
   check_activation("x", x, a);
   const int64_t C = a.size(1);
-  check_channel("weight_h", weight_h, C, a);
-  check_channel("bias_h", bias_h, C, a);
-  check_channel("weight_t", weight_t, C, a);
-  check_channel("bias_t", bias_t, C, a);
+  check_channels(C, a, "weight_h", weight_h, "bias_h", bias_h, "weight_t", weight_t, "bias_t",
+                 bias_t);
 }
 
 }  // namespace
@@ -139,10 +137,8 @@ RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward) {
                px = act<const scalar_t>(x, g);
     const auto py = act<scalar_t>(y, g);
     constexpr int VW = vec_width<scalar_t>();
-    dispatch_layout<VW>(g.cl, vectorizable<VW>(g, pa, pb, px, py), [&](auto cl_c, auto v_c) {
-      constexpr bool CL = decltype(cl_c)::value;
-      constexpr int V = decltype(v_c)::value;
-      pointwise<CL, V>(HighwayForward<scalar_t, A, V, CL>{pa, pb, px, py, bn_h, bn_t}, g);
+    dispatch_layout<VW>(g.cl, vectorizable<VW>(g, pa, pb, px, py), [&](auto cl, auto v) {
+      pointwise<cl(), v()>(HighwayForward<scalar_t, A, v(), cl()>{pa, pb, px, py, bn_h, bn_t}, g);
     });
   });
   return {y, mean_h, var_h, mean_t, var_t};
@@ -152,10 +148,7 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
   check_inputs(a_in, b_in, x_in, weight_h, bias_h, weight_t, bias_t);
   check_activation("grad_y", grad_in, a_in);
   const int64_t C = a_in.size(1);
-  check_channel("mean_h", mean_h, C, a_in);
-  check_channel("var_h", var_h, C, a_in);
-  check_channel("mean_t", mean_t, C, a_in);
-  check_channel("var_t", var_t, C, a_in);
+  check_channels(C, a_in, "mean_h", mean_h, "var_h", var_h, "mean_t", mean_t, "var_t", var_t);
   const DeviceGuard guard(a_in.device());
   const Geo g = geometry(a_in);
   const Tensor a = fit(a_in, g), b = fit(b_in, g), x = fit(x_in, g), gy = fit(grad_in, g);

@@ -32,6 +32,30 @@
 namespace resfuse_cuda {
 namespace {
 
+// z = BN_d(u) + h [+ BN_k(v)] per lane at (n, c, s), with the loaded u and v
+// and both BNs' lanes (v and lk only with the carry: v.p != nullptr).
+template <bool CL, int V, typename T, typename A>
+__device__ __forceinline__ void tail_z(const Act<const T>& u, const Act<const T>& h,
+                                       const Act<const A>& v, const Bn<A>& bn_d,
+                                       const Bn<A>& bn_k, int64_t n, int64_t c, int64_t s,
+                                       A (&z)[V], A (&uv)[V], A (&vv)[V], BnLanes<A, V>& ld,
+                                       BnLanes<A, V>& lk) {
+  A hv[V];
+  load<V>(at_<CL>(u, n, c, s), uv);
+  load<V>(at_<CL>(h, n, c, s), hv);
+  ld = bn_d.template lanes<V, CL>(c);
+  const bool carry = v.p != nullptr;
+  if (carry) {
+    load<V>(at_<CL>(v, n, c, s), vv);
+    lk = bn_k.template lanes<V, CL>(c);
+  }
+#pragma unroll
+  for (int l = 0; l < V; ++l) {
+    z[l] = ld.affine(uv[l], l) + hv[l];
+    if (carry) z[l] = z[l] + lk.affine(vv[l], l);
+  }
+}
+
 template <typename T, typename A, int V, bool CL>
 struct TailForward {
   Act<const T> u, h;
@@ -40,23 +64,12 @@ struct TailForward {
   Bn<A> bn_d, bn_k;
 
   __device__ __forceinline__ void apply(int64_t n, int64_t c, int64_t s) const {
-    A uv[V], hv[V], vv[V], yv[V];
-    load<V>(at_<CL>(u, n, c, s), uv);
-    load<V>(at_<CL>(h, n, c, s), hv);
-    const bool carry = v.p != nullptr;
-    const BnLanes<A, V> ld = bn_d.template lanes<V, CL>(c);
-    BnLanes<A, V> lk;
-    if (carry) {
-      load<V>(at_<CL>(v, n, c, s), vv);
-      lk = bn_k.template lanes<V, CL>(c);
-    }
+    A z[V], uv[V], vv[V];
+    BnLanes<A, V> ld, lk;
+    tail_z<CL, V>(u, h, v, bn_d, bn_k, n, c, s, z, uv, vv, ld, lk);
 #pragma unroll
-    for (int l = 0; l < V; ++l) {
-      A z = ld.affine(uv[l], l) + hv[l];
-      if (carry) z = z + lk.affine(vv[l], l);
-      yv[l] = relu(z);
-    }
-    store<V>(at_<CL>(y, n, c, s), yv);
+    for (int l = 0; l < V; ++l) z[l] = relu(z[l]);
+    store<V>(at_<CL>(y, n, c, s), z);
   }
 };
 
@@ -74,22 +87,11 @@ struct TailBackward {
   __device__ __forceinline__ void masked(int64_t n, int64_t c, int64_t s, A (&gm)[V],
                                          A (&uv)[V], A (&vv)[V], BnLanes<A, V>& ld,
                                          BnLanes<A, V>& lk) const {
-    A gv[V], hv[V];
+    A gv[V], z[V];
     load<V>(at_<CL>(g, n, c, s), gv);
-    load<V>(at_<CL>(u, n, c, s), uv);
-    load<V>(at_<CL>(h, n, c, s), hv);
-    ld = bn_d.template lanes<V, CL>(c);
-    const bool carry = v.p != nullptr;
-    if (carry) {
-      load<V>(at_<CL>(v, n, c, s), vv);
-      lk = bn_k.template lanes<V, CL>(c);
-    }
+    tail_z<CL, V>(u, h, v, bn_d, bn_k, n, c, s, z, uv, vv, ld, lk);
 #pragma unroll
-    for (int l = 0; l < V; ++l) {
-      A z = ld.affine(uv[l], l) + hv[l];
-      if (carry) z = z + lk.affine(vv[l], l);
-      gm[l] = gv[l] * positive(z);
-    }
+    for (int l = 0; l < V; ++l) gm[l] = gv[l] * positive(z[l]);
   }
 
   // The three sums' terms: g, g (u - mean_d), g v (v centred; 0 without the
@@ -197,8 +199,7 @@ void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const 
   check_first("u", u);
   check_activation("h", h, u);
   const int64_t C = u.size(1);
-  check_channel("weight_d", weight_d, C, u);
-  check_channel("bias_d", bias_d, C, u);
+  check_channels(C, u, "weight_d", weight_d, "bias_d", bias_d);
   if (!x.has_value()) return;
   TORCH_CHECK(w.has_value() && weight_k.has_value() && bias_k.has_value(),
               "resfuse_cuda: the carry needs x, w, weight_k and bias_k together");
@@ -209,8 +210,7 @@ void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const 
                   w->size(0) == C && w->size(1) == x->size(1),
               "resfuse_cuda: w must have shape (", C, ", ", x->size(1), ") or (", C, ", ",
               x->size(1), ", 1, 1), got ", w->sizes());
-  check_channel("weight_k", *weight_k, C, u);
-  check_channel("bias_k", *bias_k, C, u);
+  check_channels(C, u, "weight_k", *weight_k, "bias_k", *bias_k);
 }
 
 }  // namespace
@@ -246,10 +246,8 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     const Act<const A> pv = carry ? act<const A>(v, g) : Act<const A>{nullptr, 0, 0};
     const auto py = act<scalar_t>(y, g);
     constexpr int VW = vec_width<scalar_t>();
-    dispatch_layout<VW>(g.cl, vectorizable<VW>(g, pu, ph, pv, py), [&](auto cl_c, auto v_c) {
-      constexpr bool CL = decltype(cl_c)::value;
-      constexpr int V = decltype(v_c)::value;
-      pointwise<CL, V>(TailForward<scalar_t, A, V, CL>{pu, ph, pv, py, bn_d, bn_k}, g);
+    dispatch_layout<VW>(g.cl, vectorizable<VW>(g, pu, ph, pv, py), [&](auto cl, auto v) {
+      pointwise<cl(), v()>(TailForward<scalar_t, A, v(), cl()>{pu, ph, pv, py, bn_d, bn_k}, g);
     });
   });
   return {y, mean_d, var_d, mean_k, var_k};
@@ -259,13 +257,9 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
   check_activation("grad_y", grad_in, u_in);
   const int64_t C = u_in.size(1);
-  check_channel("mean_d", mean_d, C, u_in);
-  check_channel("var_d", var_d, C, u_in);
+  check_channels(C, u_in, "mean_d", mean_d, "var_d", var_d);
   const bool carry = x_in.has_value();
-  if (carry) {
-    check_channel("mean_k", mean_k, C, u_in);
-    check_channel("var_k", var_k, C, u_in);
-  }
+  if (carry) check_channels(C, u_in, "mean_k", mean_k, "var_k", var_k);
   const DeviceGuard guard(u_in.device());
   const Geo g = geometry(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g), gy = fit(grad_in, g);

@@ -345,12 +345,34 @@ def grid_tiles(n: int, c: int, s: int):
 
 
 @triton.jit
-def tile_coords(pid, S, BLOCK_S: tl.constexpr):
-    """(n, s, s_mask) of pointwise tile ``pid``."""
+def tile_coords(t, S, BLOCK_S: tl.constexpr):
+    """(n, s, s_mask) of tile ``t`` in image-major order (n int64)."""
     nsb = tl.cdiv(S, BLOCK_S)
-    n = pid // nsb
-    s = (pid - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
+    n = t // nsb
+    s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
     return n.to(tl.int64), s, s < S
+
+
+@triton.jit
+def channel_block(C, BLOCK_C: tl.constexpr):
+    """(c, c_mask): this program's block of channels (grid axis 1)."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < C
+
+
+@triton.jit
+def pointwise_tile(S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(n, s, s_mask, c, c_mask, mask) of this pointwise program's tile."""
+    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
+    c, cmask = channel_block(C, BLOCK_C)
+    return n, s, smask, c, cmask, smask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def chunk_tile(t, S, cmask, BLOCK_S: tl.constexpr):
+    """(n, s, s_mask, mask) of tile ``t`` of a reduction program's walk."""
+    n, s, smask = tile_coords(t, S, BLOCK_S)
+    return n, s, smask, smask[:, None] & cmask[None, :]
 
 
 @triton.jit
@@ -494,9 +516,7 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
                   N, C, S, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                   TWO: tl.constexpr, CT: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    nsb = tl.cdiv(S, BLOCK_S)
+    c, cmask = channel_block(C, BLOCK_C)
     t0, t1 = chunk_range(N, S, BLOCK_S)
     # Welford runs on z - z0 (sample_shift), and the partials stay shifted
     # until _stats_finalize adds z0 (shift_ptr) to the mean: at a large mean
@@ -507,18 +527,12 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
     if TWO:
         y0 = sample_shift(y_ptr, c, cmask, S, syc, sys_, CT, BLOCK_S)
     count = tl.zeros([BLOCK_S], CT)
-    mx = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    qx = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    my = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    qy = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    zero = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    mx, qx, my, qy = zero, zero, zero, zero
     for t in range(t0, t1):
-        n = t // nsb
-        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
-        rows = s < S
-        mask = rows[:, None] & cmask[None, :]
+        n64, s, rows, mask = chunk_tile(t, S, cmask, BLOCK_S)
         count += rows.to(CT)
         inv = 1.0 / tl.maximum(count, 1.0)
-        n64 = n.to(tl.int64)
         v = tl.load(x_ptr + offsets(n64, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
         mx, qx = slot_welford(mx, qx, v - x0[None, :], rows, inv)
         if TWO:

@@ -24,9 +24,9 @@ import triton.language as tl
 
 from ..ops._common import STATS_DTYPE
 from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_grad_finalize,
-                      bn_params, bn_vectors, cdiv, chunk_range, compute_type, empty_like_format,
-                      grid_tiles, input_grad, launch, layout_flag, num_chunks, offsets,
-                      tile_coords, to_storage, view3)
+                      bn_params, bn_vectors, cdiv, channel_block, chunk_range, chunk_tile,
+                      compute_type, empty_like_format, grid_tiles, input_grad, launch, layout_flag,
+                      num_chunks, offsets, pointwise_tile, to_storage, view3)
 
 
 @triton.jit
@@ -57,10 +57,7 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
                     san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                     EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mask = smask[:, None] & cmask[None, :]
+    n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
     a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
@@ -86,22 +83,15 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
                             sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, LAYOUT,
                             EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr,
                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask = channel_block(C, BLOCK_C)
     mh, rh, wh, bh = bn_vectors(mh_ptr, vh_ptr, wh_ptr, bh_ptr, c, cmask, EPS_H, CT)
     mt, rt, wt, bt = bn_vectors(mt_ptr, vt_ptr, wt_ptr, bt_ptr, c, cmask, EPS_T, CT)
-    nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
     # per-slot running sums, reduced down the tile once at the end
-    sum_gh = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    sum_gha = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    sum_gt = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    sum_gtb = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    zero = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    sum_gh, sum_gha, sum_gt, sum_gtb = zero, zero, zero, zero
     for t in range(t0, t1):
-        n = t // nsb
-        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
-        n = n.to(tl.int64)
-        mask = (s < S)[:, None] & cmask[None, :]
+        n, s, _, mask = chunk_tile(t, S, cmask, BLOCK_S)
         g = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
         a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
         b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
@@ -130,10 +120,7 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, c
                            TRAINING: tl.constexpr, EPS_H: tl.constexpr, EPS_T: tl.constexpr,
                            CT: tl.constexpr,
                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    mask = smask[:, None] & cmask[None, :]
+    n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
     g = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
     a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
     b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)

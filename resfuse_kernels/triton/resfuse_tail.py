@@ -63,10 +63,11 @@ import triton.language as tl
 
 from ..ops._common import STATS_DTYPE, compute_dtype
 from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats,
-                      bn_grad_finalize, bn_params, bn_vectors, cdiv, channel_vector, chunk_range,
-                      compute_type, empty_like_format, finalize_stats, in_output_format,
-                      input_grad, launch, layout_flag, merge_slots, num_chunks, offsets, scratch,
-                      slot_welford, tile_coords, to_storage, twelve_bits, view3)
+                      bn_grad_finalize, bn_params, bn_vectors, cdiv, channel_block, channel_vector,
+                      chunk_range, chunk_tile, compute_type, empty_like_format, finalize_stats,
+                      in_output_format, input_grad, launch, layout_flag, merge_slots, num_chunks,
+                      offsets, pointwise_tile, scratch, slot_welford, tile_coords, to_storage,
+                      twelve_bits, view3)
 
 
 @triton.jit
@@ -136,12 +137,9 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
                     HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
                     CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_X: tl.constexpr):
-    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
     md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
-    mask = smask[:, None] & cmask[None, :]
     z, _, _ = _tail_z(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
                       md, rd, wd, bd, mk, rk, wk, bk,
                       CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
@@ -160,22 +158,15 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, p
                             HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
                             CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_X: tl.constexpr):
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    c, cmask = channel_block(C, BLOCK_C)
     md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
-    nsb = tl.cdiv(S, BLOCK_S)
     t0, t1 = chunk_range(N, S, BLOCK_S)
     # per-slot running sums, reduced down the tile once at the end
-    sum_g = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    sum_gu = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    sum_gv = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    zero = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    sum_g, sum_gu, sum_gv = zero, zero, zero
     for t in range(t0, t1):
-        n = t // nsb
-        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
-        n = n.to(tl.int64)
-        smask = s < S
-        mask = smask[:, None] & cmask[None, :]
+        n, s, smask, mask = chunk_tile(t, S, cmask, BLOCK_S)
         z, uc, vc = _tail_z(
             u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, mask,
             md, rd, wd, bd, mk, rk, wk, bk, CX, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
@@ -207,12 +198,9 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
                            BLOCK_X: tl.constexpr):
     """du (and dv) from g = dh, written by the reduction pass, and in
     training u (and W x): no h, no z."""
-    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
     md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
-    mask = smask[:, None] & cmask[None, :]
     g = tl.load(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), mask=mask, other=0.0).to(CT)
     u = g  # in eval dz = k1 g: neither u nor W x is read
     if TRAINING:
@@ -235,19 +223,15 @@ def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S
                         sxn, sxc, sxs, LAYOUT, CT: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
     """Per-chunk (count, mean, M2) of v' = W (x - x0), computed tile by tile in registers."""
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    nsb = tl.cdiv(S, BLOCK_S)
+    c, cmask = channel_block(C, BLOCK_C)
     t0, t1 = chunk_range(N, S, BLOCK_S)
     count = tl.zeros([BLOCK_S], CT)
-    mean = tl.zeros([BLOCK_S, BLOCK_C], CT)
-    m2 = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    zero = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    mean, m2 = zero, zero
     for t in range(t0, t1):
-        n = t // nsb
-        s = (t - n * nsb) * BLOCK_S + tl.arange(0, BLOCK_S)
-        rows = s < S
+        n, s, rows = tile_coords(t, S, BLOCK_S)
         count += rows.to(CT)
-        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n.to(tl.int64), s, rows, c, cmask, CX,
+        v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, rows, c, cmask, CX,
                         sxn, sxc, sxs, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         mean, m2 = slot_welford(mean, m2, v, rows, 1.0 / tl.maximum(count, 1.0))
     total, mean, m2 = merge_slots(count, mean, m2)
