@@ -91,7 +91,7 @@ class _Floor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        ctx.saved_tensors
+        ctx.saved_tensors  # unpacked, as the op's backward unpacks them
         return (None, None, *ctx.grads)
 
 
@@ -125,7 +125,8 @@ def parts(case: Case) -> dict:
         op._setup_context(ctx, args, out)
         backward(grad_y, *ctx.saved_tensors, *ctx.scalars)
 
-    stats = forward(*args)[1:]
+    outputs = forward(*args)
+    stats = outputs[1:]
     first = args[0]
     count = first.numel() // first.shape[1]
 
@@ -136,7 +137,6 @@ def parts(case: Case) -> dict:
 
     # the floor: the recorded (differentiable) arguments, the kernels' outputs
     # and gradients, one per argument as the op's backward returns them
-    outputs = forward(*args)
     ctx = _Ctx()
     op._setup_context(ctx, args, outputs)
     grads = [None] * len(args)

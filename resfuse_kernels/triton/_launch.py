@@ -361,18 +361,18 @@ def channel_block(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def pointwise_tile(S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(n, s, s_mask, c, c_mask, mask) of this pointwise program's tile."""
-    n, s, smask = tile_coords(tl.program_id(0), S, BLOCK_S)
-    c, cmask = channel_block(C, BLOCK_C)
-    return n, s, smask, c, cmask, smask[:, None] & cmask[None, :]
-
-
-@triton.jit
 def chunk_tile(t, S, cmask, BLOCK_S: tl.constexpr):
     """(n, s, s_mask, mask) of tile ``t`` of a reduction program's walk."""
     n, s, smask = tile_coords(t, S, BLOCK_S)
     return n, s, smask, smask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def pointwise_tile(S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(n, s, s_mask, c, c_mask, mask) of this pointwise program's tile."""
+    c, cmask = channel_block(C, BLOCK_C)
+    n, s, smask, mask = chunk_tile(tl.program_id(0), S, cmask, BLOCK_S)
+    return n, s, smask, c, cmask, mask
 
 
 @triton.jit
