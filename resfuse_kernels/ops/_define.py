@@ -142,13 +142,10 @@ class FusedOp:
         """``(grad_y, saved..., training, eps...)`` returning the gradients."""
         P = inspect.Parameter
         params = [P("grad_y", P.POSITIONAL_OR_KEYWORD, annotation=Tensor)]
-        for i, p in enumerate(self.signature.parameters.values()):
-            if i >= self.training_at:
-                params.append(p)
-            elif p.name.startswith("running_"):  # running_mean_d -> mean_d
-                params.append(p.replace(name=p.name[len("running_"):], annotation=Tensor))
-            else:
-                params.append(p)
+        for p in self.signature.parameters.values():
+            if p.name.startswith("running_"):  # running_mean_d -> mean_d
+                p = p.replace(name=p.name[len("running_"):], annotation=Tensor)
+            params.append(p)
         grads = tuple[(Tensor,) * len(self.grad_at)]
         return inspect.Signature(params, return_annotation=grads)
 
