@@ -40,25 +40,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import STATS_DTYPE, compute_dtype, memory_format
+from ..ops._common import STATS_DTYPE, compute_dtype, empty_output, memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launch(kernel):
+class launch:
     """``kernel`` launched as ``launch(kernel)[grid](*args, **kwargs)``: on
     real tensors (the first argument a plain tensor) directly, an autotuned
     kernel with the configuration chosen for its key (:class:`Remembered`);
     on the fake or functional tensors of torch.compile's tracing (inside a
     ``triton_op``) through :func:`torch.library.wrap_triton`, which
     Inductor traces."""
-    launcher = _LAUNCHERS.get(kernel)
-    if launcher is None:
-        launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
-    return launcher
 
-
-class _Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
 
@@ -69,9 +63,6 @@ class _Launcher:
                 return eager[grid](*args, **kwargs)
             return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
         return run
-
-
-_LAUNCHERS: dict = {}
 
 # ---------------------------------------------------------------------------
 # configurations
@@ -101,24 +92,28 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     the first of each list is used; under the interpreter one small tile
     (BLOCK_S 16, the other sizes 32). ``num_stages``: software pipelining
     depth of a ``tl.dot`` loop (it stages the loop's loads in shared memory).
-    The full lists stay reachable, whatever runs by default, as the
-    tuner's ``configs_by_layout`` (NCHW list, channels_last list), which
-    :func:`forced_config` launches.
+    The full lists stay reachable, whatever runs by default, as its
+    :class:`Remembered`'s ``configs_by_layout`` (NCHW list, channels_last
+    list), which :func:`forced_config` launches.
     """
     full = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
-    if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
-        tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names, num_stages)
-        return lambda fn: _remember(triton.autotune(configs=tile, key=key)(fn), key, full,
-                                    benchmarks=False)
-    by_layout = (full[0][:1], full[1][:1]) if not AUTOTUNE else full
+    by_layout = full if AUTOTUNE else (full[0][:1], full[1][:1])
 
     def prune(configs, named_args, **kwargs):
         return by_layout[1] if named_args["LAYOUT"] else by_layout[0]
 
-    return lambda fn: _remember(
-        triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
-                        prune_configs_by={"early_config_prune": prune})(fn), key, full,
-        benchmarks=AUTOTUNE)
+    def decorate(fn):
+        if INTERPRET:  # one small tile: the tests' tensors are small, numpy pays per element
+            tile = _configs([(16,) + (32,) * (len(names) - 1) + (4,)], names, num_stages)
+            tuner = triton.autotune(configs=tile, key=key)(fn)
+        else:
+            tuner = triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
+                                    prune_configs_by={"early_config_prune": prune})(fn)
+        _REMEMBERED[tuner] = Remembered(tuner, key, full, AUTOTUNE and not INTERPRET)
+        TUNED.append(_REMEMBERED[tuner])
+        return tuner
+
+    return decorate
 
 
 # Index of the configuration every eager launch of an autotuned kernel uses
@@ -158,10 +153,9 @@ class Remembered:
     launch's host time before the driver call (``bench/triton_sm90.py
     --dispatch``).
 
-    Under :func:`forced_config` a launch takes the forced configuration of
-    ``configs_by_layout`` (NCHW list, channels_last list) and neither reads
-    nor writes ``chosen``: no forced choice outlives the block, and no
-    remembered one overrides it."""
+    Under :func:`forced_config` a launch neither reads nor writes
+    ``chosen``: no forced choice outlives the block, and no remembered one
+    overrides it."""
 
     def __init__(self, tuner, key: list[str], configs_by_layout: tuple[list, list],
                  benchmarks: bool = True):
@@ -214,16 +208,6 @@ def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _remember(tuner, key: list[str], configs_by_layout: tuple[list, list],
-              benchmarks: bool = True):
-    """Registers ``tuner``'s :class:`Remembered` (its eager launches) and
-    returns ``tuner`` unchanged."""
-    remembered = Remembered(tuner, key, configs_by_layout, benchmarks)
-    TUNED.append(remembered)
-    _REMEMBERED[tuner] = remembered
-    return tuner
-
-
 # [BLOCK_S, BLOCK_C] tiles of the pointwise and reduction kernels.
 TILE = ("BLOCK_S", "BLOCK_C")
 TILE_NCHW = [(128, 8, 4), (256, 8, 8), (64, 16, 4), (512, 4, 8)]
@@ -258,18 +242,19 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_chunks(device: torch.device, tiles: int, cap: int | None = None) -> int:
-    """How many programs split the pixel axis of a reduction: 4 per
-    multiprocessor, so that enough loads are in flight (each program walks
-    its tiles one after another)."""
+def num_chunks(t: torch.Tensor) -> int:
+    """How many programs split the pixel axis of a reduction over activation
+    ``t``: 4 per multiprocessor, so that enough loads are in flight (each
+    program walks its tiles one after another), at most one per tile of the
+    smallest tile height any configuration uses (16 pixels)."""
+    device = t.device
     if INTERPRET or device.type != "cuda":
         target = INTERPRET_CHUNKS
     else:
         target = 4 * _multiprocessors(device.index if device.index is not None
                                       else torch.cuda.current_device())
-    if cap is not None:
-        target = min(target, cap)
-    return max(1, min(target, tiles))
+    n, _, h, w = t.shape
+    return max(1, min(target, n * cdiv(h * w, 16)))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -287,12 +272,10 @@ def view3(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     not merge into one strided axis) and its strides as an (N, C, H*W) tensor."""
     _, _, height, width = t.shape
     sn, sc, sh, sw = t.stride()
-    if height == 1:
+    if height == 1 or sh == sw * width:
         return t, (sn, sc, sw)
     if width == 1:
         return t, (sn, sc, sh)
-    if sh == sw * width:
-        return t, (sn, sc, sw)
     t = t.contiguous()
     return t, (t.stride(0), t.stride(1), t.stride(3))
 
@@ -302,14 +285,13 @@ def layout_flag(strides: tuple[int, int, int]) -> int:
     return int(strides[1] == 1 and strides[2] != 1)
 
 
-def bn_params(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor) -> list[torch.Tensor]:
-    """``[mean, var, weight, bias]`` of one BatchNorm as dense vectors, each
-    in its own dtype: the kernels load them in the compute dtype
+def bn_params(*params: torch.Tensor) -> list[torch.Tensor]:
+    """``params``, BatchNorms' (mean, var, weight, bias), as dense vectors,
+    each in its own dtype: the kernels load them in the compute dtype
     (:func:`channel_vector`) and form ``rstd`` themselves
     (:func:`rstd_vector`), with eps a constexpr: no torch ops per BatchNorm
     on the host."""
-    return [mean.contiguous(), var.contiguous(), weight.contiguous(), bias.contiguous()]
+    return [p.contiguous() for p in params]
 
 
 def scratch(like: torch.Tensor) -> torch.Tensor:
@@ -319,20 +301,14 @@ def scratch(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(1, dtype=like.dtype, device=like.device)
 
 
-def empty_like_format(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An output for first activation ``like`` in the composite's memory format."""
-    return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device,
-                       memory_format=memory_format(like))
-
-
 def in_output_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` with exactly the strides of :func:`empty_like_format` (``like``):
+    """``t`` with exactly the strides of :func:`empty_output` (``like``):
     ``t`` itself when they match, else a copy (the fake implementations
     promise those strides, size-1 dimensions included)."""
     out = torch.empty(like.shape, device="meta", memory_format=memory_format(like))
     if t.stride() == out.stride():
         return t
-    return empty_like_format(like, t.dtype).copy_(t)
+    return empty_output(like, t.dtype).copy_(t)
 
 
 def grid_tiles(n: int, c: int, s: int):
@@ -401,8 +377,7 @@ if INTERPRET:
         return v.to(ptr.dtype.element_ty)
 else:
     @triton.jit
-    def to_storage(v, ptr):
-        """``v`` (compute dtype) in ``ptr``'s element type, rounded to nearest even."""
+    def to_storage(v, ptr):  # rounds to nearest even on a GPU
         return v.to(ptr.dtype.element_ty)
 
 
@@ -423,10 +398,8 @@ def rstd_vector(var_ptr, c, mask, EPS: tl.constexpr, CT: tl.constexpr):
     var = channel_vector(var_ptr, c, mask, CT)
     x = var + tl.full(var.shape, EPS, CT)
     if CT == tl.float64:
-        r = 1.0 / tl.sqrt(x)
-    else:
-        r = tl.div_rn(tl.full(var.shape, 1.0, CT), tl.sqrt_rn(x))
-    return r
+        return 1.0 / tl.sqrt(x)
+    return tl.div_rn(tl.full(var.shape, 1.0, CT), tl.sqrt_rn(x))
 
 
 @triton.jit
@@ -463,21 +436,27 @@ def twelve_bits(v):
 
 
 @triton.jit
-def sample_shift(ptr, c, cmask, S, sc, ss, CT: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Per channel ``c``: the mean of image 0's first BLOCK_S pixels, to 12
-    bits (:func:`twelve_bits`), where its square exceeds their variance (a
-    mean far from 0), else 0 (a centred channel keeps its own digits); 0
-    where the sample is not finite. Every program of a launch loads the
-    same sample, so all shift alike."""
-    p = tl.arange(0, BLOCK_S)
-    mask = (p < S)[:, None] & cmask[None, :]
-    v = tl.load(ptr + p.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc, mask=mask,
-                other=0.0).to(CT)
-    count = tl.minimum(S, BLOCK_S) * 1.0
+def shift_of(v, mask, count):
+    """Per column of the sample ``v`` (``mask``: its ``count`` values a
+    column): their mean to 12 bits (:func:`twelve_bits`) where its square
+    exceeds their variance (a mean far from 0), else 0 (a centred channel
+    keeps its own digits); 0 where the mean is not finite."""
     mean = tl.sum(v, axis=0) / count
     d = tl.where(mask, v - mean[None, :], 0.0)
     far = mean * mean > tl.sum(d * d, axis=0) / count
     return tl.where(far & (mean - mean == 0.0), twelve_bits(mean), 0.0)
+
+
+@triton.jit
+def sample_shift(ptr, c, cmask, S, sc, ss, CT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per channel ``c``: the shift (:func:`shift_of`) of image 0's first
+    BLOCK_S pixels. Every program of a launch loads the same sample, so all
+    shift alike."""
+    p = tl.arange(0, BLOCK_S)
+    mask = (p < S)[:, None] & cmask[None, :]
+    v = tl.load(ptr + p.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc, mask=mask,
+                other=0.0).to(CT)
+    return shift_of(v, mask, tl.minimum(S, BLOCK_S) * 1.0)
 
 
 @triton.jit
@@ -493,17 +472,20 @@ def slot_welford(mean, m2, v, rows, inv_count):
 
 
 @triton.jit
-def merge_slots(count, mean, m2):
-    """Per-column (count, mean, M2) from per-slot running tiles with
-    ``count`` per row, once per program: the count-weighted mean, then M2
-    as the slots' M2 plus their count-weighted squared deviations from it
-    (what Chan's pairwise merge sums to; plain sums, where a ``tl.reduce``
-    with a merge function would run element by element in the interpreter)."""
+def merge_slots(count, mean, m2, mean_ptr, m2_ptr, c, cmask):
+    """Per-column (mean, M2) from per-slot running tiles with ``count`` per
+    row, once per program, stored at ``mean_ptr + c`` and ``m2_ptr + c``;
+    returns the column's count. The count-weighted mean, then M2 as the
+    slots' M2 plus their count-weighted squared deviations from it (what
+    Chan's pairwise merge sums to; plain sums, where a ``tl.reduce`` with a
+    merge function would run element by element in the interpreter)."""
     w = tl.broadcast_to(count[:, None], mean.shape)
     total = tl.sum(w, axis=0)
     mu = tl.sum(w * mean, axis=0) / tl.maximum(total, 1.0)
     d = mean - mu[None, :]
-    return total, mu, tl.sum(m2 + w * d * d, axis=0)
+    tl.store(mean_ptr + c, mu, mask=cmask)
+    tl.store(m2_ptr + c, tl.sum(m2 + w * d * d, axis=0), mask=cmask)
+    return total
 
 
 # ---------------------------------------------------------------------------
@@ -539,20 +521,15 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
             v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask,
                         other=0.0).to(CT)
             my, qy = slot_welford(my, qy, v - y0[None, :], rows, inv)
-    total, mean_x, m2_x = merge_slots(count, mx, qx)
     chunk = tl.program_id(0)
-    width = 2 * C if TWO else C
-    row = chunk.to(tl.int64) * width
+    row = chunk.to(tl.int64) * (2 * C if TWO else C)
+    total = merge_slots(count, mx, qx, mean_ptr + row, m2_ptr + row, c, cmask)
     tl.store(cnt_ptr + chunk + c * 0, total, mask=c == 0)
     first_chunk = (c * 0 + chunk) == 0
     tl.store(shift_ptr + c, x0, mask=cmask & first_chunk)
-    tl.store(mean_ptr + row + c, mean_x, mask=cmask)
-    tl.store(m2_ptr + row + c, m2_x, mask=cmask)
     if TWO:
-        _, mean_y, m2_y = merge_slots(count, my, qy)
+        merge_slots(count, my, qy, mean_ptr + row + C, m2_ptr + row + C, c, cmask)
         tl.store(shift_ptr + C + c, y0, mask=cmask & first_chunk)
-        tl.store(mean_ptr + row + C + c, mean_y, mask=cmask)
-        tl.store(m2_ptr + row + C + c, m2_y, mask=cmask)
 
 
 @triton.jit
@@ -635,9 +612,9 @@ def _bn_grad(part_ptr, P, W, C, M, SG: tl.constexpr, SC: tl.constexpr,
     g (z - mean) about the mean rounded to CT (group SC), all in float64:
     dbias = sum(g); dweight = rstd sum(g (z - mean)) about the float64 mean;
     and the input gradient's coefficients k1 = w rstd,
-    k2 = -w rstd^2 sum(g z_hat) / M, k3 = -w rstd sum(g) / M (0 in eval),
-    stored in float64 at coef_ptr (3 rows of C): the cpu and cuda backends'
-    form."""
+    k2 = -w rstd^2 sum(g z_hat) / M, k3 = -w rstd sum(g) / M (training only:
+    eval's gradient is k1 g), stored in float64 at coef_ptr (3 rows of C):
+    the cpu and cuda backends' form."""
     sg = _group_sum(part_ptr, P, W, SG * C, c, mask, BLOCK, BLOCK_P)
     sgc = _group_sum(part_ptr, P, W, SC * C, c, mask, BLOCK, BLOCK_P)
     m = tl.load(m_ptr + c, mask=mask, other=0.0).to(tl.float64)
@@ -655,9 +632,6 @@ def _bn_grad(part_ptr, P, W, C, M, SG: tl.constexpr, SC: tl.constexpr,
     if TRAINING:
         tl.store(coef_ptr + C + c, -wr * r * dweight / M, mask=mask)
         tl.store(coef_ptr + 2 * C + c, -wr * sg / M, mask=mask)
-    else:
-        tl.store(coef_ptr + C + c, tl.zeros([BLOCK], tl.float64), mask=mask)
-        tl.store(coef_ptr + 2 * C + c, tl.zeros([BLOCK], tl.float64), mask=mask)
 
 
 @triton.jit
@@ -734,15 +708,12 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     (computed in the compute dtype).
     """
     n, c, h, w = x.shape
-    s = h * w
     cdt = compute_dtype(x.dtype)
     two = y is not None
     width = 2 * c if two else c
     if x.numel() == 0:
-        zeros = [x.new_zeros(c, dtype=STATS_DTYPE) for _ in range(4 if two else 2)]
-        return zeros
-    # chunks from the smallest tile height any config uses
-    chunks = num_chunks(x.device, n * cdiv(s, 16))
+        return [x.new_zeros(c, dtype=STATS_DTYPE) for _ in range(4 if two else 2)]
+    chunks = num_chunks(x)
     cnt = torch.empty(chunks, dtype=cdt, device=x.device)
     mean_p = torch.empty(chunks, width, dtype=cdt, device=x.device)
     m2_p = torch.empty_like(mean_p)
@@ -751,7 +722,7 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     if y is None:
         y, sy = x, sx
     launch(_stats_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        x, y, cnt, mean_p, m2_p, shift, n, c, s, *sx, *sy, layout_flag(sx),
+        x, y, cnt, mean_p, m2_p, shift, n, c, h * w, *sx, *sy, layout_flag(sx),
         TWO=two, CT=ct)
     out = [torch.empty(c, dtype=STATS_DTYPE, device=x.device) for _ in range(4 if two else 2)]
     ys = out[2:] if two else [scratch(cnt), scratch(cnt)]  # never written when not two

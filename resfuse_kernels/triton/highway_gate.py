@@ -22,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import STATS_DTYPE
+from ..ops._common import STATS_DTYPE, empty_output
 from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_grad_finalize,
                       bn_params, bn_vectors, cdiv, channel_block, chunk_range, chunk_tile,
-                      compute_type, empty_like_format, grid_tiles, input_grad, launch, layout_flag,
-                      num_chunks, offsets, pointwise_tile, to_storage, view3)
+                      compute_type, grid_tiles, input_grad, launch, layout_flag, num_chunks,
+                      offsets, pointwise_tile, to_storage, view3)
 
 
 @triton.jit
@@ -38,15 +38,17 @@ def _sigmoid(z):
 
 
 @triton.jit
-def _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt):
-    """(a_hat, b_hat, H, T) of a tile, from the two BatchNorms' per-channel
-    (mean, rstd, weight, bias) vectors (:func:`~._launch.bn_vectors`)."""
+def _gate_grads(g, a, b, x, mh, rh, wh, bh, mt, rt, wt, bt, CT: tl.constexpr):
+    """(g_h, g_t, T) of a tile: the gradients reaching the two BatchNorms'
+    outputs, as the composite's g T [H > 0] and g (H - x) T (1 - T), and
+    the gate T, from the BatchNorms' per-channel (mean, rstd, weight, bias)
+    vectors (:func:`~._launch.bn_vectors`)."""
     a_hat = (a - mh[None, :]) * rh[None, :]
     b_hat = (b - mt[None, :]) * rt[None, :]
     zh = a_hat * wh[None, :] + bh[None, :]
     gh = tl.where(zh < 0.0, 0.0, zh)  # relu that keeps NaN, as torch.relu
     gt = _sigmoid(b_hat * wt[None, :] + bt[None, :])
-    return a_hat, b_hat, gh, gt
+    return g * gt * (gh > 0.0).to(CT), g * (gh - x) * gt * (1.0 - gt), gt
 
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
@@ -87,7 +89,6 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
     mh, rh, wh, bh = bn_vectors(mh_ptr, vh_ptr, wh_ptr, bh_ptr, c, cmask, EPS_H, CT)
     mt, rt, wt, bt = bn_vectors(mt_ptr, vt_ptr, wt_ptr, bt_ptr, c, cmask, EPS_T, CT)
     t0, t1 = chunk_range(N, S, BLOCK_S)
-    # per-slot running sums, reduced down the tile once at the end
     zero = tl.zeros([BLOCK_S, BLOCK_C], CT)
     sum_gh, sum_gha, sum_gt, sum_gtb = zero, zero, zero, zero
     for t in range(t0, t1):
@@ -96,9 +97,7 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
         a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
         b = tl.load(b_ptr + offsets(n, s, c, sbn, sbc, sbs), mask=mask, other=0.0).to(CT)
         x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
-        _, _, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
-        g_h = g * gt * (gh > 0.0).to(CT)  # as composite: g * T * [H > 0]
-        g_t = g * (gh - x) * gt * (1.0 - gt)
+        g_h, g_t, _ = _gate_grads(g, a, b, x, mh, rh, wh, bh, mt, rt, wt, bt, CT)
         sum_gh += g_h
         sum_gha += g_h * (a - mh[None, :])
         sum_gt += g_t
@@ -118,8 +117,7 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, c
                            sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
                            s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
                            TRAINING: tl.constexpr, EPS_H: tl.constexpr, EPS_T: tl.constexpr,
-                           CT: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                           CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
     g = tl.load(g_ptr + offsets(n, s, c, sgn, sgc, sgs), mask=mask, other=0.0).to(CT)
     a = tl.load(a_ptr + offsets(n, s, c, san, sac, sas), mask=mask, other=0.0).to(CT)
@@ -127,10 +125,8 @@ def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, c
     x = tl.load(x_ptr + offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
     mh, rh, wh, bh = bn_vectors(mh_ptr, vh_ptr, wh_ptr, bh_ptr, c, cmask, EPS_H, CT)
     mt, rt, wt, bt = bn_vectors(mt_ptr, vt_ptr, wt_ptr, bt_ptr, c, cmask, EPS_T, CT)
-    _, _, gh, gt = _gates(a, b, mh, rh, wh, bh, mt, rt, wt, bt)
+    g_h, g_t, gt = _gate_grads(g, a, b, x, mh, rh, wh, bh, mt, rt, wt, bt, CT)
     dx = g * (1.0 - gt)
-    g_h = g * gt * (gh > 0.0).to(CT)
-    g_t = g * (gh - x) * gt * (1.0 - gt)
     da = input_grad(coef_ptr, mh_ptr, c, cmask, C, g_h, a, TRAINING, CT)
     db = input_grad(coef_ptr + 3 * C, mt_ptr, c, cmask, C, g_t, b, TRAINING, CT)
     tl.store(da_ptr + offsets(n, s, c, s1n, s1c, s1s), to_storage(da, da_ptr), mask=mask)
@@ -148,19 +144,15 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
     if training:
         mean_h, var_h, mean_t, var_t = batch_stats(a3, sa, b3, sb)
     else:
-        mean_h = running_mean_h.to(STATS_DTYPE, copy=True)
-        var_h = running_var_h.to(STATS_DTYPE, copy=True)
-        mean_t = running_mean_t.to(STATS_DTYPE, copy=True)
-        var_t = running_var_t.to(STATS_DTYPE, copy=True)
-    y = empty_like_format(a)
+        mean_h, var_h, mean_t, var_t = (t.to(STATS_DTYPE, copy=True) for t in (
+            running_mean_h, running_var_h, running_mean_t, running_var_t))
+    y = empty_output(a)
     if a.numel() == 0:
         return y, mean_h, var_h, mean_t, var_t
-    _, sy = view3(y)
-    params = (bn_params(mean_h, var_h, weight_h, bias_h)
-              + bn_params(mean_t, var_t, weight_t, bias_t))
+    params = bn_params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
     launch(_forward_kernel)[grid_tiles(n, c, h * w)](
         a3, b3, x3, y, *params, n, c, h * w,
-        *sa, *sb, *sx, *sy, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t),
+        *sa, *sb, *sx, *view3(y)[1], layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t),
         CT=compute_type(a.dtype))
     return y, mean_h, var_h, mean_t, var_t
 
@@ -170,18 +162,16 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
                           training: bool, eps_h: float, eps_t: float):
     n, c, h, w = a.shape
     s = h * w
-    da, db, dx = empty_like_format(a), empty_like_format(b), empty_like_format(x)
+    da, db, dx = empty_output(a), empty_output(b), empty_output(x)
     if a.numel() == 0:
-        zeros = [torch.zeros_like(p) for p in (weight_h, bias_h, weight_t, bias_t)]
-        return (da, db, dx, *zeros)
+        return (da, db, dx, *(torch.zeros_like(p) for p in (weight_h, bias_h, weight_t, bias_t)))
     g3, sg = view3(grad_y)
     a3, sa = view3(a)
     b3, sb = view3(b)
     x3, sx = view3(x)
     ct = compute_type(a.dtype)
-    params = (bn_params(mean_h, var_h, weight_h, bias_h)
-              + bn_params(mean_t, var_t, weight_t, bias_t))
-    chunks = num_chunks(a.device, n * cdiv(s, 16))
+    params = bn_params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
+    chunks = num_chunks(a)
     part = torch.empty(chunks, 4 * c, dtype=torch.float64, device=a.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, n, c, s,

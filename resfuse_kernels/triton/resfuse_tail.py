@@ -61,13 +61,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import STATS_DTYPE, compute_dtype
+from ..ops._common import STATS_DTYPE, compute_dtype, empty_output
 from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats,
                       bn_grad_finalize, bn_params, bn_vectors, cdiv, channel_block, channel_vector,
-                      chunk_range, chunk_tile, compute_type, empty_like_format, finalize_stats,
+                      chunk_range, chunk_tile, compute_type, finalize_stats, grid_tiles,
                       in_output_format, input_grad, launch, layout_flag, merge_slots, num_chunks,
-                      offsets, pointwise_tile, scratch, slot_welford, tile_coords, to_storage,
-                      twelve_bits, view3)
+                      offsets, pointwise_tile, scratch, shift_of, slot_welford, tile_coords,
+                      to_storage, view3)
 
 
 @triton.jit
@@ -162,7 +162,6 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, p
     md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
                                           wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     t0, t1 = chunk_range(N, S, BLOCK_S)
-    # per-slot running sums, reduced down the tile once at the end
     zero = tl.zeros([BLOCK_S, BLOCK_C], CT)
     sum_g, sum_gu, sum_gv = zero, zero, zero
     for t in range(t0, t1):
@@ -188,19 +187,15 @@ def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, p
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
 def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, coef_ptr,
-                           md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-                           N, C, S, CX,
+                           md_ptr, mk_ptr, N, C, S, CX,
                            s2n, s2c, s2s, sun, suc, sus, sxn, sxc, sxs,
                            s1n, s1c, s1s, s3n, s3c, s3s, LAYOUT,
-                           HAS_CARRY: tl.constexpr, TRAINING: tl.constexpr, EPS_D: tl.constexpr,
-                           EPS_K: tl.constexpr, CT: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_X: tl.constexpr):
+                           HAS_CARRY: tl.constexpr, TRAINING: tl.constexpr, CT: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
     """du (and dv) from g = dh, written by the reduction pass, and in
-    training u (and W x): no h, no z."""
+    training u (and W x): no h, no z. ``md_ptr`` / ``mk_ptr``: the means of
+    u and of v' (:func:`~._launch.input_grad`)."""
     n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
-    md, rd, wd, bd, mk, rk, wk, bk = _bns(md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr,
-                                          wk_ptr, bk_ptr, c, cmask, HAS_CARRY, EPS_D, EPS_K, CT)
     g = tl.load(dh_ptr + offsets(n, s, c, s2n, s2c, s2s), mask=mask, other=0.0).to(CT)
     u = g  # in eval dz = k1 g: neither u nor W x is read
     if TRAINING:
@@ -234,12 +229,10 @@ def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S
         v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, rows, c, cmask, CX,
                         sxn, sxc, sxs, CT, BLOCK_S, BLOCK_C, BLOCK_X)
         mean, m2 = slot_welford(mean, m2, v, rows, 1.0 / tl.maximum(count, 1.0))
-    total, mean, m2 = merge_slots(count, mean, m2)
     chunk = tl.program_id(0)
     row = chunk.to(tl.int64) * C
+    total = merge_slots(count, mean, m2, mean_ptr + row, m2_ptr + row, c, cmask)
     tl.store(cnt_ptr + chunk + c * 0, total, mask=c == 0)
-    tl.store(mean_ptr + row + c, mean, mask=cmask)
-    tl.store(m2_ptr + row + c, m2, mask=cmask)
 
 
 # Pixels sampled for the carry's shift: the first ones in image-major order.
@@ -249,9 +242,9 @@ SHIFT_SAMPLE = 128
 @triton.jit
 def _carry_shift_kernel(x_ptr, x0_ptr, P, S, CX, sxn, sxc, sxs, CT: tl.constexpr,
                         SAMPLE: tl.constexpr, BLOCK_X: tl.constexpr):
-    """x0 per input channel (program = block of channels): the mean of x's
-    first P <= SAMPLE pixels (image-major), to 12 significant bits, if its
-    square exceeds their variance, else 0."""
+    """x0 per input channel (program = block of channels): the shift
+    (:func:`~._launch.shift_of`) of x's first P <= SAMPLE pixels
+    (image-major), taken in float64."""
     cx = tl.program_id(0) * BLOCK_X + tl.arange(0, BLOCK_X)
     xm = cx < CX
     p = tl.arange(0, SAMPLE)
@@ -260,14 +253,9 @@ def _carry_shift_kernel(x_ptr, x0_ptr, P, S, CX, sxn, sxc, sxs, CT: tl.constexpr
     mask = (p < P)[:, None] & xm[None, :]
     v = tl.load(x_ptr + n[:, None] * sxn + s[:, None] * sxs + cx.to(tl.int64)[None, :] * sxc,
                 mask=mask, other=0.0).to(tl.float64)
-    count = P * 1.0
-    mean = tl.sum(v, axis=0) / count
-    d = tl.where(mask, v - mean[None, :], 0.0)
-    var = tl.sum(d * d, axis=0) / count
     # 12 significant bits (twelve_bits): with all 24, the bias of x - x0
     # was amplified by BatchNorm over three values to 4x PyTorch's error in dW
-    x0 = twelve_bits(mean).to(CT)
-    tl.store(x0_ptr + cx, tl.where(mean * mean > var, x0, 0.0), mask=xm)
+    tl.store(x0_ptr + cx, shift_of(v, mask, P * 1.0).to(CT), mask=xm)
 
 
 @triton.jit
@@ -289,13 +277,9 @@ def _shift_mean_kernel(mean_ptr, out_ptr, w_ptr, x0_ptr, K, CX, SIGN: tl.constex
 
 
 def _carry_shift(x3: torch.Tensor, sx) -> torch.Tensor:
-    """The carry's shift x0, (CX,) in the compute dtype (one launch; the same x
-    gives the same x0 in the forward and the backward).
-
-    The kernels compute v' = W (x - x0) = v - W x0, whose magnitude is that
-    of x's spread, not of its mean: W x at a large mean would lose the
-    digits of v - mean(v) that BatchNorm keeps.
-    """
+    """The carry's shift x0 (the module docstring says why), (CX,) in the
+    compute dtype: one launch; the same x gives the same x0 in the forward
+    and the backward."""
     n, cx, h, w = x3.shape
     x0 = torch.empty(cx, dtype=compute_dtype(x3.dtype), device=x3.device)
     launch(_carry_shift_kernel)[(cdiv(cx, 16),)](
@@ -322,15 +306,14 @@ def _carry_stats(x3, sx, x0, w2):
     the compute dtype, var in STATS_DTYPE; v' itself is never stored."""
     n, _, h, wdt = x3.shape
     k, cx = w2.shape
-    s = h * wdt
     cdt = compute_dtype(x3.dtype)
-    chunks = num_chunks(x3.device, n * cdiv(s, 16))
+    chunks = num_chunks(x3)
     cnt = torch.empty(chunks, dtype=cdt, device=x3.device)
     mean_p = torch.empty(chunks, k, dtype=cdt, device=x3.device)
     m2_p = torch.empty_like(mean_p)
     ct = compute_type(x3.dtype)
     launch(_carry_stats_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
-        x3, x0, w2, cnt, mean_p, m2_p, n, k, s, cx, *sx, layout_flag(sx), CT=ct)
+        x3, x0, w2, cnt, mean_p, m2_p, n, k, h * wdt, cx, *sx, layout_flag(sx), CT=ct)
     mean = torch.empty(k, dtype=cdt, device=x3.device)
     var = torch.empty(k, dtype=STATS_DTYPE, device=x3.device)
     finalize_stats(cnt, mean_p, m2_p, [mean, var, scratch(cnt), scratch(cnt)], k, k, ct)
@@ -346,43 +329,37 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     carry = x is not None
     u3, su = view3(u)
     h3, sh = view3(h)
-    y = empty_like_format(u)
+    y = empty_output(u)
     if carry:
         x3, sx = view3(x)
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
-        x0 = u.new_zeros(cx, dtype=cdt) if u.numel() == 0 else _carry_shift(x3, sx)
     else:
-        x3, sx, w2, cx, x0 = u3, su, u3, 0, u3
+        x3, sx, w2, cx = u3, su, u3, 0
+    x0 = _carry_shift(x3, sx) if carry and u.numel() else u3  # u3: a stand-in, never read
     if training:
         mean_d, var_d = batch_stats(u3, su)
-        if not carry:
-            mean_k, var_k = u.new_empty(0, dtype=STATS_DTYPE), u.new_empty(0, dtype=STATS_DTYPE)
-        elif u.numel() == 0:
-            mean_k, var_k = u.new_zeros(k, dtype=STATS_DTYPE), u.new_zeros(k, dtype=STATS_DTYPE)
-        else:
-            shifted_mean_k, var_k = _carry_stats(x3, sx, x0, w2)
-            mean_k = _shift_mean(shifted_mean_k, w2, x0, 1, STATS_DTYPE)
     else:
-        mean_d = running_mean_d.to(STATS_DTYPE, copy=True)
-        var_d = running_var_d.to(STATS_DTYPE, copy=True)
-        if carry:
-            mean_k = running_mean_k.to(STATS_DTYPE, copy=True)
-            var_k = running_var_k.to(STATS_DTYPE, copy=True)
-            if u.numel():
-                shifted_mean_k = _shift_mean(running_mean_k, w2, x0, -1, cdt)
-        else:
-            mean_k, var_k = u.new_empty(0, dtype=STATS_DTYPE), u.new_empty(0, dtype=STATS_DTYPE)
+        mean_d, var_d = (t.to(STATS_DTYPE, copy=True) for t in (running_mean_d, running_var_d))
+    if not carry:
+        mean_k, var_k = (u.new_empty(0, dtype=STATS_DTYPE) for _ in range(2))
+    elif not training:
+        mean_k, var_k = (t.to(STATS_DTYPE, copy=True) for t in (running_mean_k, running_var_k))
+        if u.numel():
+            shifted_mean_k = _shift_mean(running_mean_k, w2, x0, -1, cdt)
+    elif u.numel() == 0:
+        mean_k, var_k = (u.new_zeros(k, dtype=STATS_DTYPE) for _ in range(2))
+    else:
+        shifted_mean_k, var_k = _carry_stats(x3, sx, x0, w2)
+        mean_k = _shift_mean(shifted_mean_k, w2, x0, 1, STATS_DTYPE)
     if u.numel() == 0:
         return y, mean_d, var_d, mean_k, var_k
     pd = bn_params(mean_d, var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
-    eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
-    launch(_forward_kernel)[lambda meta: (n * cdiv(s, meta["BLOCK_S"]),
-                                          cdiv(k, meta["BLOCK_C"]))](
+    launch(_forward_kernel)[grid_tiles(n, k, s)](
         u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
         *su, *sh, *sx, *view3(y)[1], layout_flag(su),
-        HAS_CARRY=carry, **eps, CT=compute_type(u.dtype))
+        HAS_CARRY=carry, EPS_D=float(eps_d), EPS_K=float(eps_k), CT=compute_type(u.dtype))
     return y, mean_d, var_d, mean_k, var_k
 
 
@@ -394,12 +371,12 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     n, k, hh, ww = u.shape
     s = hh * ww
     carry = x is not None
-    du, dh = empty_like_format(u), empty_like_format(h, dtype=u.dtype)
+    du, dh = empty_output(u), empty_output(h, dtype=u.dtype)
     if u.numel() == 0:
         grads = [du, dh, torch.zeros_like(weight_d), torch.zeros_like(bias_d)]
         if not carry:
             return (*grads, *(u.new_empty(0) for _ in range(4)))
-        return (*grads, empty_like_format(x), torch.zeros_like(w), torch.zeros_like(weight_k),
+        return (*grads, empty_output(x), torch.zeros_like(w), torch.zeros_like(weight_k),
                 torch.zeros_like(bias_k))
     g3, sg = view3(grad_y)
     u3, su = view3(u)
@@ -411,7 +388,6 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW
         # matmuls, in the compute dtype (float32 for bf16/fp16 storage, as the
         # cpu and cuda backends keep it)
-        low = u.dtype != cdt  # bf16/fp16 (float32 and float64 compute in themselves)
         dv = torch.empty(n, s, k, dtype=cdt, device=u.device)
         sdv = (s * k, 1, k)
         x0 = _carry_shift(x3, sx)  # the forward's shift: same x, same x0
@@ -423,12 +399,12 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         dv, sdv = scratch(du), (0, 0, 0)  # never written
     pd = bn_params(mean_d, var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
-    eps = {"EPS_D": float(eps_d), "EPS_K": float(eps_k)}
-    chunks = num_chunks(u.device, n * cdiv(s, 16))
+    chunks = num_chunks(u)
     part = torch.empty(chunks, 3 * k, dtype=torch.float64, device=u.device)
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
         g3, u3, h3, x3, x0, w2, dh, part, *pd, *pk, n, k, s, cx,
-        *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry, **eps, CT=ct)
+        *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry,
+        EPS_D=float(eps_d), EPS_K=float(eps_k), CT=ct)
     dweight_d, dbias_d = torch.empty_like(weight_d), torch.empty_like(bias_d)
     # partial rows: sum g, sum g (u - mean_d), sum g (v' - mean_k')
     bns = [(0, 1, mean_d, var_d, weight_d, eps_d, dweight_d, dbias_d)]
@@ -436,17 +412,16 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         dweight_k, dbias_k = torch.empty_like(weight_k), torch.empty_like(bias_k)
         bns.append((0, 2, shifted_mean_k, var_k, weight_k, eps_k, dweight_k, dbias_k))
     coef = bn_grad_finalize(part, n * s, bns, training, ct)
-    launch(_backward_apply_kernel)[lambda meta: (n * cdiv(s, meta["BLOCK_S"]),
-                                                 cdiv(k, meta["BLOCK_C"]))](
-        dh, u3, x3, x0, w2, du, dv, coef, *pd, *pk,
+    launch(_backward_apply_kernel)[grid_tiles(n, k, s)](
+        dh, u3, x3, x0, w2, du, dv, coef, pd[0], pk[0],
         n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
-        layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), **eps, CT=ct)
+        layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
     grads = (du, dh, dweight_d, dbias_d)
     if not carry:
-        none = u.new_empty(0)
-        return (*grads, none, none.clone(), none.clone(), none.clone())
-    # torch matmuls on the materialised dv (see the module docstring)
-    prod = torch.float32 if low else torch.float64  # cpu/cuda's product_type
+        return (*grads, *(u.new_empty(0) for _ in range(4)))
+    # torch matmuls on the materialised dv (see the module docstring), in
+    # cpu/cuda's product_type: float32 for bf16/fp16 storage, else float64
+    prod = torch.float32 if u.dtype != cdt else torch.float64
     dv2 = dv.view(n * s, k).to(prod)
     dx = (dv2 @ w2.to(prod)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
     x2 = x.to(prod).permute(0, 2, 3, 1).reshape(n * s, cx)  # a view if channels_last

@@ -30,10 +30,7 @@ NAMESPACE = "resfuse_triton"
 _highway = sys.modules[_highway_api.__module__].OP
 _tail = sys.modules[_tail_api.__module__].OP
 
-OPS = {
-    "highway_gate": _highway.define_twin(NAMESPACE, _highway_kernels.highway_gate_forward,
-                                         _highway_kernels.highway_gate_backward),
-    "resfuse_tail": _tail.define_twin(NAMESPACE, _tail_kernels.resfuse_tail_forward,
-                                      _tail_kernels.resfuse_tail_backward),
-}
-highway_gate, resfuse_tail = OPS["highway_gate"], OPS["resfuse_tail"]
+highway_gate = _highway.define_twin(NAMESPACE, _highway_kernels.highway_gate_forward,
+                                    _highway_kernels.highway_gate_backward)
+resfuse_tail = _tail.define_twin(NAMESPACE, _tail_kernels.resfuse_tail_forward,
+                                 _tail_kernels.resfuse_tail_backward)
