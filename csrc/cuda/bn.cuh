@@ -25,6 +25,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <initializer_list>
@@ -33,6 +34,10 @@
 
 #include "../layout.h"
 #include "common.cuh"
+
+// AT_DISPATCH_* over the storage dtypes of the ops: float64, float32, bfloat16, float16.
+#define RESFUSE_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 namespace resfuse_cuda {
 
@@ -77,10 +82,12 @@ inline Tensor fit(const Tensor& t, const Geo& g) {
   return fits(t, g) ? t : t.contiguous(g.format());
 }
 
-// The Act of a tensor that fits(); `so` is the stride of the op's outer
-// non-batch axis (0 when that axis has size 1, so it never blocks vectors).
+// The Act of a tensor that fits(), or a null Act for an undefined one (an
+// absent operand); `so` is the stride of the op's outer non-batch axis (0
+// when that axis has size 1, so it never blocks vectors).
 template <typename T>
 Act<T> act(const Tensor& t, const Geo& g) {
+  if (!t.defined()) return {nullptr, 0, 0};
   T* p;
   if constexpr (std::is_const_v<T>) {
     p = static_cast<T*>(t.const_data_ptr());
@@ -109,15 +116,10 @@ bool vectorizable(const Geo& g, const Act<T>&... acts) {
 // (for parameters `cl` and `v`, `cl()` and `v()` are template arguments).
 template <int VW, typename Fn>
 void dispatch_layout(bool cl, bool vec, Fn&& fn) {
-  using T = std::true_type;
-  using F = std::false_type;
   using Vec = std::integral_constant<int, VW>;
   using One = std::integral_constant<int, 1>;
-  if (cl) {
-    vec ? fn(T{}, Vec{}) : fn(T{}, One{});
-  } else {
-    vec ? fn(F{}, Vec{}) : fn(F{}, One{});
-  }
+  const auto width = [&](auto layout) { vec ? fn(layout, Vec{}) : fn(layout, One{}); };
+  cl ? width(std::true_type{}) : width(std::false_type{});
 }
 
 // A (C,) per-channel tensor in dtype `dtype`, contiguous.
@@ -162,7 +164,6 @@ inline Plan reduction_plan(const Geo& g, int V) {
   const int64_t want = ceil_div(target, std::max<int64_t>(plan.groups, 1));
   plan.P = std::min<int64_t>(
       {want, std::max<int64_t>(1, ceil_div(per_group, std::max<int64_t>(per_block, 1))), 65535});
-  plan.P = std::max<int64_t>(plan.P, 1);
   return plan;
 }
 
@@ -303,17 +304,15 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geo& g) {
   const cudaStream_t stream = current_stream();
   Tensor part;
   int64_t P = 1;
-  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, a), [&](auto cl_c, auto v_c) {
-    constexpr bool CL = decltype(cl_c)::value;
-    constexpr int V = decltype(v_c)::value;
-    const Plan plan = reduction_plan(g, V);
+  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, a), [&](auto cl, auto v) {
+    const Plan plan = reduction_plan(g, v());
     P = plan.P;
     part = at::empty({3, P, g.C}, opts);
-    if constexpr (CL) {
-      launch(stats_cl_kernel<T, V>, dim3(plan.groups, P), dim3(plan.bx, plan.by), stream, a,
+    if constexpr (cl()) {
+      launch(stats_cl_kernel<T, v()>, dim3(plan.groups, P), dim3(plan.bx, plan.by), stream, a,
              g.N, g.C, g.S, part.mutable_data_ptr<A>());
     } else {
-      launch(stats_nchw_kernel<T, V>, dim3(g.C, P), dim3(kThreads), stream, a, g.N, g.C, g.S,
+      launch(stats_nchw_kernel<T, v()>, dim3(g.C, P), dim3(kThreads), stream, a, g.N, g.C, g.S,
              part.mutable_data_ptr<A>());
     }
   });
@@ -536,6 +535,40 @@ struct BnGrad {
   double* coef64 = nullptr;  // Bn::p64's rows, written
 };
 
+// One BN's backward on the host: its parameter table, the forward's
+// statistics in double, the coefficients of Bn::input_grad (written by
+// grad_finalize_kernel) and dweight, dbias: zeros, which stay the answer when
+// there is nothing to reduce (C == 0). An undefined `mean` is that of a
+// centred input (the carry's v): 0 in the table, and no BnGrad::mean.
+template <typename A>
+struct BnBackward {
+  Tensor table, mean64, var64, coef, dweight, dbias;
+  double eps;
+
+  BnBackward(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
+             double eps_, const at::TensorOptions& opts)
+      : table(bn_params<A>(mean.defined() ? mean : at::zeros_like(var), var, weight, bias, eps_)),
+        mean64(mean.defined() ? channel(mean, at::kDouble) : Tensor()),
+        var64(channel(var, at::kDouble)),
+        coef(at::empty({4, weight.numel()}, opts.dtype(at::kDouble))),
+        dweight(at::zeros({weight.numel()}, opts)), dbias(at::zeros_like(dweight)),
+        eps(eps_) {}
+
+  Bn<A> bn() const {
+    return {table.const_data_ptr<A>(), table.size(1), coef.mutable_data_ptr<double>()};
+  }
+
+  // Its sums are the sum_g-th and sum_gz-th of the K; `sums`, if defined, is BnGrad::sums.
+  BnGrad<A> grad(int sum_g, int sum_gz, const Tensor& sums = {}) const {
+    return {sum_g, sum_gz, dweight.mutable_data_ptr<A>(), dbias.mutable_data_ptr<A>(),
+            table.const_data_ptr<A>(),
+            mean64.defined() ? mean64.const_data_ptr<double>() : nullptr,
+            var64.const_data_ptr<double>(), eps,
+            sums.defined() ? sums.mutable_data_ptr<double>() : nullptr,
+            coef.mutable_data_ptr<double>()};
+  }
+};
+
 // Adds the P partials of each channel (double, a warp per channel); for
 // each of the `nbn` BNs writes dbias = sum(g), dweight = rstd sum(g (z - mean))
 // and the coefficients k2, k3 of Bn::input_grad (zero in eval, and for an
@@ -638,6 +671,17 @@ void pointwise(const F& f, const Geo& g) {
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 8LL * sm_count());
   launch(pointwise_kernel<CL, V, F>, dim3(blocks), dim3(kThreads), current_stream(), f, g.N, g.C,
          g.S);
+}
+
+// A forward's one pass: F<T, A, V, CL>{acts..., bn0, bn1}.apply at every
+// vector, V = vec_width<T>() where every act allows it (vectorizable), else 1.
+template <template <typename, typename, int, bool> class F, typename T, typename A,
+          typename... P>
+void forward_pass(const Geo& g, const Bn<A>& bn0, const Bn<A>& bn1, const Act<P>&... acts) {
+  constexpr int VW = vec_width<T>();
+  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, acts...), [&](auto cl, auto v) {
+    pointwise<cl(), v()>(F<T, A, v(), cl()>{acts..., bn0, bn1}, g);
+  });
 }
 
 // ----------------------------------------------------------------- input checks (host)

@@ -27,7 +27,6 @@
 
 #define __global__
 #define __device__
-#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
@@ -89,7 +88,6 @@ struct Fibers {
   static constexpr size_t kStack = 128 * 1024;
   void* scheduler = nullptr;
   std::vector<void*> sp;
-  std::vector<dim3> index;
   std::vector<bool> done;
   std::function<void()> body;
   int current = 0;
@@ -193,10 +191,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, Args&&...
   const int threads = static_cast<int>(block.x * block.y * block.z);
   resfuse_emu::Fibers state;
   state.sp.resize(threads);
-  state.index.resize(threads);
   state.body = [&] { std::apply(kernel, params); };
-  for (int t = 0; t < threads; ++t)
-    state.index[t] = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
   auto& stacks = resfuse_emu::stacks(threads);
   resfuse_emu::Block shared(threads);
   resfuse_emu::fibers = &state;
@@ -211,7 +206,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, Args&&...
           for (int t = 0; t < threads; ++t) {
             if (state.done[t]) continue;
             state.current = t;
-            threadIdx = state.index[t];
+            threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             resfuse_emu_switch(&state.scheduler, state.sp[t]);
             if (state.done[t]) --left;
           }

@@ -110,9 +110,8 @@ void check_inputs(const Tensor& a, const Tensor& b, const Tensor& x, const Tenso
   check_first("a", a);
   check_activation("b", b, a);
   check_activation("x", x, a);
-  const int64_t C = a.size(1);
-  check_channels(C, a, "weight_h", weight_h, "bias_h", bias_h, "weight_t", weight_t, "bias_t",
-                 bias_t);
+  check_channels(a.size(1), a, "weight_h", weight_h, "bias_h", bias_h, "weight_t", weight_t,
+                 "bias_t", bias_t);
 }
 
 }  // namespace
@@ -123,81 +122,55 @@ RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward) {
   const Geo g = geometry(a_in);
   const Tensor a = fit(a_in, g), b = fit(b_in, g), x = fit(x_in, g);
   Tensor y = at::empty(a_in.sizes(), a_in.options().memory_format(g.format()));
-  Tensor mean_h, var_h, mean_t, var_t;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "highway_fwd", [&] {
+  return RESFUSE_DISPATCH(a.scalar_type(), "highway_fwd", [&] {
     using A = acc_t<scalar_t>;
-    std::tie(mean_h, var_h) = stats_or_running<scalar_t>(a, g, training, running_mean_h,
-                                                         running_var_h);
-    std::tie(mean_t, var_t) = stats_or_running<scalar_t>(b, g, training, running_mean_t,
-                                                         running_var_t);
+    const auto [mean_h, var_h] = stats_or_running<scalar_t>(a, g, training, running_mean_h,
+                                                            running_var_h);
+    const auto [mean_t, var_t] = stats_or_running<scalar_t>(b, g, training, running_mean_t,
+                                                            running_var_t);
     const Tensor prm_h = bn_params<A>(mean_h, var_h, weight_h, bias_h, eps_h);
     const Tensor prm_t = bn_params<A>(mean_t, var_t, weight_t, bias_t, eps_t);
     const Bn<A> bn_h{prm_h.const_data_ptr<A>(), g.C}, bn_t{prm_t.const_data_ptr<A>(), g.C};
-    const auto pa = act<const scalar_t>(a, g), pb = act<const scalar_t>(b, g),
-               px = act<const scalar_t>(x, g);
-    const auto py = act<scalar_t>(y, g);
-    constexpr int VW = vec_width<scalar_t>();
-    dispatch_layout<VW>(g.cl, vectorizable<VW>(g, pa, pb, px, py), [&](auto cl, auto v) {
-      pointwise<cl(), v()>(HighwayForward<scalar_t, A, v(), cl()>{pa, pb, px, py, bn_h, bn_t}, g);
-    });
+    forward_pass<HighwayForward, scalar_t>(g, bn_h, bn_t, act<const scalar_t>(a, g),
+                                           act<const scalar_t>(b, g), act<const scalar_t>(x, g),
+                                           act<scalar_t>(y, g));
+    return std::make_tuple(y, mean_h, var_h, mean_t, var_t);
   });
-  return {y, mean_h, var_h, mean_t, var_t};
 }
 
 RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
   check_inputs(a_in, b_in, x_in, weight_h, bias_h, weight_t, bias_t);
   check_activation("grad_y", grad_in, a_in);
-  const int64_t C = a_in.size(1);
-  check_channels(C, a_in, "mean_h", mean_h, "var_h", var_h, "mean_t", mean_t, "var_t", var_t);
+  check_channels(a_in.size(1), a_in, "mean_h", mean_h, "var_h", var_h, "mean_t", mean_t, "var_t",
+                 var_t);
   const DeviceGuard guard(a_in.device());
   const Geo g = geometry(a_in);
   const Tensor a = fit(a_in, g), b = fit(b_in, g), x = fit(x_in, g), gy = fit(grad_in, g);
   const auto act_opts = a_in.options().memory_format(g.format());
   Tensor da = at::empty(a_in.sizes(), act_opts), db = at::empty(a_in.sizes(), act_opts),
          dx = at::empty(a_in.sizes(), act_opts);
-  Tensor dweight_h, dbias_h, dweight_t, dbias_t;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "highway_bwd", [&] {
+  return RESFUSE_DISPATCH(a.scalar_type(), "highway_bwd", [&] {
     using A = acc_t<scalar_t>;
     const auto opts = a.options().dtype(c10::CppTypeToScalarType<A>::value);
-    Tensor prm_h = bn_params<A>(mean_h, var_h, weight_h, bias_h, eps_h);
-    Tensor prm_t = bn_params<A>(mean_t, var_t, weight_t, bias_t, eps_t);
-    const Tensor mean_h64 = channel(mean_h, at::kDouble), var_h64 = channel(var_h, at::kDouble);
-    const Tensor mean_t64 = channel(mean_t, at::kDouble), var_t64 = channel(var_t, at::kDouble);
-    // Zeros: they stay the answer when there is nothing to reduce (C == 0).
-    dweight_h = at::zeros({C}, opts), dbias_h = at::zeros({C}, opts);
-    dweight_t = at::zeros({C}, opts), dbias_t = at::zeros({C}, opts);
-    // the input gradients' coefficients in double (Bn::input_grad)
-    Tensor coef_h = at::empty({4, C}, opts.dtype(at::kDouble));
-    Tensor coef_t = at::empty({4, C}, opts.dtype(at::kDouble));
-    double* c64_h = coef_h.mutable_data_ptr<double>();
-    double* c64_t = coef_t.mutable_data_ptr<double>();
-    const Bn<A> bn_h{prm_h.const_data_ptr<A>(), C, c64_h};
-    const Bn<A> bn_t{prm_t.const_data_ptr<A>(), C, c64_t};
+    const BnBackward<A> bh(mean_h, var_h, weight_h, bias_h, eps_h, opts);
+    const BnBackward<A> bt(mean_t, var_t, weight_t, bias_t, eps_t, opts);
     const auto pg = act<const scalar_t>(gy, g), pa = act<const scalar_t>(a, g),
                pb = act<const scalar_t>(b, g), px = act<const scalar_t>(x, g);
     const auto pda = act<scalar_t>(da, g), pdb = act<scalar_t>(db, g), pdx = act<scalar_t>(dx, g);
     constexpr int VW = vec_width<scalar_t>();
     const bool vec = vectorizable<VW>(g, pg, pa, pb, px, pda, pdb, pdx);
-    dispatch_layout<VW>(g.cl, vec, [&](auto cl_c, auto v_c) {
-      constexpr bool CL = decltype(cl_c)::value;
-      constexpr int V = decltype(v_c)::value;
-      const HighwayBackward<scalar_t, A, V, CL> f{pg, pa, pb, px, pda, pdb, pdx,
-                                                  bn_h, bn_t, training};
-      grad_sums<4, CL, V, A>(
-          f, g, opts, training, 2,
-          BnGrad<A>{0, 1, dweight_h.mutable_data_ptr<A>(), dbias_h.mutable_data_ptr<A>(),
-                    prm_h.const_data_ptr<A>(), mean_h64.const_data_ptr<double>(),
-                    var_h64.const_data_ptr<double>(), eps_h, nullptr, c64_h},
-          BnGrad<A>{2, 3, dweight_t.mutable_data_ptr<A>(), dbias_t.mutable_data_ptr<A>(),
-                    prm_t.const_data_ptr<A>(), mean_t64.const_data_ptr<double>(),
-                    var_t64.const_data_ptr<double>(), eps_t, nullptr, c64_t});
-      pointwise<CL, V>(f, g);  // reads the coefficients grad_sums wrote (same stream)
+    dispatch_layout<VW>(g.cl, vec, [&](auto cl, auto v) {
+      const HighwayBackward<scalar_t, A, v(), cl()> f{pg, pa, pb, px, pda, pdb, pdx,
+                                                      bh.bn(), bt.bn(), training};
+      grad_sums<4, cl(), v(), A>(f, g, opts, training, 2, bh.grad(0, 1), bt.grad(2, 3));
+      pointwise<cl(), v()>(f, g);  // reads the coefficients grad_sums wrote (same stream)
     });
+    return std::make_tuple(
+        da.contiguous(resfuse::format_of(a_in)), db.contiguous(resfuse::format_of(b_in)),
+        dx.contiguous(resfuse::format_of(x_in)),
+        bh.dweight.to(weight_h.scalar_type()), bh.dbias.to(bias_h.scalar_type()),
+        bt.dweight.to(weight_t.scalar_type()), bt.dbias.to(bias_t.scalar_type()));
   });
-  return {da.contiguous(resfuse::format_of(a_in)), db.contiguous(resfuse::format_of(b_in)),
-          dx.contiguous(resfuse::format_of(x_in)),
-          dweight_h.to(weight_h.scalar_type()), dbias_h.to(bias_h.scalar_type()),
-          dweight_t.to(weight_t.scalar_type()), dbias_t.to(bias_t.scalar_type())};
 }
 
 bool kernels_runnable() {
@@ -207,12 +180,9 @@ bool kernels_runnable() {
   cudaFuncAttributes attributes;
   // Fails (cudaErrorInvalidDeviceFunction or NoKernelImageForDevice) when
   // no image in the fatbinary fits the current device.
-  const cudaError_t status = cudaFuncGetAttributes(&attributes, bn_params_kernel<float>);
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it: nothing else should see this error
-    return false;
-  }
-  return true;
+  if (cudaFuncGetAttributes(&attributes, bn_params_kernel<float>) == cudaSuccess) return true;
+  (void)cudaGetLastError();  // clear it: nothing else should see this error
+  return false;
 #endif
 }
 

@@ -3,15 +3,7 @@
 // resfuse_tail.cu) as the internal ops resfuse_cuda::*, with the schemas
 // of every backend (csrc/schemas.h). The Python layer in
 // resfuse_kernels/_ext_cuda.py puts them behind the public ops' schema,
-// autograd and checks.
-//
-// Kernels and passes (details at the top of each .cu):
-//   highway forward, training:  stats(a), stats(b) | y = H*T + x*(1-T)
-//   highway backward:           sums(g_h, g_h*a_hat, g_t, g_t*b_hat) | da, db, dx
-//   tail forward, training:     [v = W x (cuBLAS)] stats(u [, v]) | y = relu(...)
-//   tail backward:              [v = W x] sums(g, g*u_hat [, g*v_hat]) | du, dh [, dv]
-//                               [dx = W^T dv, dW = dv x^T (cuBLAS)]
-// In eval the statistics pass disappears.
+// autograd and checks. Each op's passes: the launch plan at the top of its .cu.
 #include <torch/library.h>
 
 #include "../schemas.h"

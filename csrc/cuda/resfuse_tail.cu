@@ -22,9 +22,6 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/TensorOperators.h>
-#include <ATen/ops/sub.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 
 #include "bn.cuh"
 #include "ops.h"
@@ -82,25 +79,17 @@ struct TailBackward {
   Bn<A> bn_d, bn_k;
   bool training;
 
-  // g [z > 0] per lane (the mask multiplies, so NaN in g propagates), the
-  // loaded u and v, and both BNs' lanes (lk only with the carry).
-  __device__ __forceinline__ void masked(int64_t n, int64_t c, int64_t s, A (&gm)[V],
-                                         A (&uv)[V], A (&vv)[V], BnLanes<A, V>& ld,
-                                         BnLanes<A, V>& lk) const {
-    A gv[V], z[V];
-    load<V>(at_<CL>(g, n, c, s), gv);
-    tail_z<CL, V>(u, h, v, bn_d, bn_k, n, c, s, z, uv, vv, ld, lk);
-#pragma unroll
-    for (int l = 0; l < V; ++l) gm[l] = gv[l] * positive(z[l]);
-  }
-
   // The three sums' terms: g, g (u - mean_d), g v (v centred; 0 without the
-  // carry); writes dh = g.
+  // carry), with g = dy [z > 0] (the mask multiplies, so NaN in dy
+  // propagates); writes dh = g.
   __device__ __forceinline__ void operator()(int64_t n, int64_t c, int64_t s,
                                              double (&out)[3][V]) const {
-    A gm[V], uv[V], vv[V];
+    A gm[V], z[V], uv[V], vv[V];
     BnLanes<A, V> ld, lk;
-    masked(n, c, s, gm, uv, vv, ld, lk);
+    load<V>(at_<CL>(g, n, c, s), gm);
+    tail_z<CL, V>(u, h, v, bn_d, bn_k, n, c, s, z, uv, vv, ld, lk);
+#pragma unroll
+    for (int l = 0; l < V; ++l) gm[l] = gm[l] * positive(z[l]);
     store<V>(at_<CL>(dh, n, c, s), gm);
     const bool carry = v.p != nullptr;
 #pragma unroll
@@ -146,7 +135,7 @@ std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const
 
 // v = W x as an (N, K, H, W) tensor in the op's layout, through cuBLAS:
 // NCHW is K x Cx times Cx x S per image, channels_last one (N*S) x Cx times
-// Cx x K product.
+// Cx x K product. The backward's dx = W^T dv is carry_product(dv, W^T).
 Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
   const int64_t K = w2.size(0), Cx = w2.size(1), H = xa.size(2), W = xa.size(3);
   if (g.cl) {
@@ -180,7 +169,7 @@ Tensor carry_input_grad(const Tensor& gm, const Tensor& centred64, const Tensor&
 // at a mean far from the spread, v itself rounded to float32 loses the
 // digits of v - mean(v) that BatchNorm magnifies.
 Tensor centred(const Tensor& v, const Tensor& centre, const Geo& g, at::ScalarType acc) {
-  return fit(at::sub(v, centre.view({1, -1, 1, 1})).to(acc), g);
+  return fit((v - centre.view({1, -1, 1, 1})).to(acc), g);
 }
 
 // Batch statistics (training) or copies of the running ones (eval) of v, in
@@ -222,19 +211,17 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   const Geo g = geometry(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g);
   Tensor y = at::empty(u_in.sizes(), u_in.options().memory_format(g.format()));
-  Tensor mean_d, var_d, mean_k, var_k;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_fwd", [&] {
+  return RESFUSE_DISPATCH(u.scalar_type(), "tail_fwd", [&] {
     using A = acc_t<scalar_t>;
-    const auto acc = c10::CppTypeToScalarType<A>::value;
-    Tensor v, prm_k;
-    std::tie(mean_d, var_d) = stats_or_running<scalar_t>(u, g, training, running_mean_d,
-                                                         running_var_d);
+    Tensor v, prm_k, mean_k, var_k;
+    const auto [mean_d, var_d] = stats_or_running<scalar_t>(u, g, training, running_mean_d,
+                                                            running_var_d);
     const Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
     if (carry) {
       auto [xp, w2] = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xp, w2, g), g);
       std::tie(mean_k, var_k) = carry_stats(vp, g, training, running_mean_k, running_var_k);
-      v = centred(vp, mean_k.to(vp.scalar_type()), g, acc);
+      v = centred(vp, mean_k.to(vp.scalar_type()), g, c10::CppTypeToScalarType<A>::value);
       prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);  // v centred
     } else {
       mean_k = at::empty({0}, u.options().dtype(at::kDouble));
@@ -242,15 +229,11 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     }
     const Bn<A> bn_d{prm_d.const_data_ptr<A>(), g.C};
     const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, g.C};
-    const auto pu = act<const scalar_t>(u, g), ph = act<const scalar_t>(h, g);
-    const Act<const A> pv = carry ? act<const A>(v, g) : Act<const A>{nullptr, 0, 0};
-    const auto py = act<scalar_t>(y, g);
-    constexpr int VW = vec_width<scalar_t>();
-    dispatch_layout<VW>(g.cl, vectorizable<VW>(g, pu, ph, pv, py), [&](auto cl, auto v) {
-      pointwise<cl(), v()>(TailForward<scalar_t, A, v(), cl()>{pu, ph, pv, py, bn_d, bn_k}, g);
-    });
+    forward_pass<TailForward, scalar_t>(g, bn_d, bn_k, act<const scalar_t>(u, g),
+                                        act<const scalar_t>(h, g), act<const A>(v, g),
+                                        act<scalar_t>(y, g));
+    return std::make_tuple(y, mean_d, var_d, mean_k, var_k);
   });
-  return {y, mean_d, var_d, mean_k, var_k};
 }
 
 RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
@@ -265,17 +248,15 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   const Tensor u = fit(u_in, g), h = fit(h_in, g), gy = fit(grad_in, g);
   const auto act_opts = u_in.options().memory_format(g.format());
   Tensor du = at::empty(u_in.sizes(), act_opts), dh = at::empty(u_in.sizes(), act_opts);
-  Tensor dweight_d, dbias_d, dx, dw, dweight_k, dbias_k;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_bwd", [&] {
+  return RESFUSE_DISPATCH(u.scalar_type(), "tail_bwd", [&] {
     using A = acc_t<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<A>::value;
     const auto opts = u.options().dtype(acc);
-    Tensor xa, w2, v, dv, prm_k, vc64, sums_k, var_k64;
+    Tensor xa, w2, v, dv, vc64, sums_k;
     // dv in double where the product is (float32/float64 storage), as the cpu backend's
     const bool dv_double = carry && product_type(u.scalar_type()) == at::kDouble;
-    Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
-    const Tensor mean_d64 = channel(mean_d, at::kDouble), var_d64 = channel(var_d, at::kDouble);
-    dweight_d = at::zeros({C}, opts), dbias_d = at::zeros({C}, opts);
+    const BnBackward<A> bd(mean_d, var_d, weight_d, bias_d, eps_d, opts);
+    std::optional<BnBackward<A>> bk;
     if (carry) {
       std::tie(xa, w2) = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xa, w2, g), g);
@@ -284,7 +265,6 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       // eps / (var + eps) of its terms, and a float32 variance made dW err
       // 6.6x the composite's (the emulation's soak, 2 values a channel)
       const Tensor centre = mean_k.to(vp.scalar_type());
-      var_k64 = channel(var_k, at::kDouble);
       v = centred(vp, centre, g, acc);
       if (dv_double) {
         vc64 = fit(vp - centre.view({1, -1, 1, 1}), g);
@@ -292,77 +272,61 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       } else {
         dv = at::empty(u_in.sizes(), opts.memory_format(g.format()));
       }
-      prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);
-      dweight_k = at::zeros({C}, opts), dbias_k = at::zeros({C}, opts);
+      bk.emplace(/*mean: v is centred*/ Tensor(), var_k, *weight_k, *bias_k, eps_k, opts);
     }
-    // the input gradients' coefficients in double (Bn::input_grad)
-    Tensor coef_d = at::empty({4, C}, opts.dtype(at::kDouble)), coef_k;
-    if (carry) coef_k = at::empty({4, C}, opts.dtype(at::kDouble));
-    double* c64_d = coef_d.mutable_data_ptr<double>();
-    double* c64_k = carry ? coef_k.mutable_data_ptr<double>() : nullptr;
-    const Bn<A> bn_d{prm_d.const_data_ptr<A>(), C, c64_d};
-    const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, C, c64_k};
     const auto pg = act<const scalar_t>(gy, g), pu = act<const scalar_t>(u, g),
                ph = act<const scalar_t>(h, g);
-    const Act<const A> pv = carry ? act<const A>(v, g) : Act<const A>{nullptr, 0, 0};
-    const Act<A> pdv = carry && !dv_double ? act<A>(dv, g) : Act<A>{nullptr, 0, 0};
+    const auto pv = act<const A>(v, g);
     const auto pdu = act<scalar_t>(du, g), pdh = act<scalar_t>(dh, g);
+    const auto pdv = act<A>(dv, g);
+    const Bn<A> bn_k = carry ? bk->bn() : Bn<A>{nullptr, C};
     constexpr int VW = vec_width<scalar_t>();
     const bool vec = vectorizable<VW>(g, pg, pu, ph, pv, pdv, pdu, pdh);
     dispatch_layout<VW>(g.cl, vec, [&](auto cl_c, auto v_c) {
       constexpr bool CL = decltype(cl_c)::value;
       constexpr int V = decltype(v_c)::value;
-      const TailBackward<scalar_t, A, V, CL> f{pg, pu, ph, pv, pdu, pdh, pdv,
-                                               bn_d, bn_k, training};
-      const BnGrad<A> grad_d{0, 1, dweight_d.mutable_data_ptr<A>(), dbias_d.mutable_data_ptr<A>(),
-                             prm_d.const_data_ptr<A>(), mean_d64.const_data_ptr<double>(),
-                             var_d64.const_data_ptr<double>(), eps_d, nullptr, c64_d};
-      const BnGrad<A> grad_k =
-          carry ? BnGrad<A>{0, 2, dweight_k.mutable_data_ptr<A>(), dbias_k.mutable_data_ptr<A>(),
-                            prm_k.const_data_ptr<A>(), /*mean: v is centred*/ nullptr,
-                            var_k64.const_data_ptr<double>(), eps_k,
-                            dv_double ? sums_k.mutable_data_ptr<double>() : nullptr, c64_k}
-                : grad_d;
+      const TailBackward<scalar_t, A, V, CL> f{pg, pu, ph, pv, pdu, pdh, pdv, bd.bn(), bn_k,
+                                               training};
+      const BnGrad<A> grad_d = bd.grad(0, 1), grad_k = carry ? bk->grad(0, 2, sums_k) : grad_d;
       grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
       pointwise<CL, V>(f, g);  // reads the coefficients grad_sums wrote (same stream)
     });
-    if (carry) {
-      const int64_t K = w2.size(0), Cx = w2.size(1), H = u_in.size(2), W = u_in.size(3);
-      Tensor dvp;
-      if (dv_double) {
-        // sum(g (v - m)) again in double from the double v, as the cpu
-        // backend's: the kernel's float v rounds each v - m, which the
-        // cancellation above amplifies
-        sums_k[1].copy_((dh.to(at::kDouble) * vc64).sum({0, 2, 3}));
-        dweight_k = ((var_k64 + eps_k).rsqrt() * sums_k[1]).to(dweight_k.scalar_type());
-        dvp = carry_input_grad(dh, vc64, *weight_k, var_k64, eps_k, sums_k,
-                               static_cast<double>(g.count()), training, g);
-      } else {
-        dvp = dv.to(xa.scalar_type());
-      }
-      if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM each
-        const Tensor dv2 = dvp.permute({0, 2, 3, 1}).reshape({g.N * g.S, K});
-        const Tensor x2 = xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx});
-        dx = at::matmul(dv2, w2).view({g.N, H, W, Cx}).permute({0, 3, 1, 2});
-        dw = at::matmul(dv2.t(), x2);
-      } else {  // per image (K, S) and (Cx, S)
-        const Tensor dv3 = dvp.view({g.N, K, g.S}), x3 = xa.view({g.N, Cx, g.S});
-        dx = at::matmul(w2.t(), dv3).view({g.N, Cx, H, W});
-        dw = at::bmm(dv3, x3.transpose(1, 2)).sum(0);
-      }
+    const Tensor du_out = du.contiguous(resfuse::format_of(u_in));
+    const Tensor dh_out = dh.contiguous(resfuse::format_of(h_in));
+    if (!carry) {  // the carry's four gradients are empty tensors, as the composite's
+      const Tensor none = at::empty({0}, u_in.options());
+      return std::make_tuple(du_out, dh_out, bd.dweight.to(weight_d.scalar_type()),
+                             bd.dbias.to(bias_d.scalar_type()), none, none.clone(), none.clone(),
+                             none.clone());
     }
+    Tensor dvp;
+    if (dv_double) {
+      // sum(g (v - m)) again in double from the double v, as the cpu
+      // backend's: the kernel's float v rounds each v - m, which the
+      // cancellation above amplifies
+      sums_k[1].copy_((dh.to(at::kDouble) * vc64).sum({0, 2, 3}));
+      bk->dweight = ((bk->var64 + eps_k).rsqrt() * sums_k[1]).to(bk->dweight.scalar_type());
+      dvp = carry_input_grad(dh, vc64, *weight_k, bk->var64, eps_k, sums_k,
+                             static_cast<double>(g.count()), training, g);
+    } else {
+      dvp = dv.to(xa.scalar_type());
+    }
+    const int64_t K = w2.size(0), Cx = w2.size(1);
+    Tensor dw;
+    if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM
+      dw = at::matmul(dvp.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
+                      xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx}));
+    } else {  // per image (K, S) and (Cx, S)
+      dw = at::bmm(dvp.view({g.N, K, g.S}), xa.view({g.N, Cx, g.S}).transpose(1, 2)).sum(0);
+    }
+    const Tensor dx = carry_product(dvp, w2.t(), g);
+    return std::make_tuple(du_out, dh_out, bd.dweight.to(weight_d.scalar_type()),
+                           bd.dbias.to(bias_d.scalar_type()),
+                           dx.to(x_in->scalar_type()).contiguous(resfuse::format_of(*x_in)),
+                           dw.reshape(w->sizes()).to(w->scalar_type()),
+                           bk->dweight.to(weight_k->scalar_type()),
+                           bk->dbias.to(bias_k->scalar_type()));
   });
-  if (!carry) {  // the carry's four gradients are empty tensors, as the composite's
-    const Tensor none = at::empty({0}, u_in.options());
-    return {du.contiguous(resfuse::format_of(u_in)), dh.contiguous(resfuse::format_of(h_in)),
-            dweight_d.to(weight_d.scalar_type()), dbias_d.to(bias_d.scalar_type()),
-            none, none.clone(), none.clone(), none.clone()};
-  }
-  return {du.contiguous(resfuse::format_of(u_in)), dh.contiguous(resfuse::format_of(h_in)),
-          dweight_d.to(weight_d.scalar_type()), dbias_d.to(bias_d.scalar_type()),
-          dx.to(x_in->scalar_type()).contiguous(resfuse::format_of(*x_in)),
-          dw.reshape(w->sizes()).to(w->scalar_type()),
-          dweight_k.to(weight_k->scalar_type()), dbias_k.to(bias_k->scalar_type())};
 }
 
 }  // namespace resfuse_cuda
