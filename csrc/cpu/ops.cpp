@@ -50,7 +50,7 @@ struct InputGrad {
   InputGrad(const Tensor& weight, const Affine<A>& bn, const std::vector<double>& sum_g,
             const std::vector<double>& sum_gz, double count, bool training)
       : batch(training && count > 0) {
-    auto w = channel_vector<double>(weight);
+    auto w = channel_vector(weight);
     const size_t C = w.size();
     k1.resize(C), k2.assign(C, 0), k3.assign(C, 0), mean.resize(C);
     for (size_t c = 0; c < C; ++c) {
@@ -265,7 +265,7 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     if (carry) {
       v64 = carry_product(dense(*x_in, g), *w, g);
       std::tie(mean_k, var_k) = stats_or_running<double>(v64, g, training, running_mean_k, running_var_k);
-      centre_k = channel_vector<double>(mean_k);
+      centre_k = channel_vector(mean_k);
     } else {
       mean_k = at::empty({0}, u.options().dtype(at::kDouble));
       var_k = at::empty({0}, u.options().dtype(at::kDouble));
@@ -310,7 +310,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       x64 = dense(*x_in, g).to(at::kDouble);
       v64 = carry_product(x64, *w, g);
       dv64 = at::empty_like(v64);
-      centre_k = channel_vector<double>(mean_k);
+      centre_k = channel_vector(mean_k);
     }
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
