@@ -1,9 +1,7 @@
 // The schemas of the backend kernel ops, written once for every compiled
 // backend: resfuse_cpu::* (csrc/cpu), resfuse_cuda::* (csrc/cuda) and the
-// tests' resfuse_cuda_emu::*. They are the Python backend interface
-// (resfuse_kernels/ops/composite.py): forward returns (y, mean, var, mean_k,
-// var_k), backward the gradients of every tensor input and BN affine
-// parameter; the public resfuse::* ops put them behind their checks and
+// tests' resfuse_cuda_emu::*, with the semantics csrc/backend.h gives their
+// C++ signatures; the public resfuse::* ops put them behind their checks and
 // autograd.
 #pragma once
 

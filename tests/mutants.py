@@ -266,7 +266,7 @@ MUTANTS: list[Mutant] = [
       ops_tests("cpu", "test_resfuse_tail_matches_oracle"),
       "the tiles' Chan merge drops the spread between tile means from M2"),
     M("cpu-grad-format", "cpu", "memory format", "csrc/cpu/ops.cpp",
-      "return {da.contiguous(Geometry::of(a_in).format()), ",
+      "return {da.contiguous(resfuse::format_of(a_in)), ",
       "return {da.contiguous(), ",
       ops_tests("cpu", "test_opcheck_highway_gate", "test_highway_gate_matches_oracle"),
       "the highway backward returns da contiguous for a channels_last a"),

@@ -402,11 +402,9 @@ void tile_moments_cl(const scalar_t* p, int64_t rows, int64_t C, double* sum, do
 }
 
 // Batch mean and biased variance of one activation, per channel, in double
-// (the ops' statistics dtype for every storage dtype, unrounded). The runs are
-// split into one contiguous chunk per thread, read in memory order (the
-// prefetchers lose a stream at every 4 KiB page, so hopping between the runs
-// of one channel would be latency bound); the chunks' moments merge in
-// chunk order at the end.
+// (the ops' statistics dtype for every storage dtype, unrounded). The runs
+// are split into chunks as channel_sums's (which says why); the chunks'
+// moments merge in chunk order at the end.
 template <typename scalar_t>
 std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
   const scalar_t* p = t.const_data_ptr<scalar_t>();
@@ -443,37 +441,34 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
   return {mean, var};
 }
 
-// Per-channel acc_t vector from a (C,) tensor of any floating dtype.
-template <typename A>
-std::vector<A> channel_vector(const Tensor& t) {
+// A (C,) tensor of any floating dtype as doubles.
+inline std::vector<double> channel_vector(const Tensor& t) {
   Tensor c = t.detach().to(at::kDouble).contiguous();
   const double* p = c.const_data_ptr<double>();
-  return std::vector<A>(p, p + c.numel());
+  return std::vector<double>(p, p + c.numel());
 }
 
 // BatchNorm as (z - mean) * scale + bias, scale = weight * rstd and
-// rstd = 1 / sqrt(var + eps); rstd64 keeps rstd unrounded for the
-// backward's per-channel coefficients, and mean_lo the part of the (double)
-// mean that `mean` rounds off, for its sums. z - mean is formed first: folded
+// rstd = 1 / sqrt(var + eps); rstd64 is rstd unrounded, for the backward's
+// per-channel coefficients, and mean_lo the part of the (double) mean that
+// `mean` rounds off, for its sums. z - mean is formed first: folded
 // into z * scale + (bias - mean * scale), the two terms cancel where the
 // mean is large against the spread (b at -0.71 with a spread of 0.005 lost
 // 1e-5 of the gate's input, and db erred 10x PyTorch's).
 template <typename A>
 struct Affine {
-  std::vector<A> scale, bias, mean, rstd;
+  std::vector<A> scale, bias, mean;
   std::vector<double> rstd64, mean_lo;
 
   Affine(const Tensor& weight, const Tensor& bias_t, const Tensor& mean_t, const Tensor& var_t,
          double eps) {
-    auto w = channel_vector<double>(weight), b = channel_vector<double>(bias_t);
-    auto m = channel_vector<double>(mean_t), v = channel_vector<double>(var_t);
+    auto w = channel_vector(weight), b = channel_vector(bias_t);
+    auto m = channel_vector(mean_t), v = channel_vector(var_t);
     const size_t C = w.size();
-    scale.resize(C), bias.resize(C), mean.resize(C), rstd.resize(C), rstd64.resize(C);
-    mean_lo.resize(C);
+    scale.resize(C), bias.resize(C), mean.resize(C), rstd64.resize(C), mean_lo.resize(C);
     for (size_t c = 0; c < C; ++c) {
       const double r = 1.0 / std::sqrt(v[c] + eps);
       rstd64[c] = r;
-      rstd[c] = static_cast<A>(r);
       mean[c] = static_cast<A>(m[c]);
       mean_lo[c] = std::isfinite(m[c]) ? m[c] - static_cast<double>(mean[c]) : 0.0;
       scale[c] = static_cast<A>(w[c] * r);

@@ -30,8 +30,7 @@ namespace {
 // backward's coefficients take unrounded (Affine::rstd64).
 template <typename scalar_t>
 std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, bool training,
-                                           const std::optional<Tensor>& running_mean,
-                                           const std::optional<Tensor>& running_var) {
+                                           const Opt& running_mean, const Opt& running_var) {
   if (training) return batch_stats<scalar_t>(t, g);
   return {running_mean->to(at::kDouble, false, /*copy=*/true),
           running_var->to(at::kDouble, false, true)};
@@ -50,7 +49,7 @@ struct InputGrad {
   InputGrad(const Tensor& weight, const Affine<A>& bn, const std::vector<double>& sum_g,
             const std::vector<double>& sum_gz, double count, bool training)
       : batch(training && count > 0) {
-    auto w = channel_vector<double>(weight);
+    auto w = channel_vector(weight);
     const size_t C = w.size();
     k1.resize(C), k2.assign(C, 0), k3.assign(C, 0), mean.resize(C);
     for (size_t c = 0; c < C; ++c) {
@@ -211,27 +210,27 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
     dbias_t = channel_tensor(sums[3], bias_t);
     dweight_t = channel_tensor(sum_gt, weight_t);
   });
-  return {da.contiguous(Geometry::of(a_in).format()), db.contiguous(Geometry::of(b_in).format()),
-          dx.contiguous(Geometry::of(x_in).format()), dweight_h, dbias_h, dweight_t, dbias_t};
+  return {da.contiguous(resfuse::format_of(a_in)), db.contiguous(resfuse::format_of(b_in)),
+          dx.contiguous(resfuse::format_of(x_in)), dweight_h, dbias_h, dweight_t, dbias_t};
 }
 
 // ---------------------------------------------------------------- ResFuse tail
 
 namespace {
 
-// out = M t per pixel (t: (N, C, H, W) dense in g's layout, M: (K, C)), in
-// the layout of t, as `out` values: the carry's v = W x, and dx = W^T dv in
-// its backward. The product is taken in double and rounded once: BatchNorm
-// over a few values multiplies v's rounding by rstd_v (large where a
-// channel's values nearly agree), and a float32 product's rounding made
-// the carry's gradients err up to 12x PyTorch's (whose single-threaded
-// 1x1 convolution rounds about half as much as a float32 matmul) at
-// BatchNorm over three values. A bmm per image for NCHW (M broadcast over
-// the images: at::matmul would fold them and copy t to (N, H*W, C)), one
-// matmul over the pixels for channels_last.
+// out = M t per pixel (t: (N, C, H, W) dense in g's layout, M: (K, C) or
+// (K, C, 1, 1)), in the layout of t, as `out` values: the carry's v = W x,
+// and dx = W^T dv in its backward. The product is taken in double (t and M
+// are converted, no copy for double) and rounded once: BatchNorm over a few
+// values multiplies v's rounding by rstd_v (large where a channel's values
+// nearly agree), and a float32 product's rounding made the carry's gradients
+// err up to 12x PyTorch's (whose single-threaded 1x1 convolution rounds about
+// half as much as a float32 matmul) at BatchNorm over three values. A bmm per
+// image for NCHW (M broadcast over the images: at::matmul would fold them and
+// copy t to (N, H*W, C)), one matmul over the pixels for channels_last.
 Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g, at::ScalarType out) {
   const int64_t K = m.size(0), C = m.size(1);
-  const Tensor t64 = t.to(at::kDouble), m64 = m.to(at::kDouble);  // no-ops for double
+  const Tensor t64 = t.to(at::kDouble), m64 = m.reshape({K, C}).to(at::kDouble);
   if (g.channels_last) {
     return at::mm(t64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}), m64.t())
         .to(out)
@@ -241,12 +240,6 @@ Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g, at::Sc
   return at::bmm(m64.expand({g.N, K, C}), t64.reshape({g.N, C, g.S}))
       .to(out)
       .reshape({g.N, K, t.size(2), t.size(3)});
-}
-
-// v = W x for the 1x1 carry, in double and x's geometry.
-Tensor carry_product(const Tensor& x, const Tensor& w, const Geometry& gx) {
-  const int64_t K = w.size(0), C = w.size(1);
-  return pixel_product(x, w.reshape({K, C}), gx, at::kDouble);
 }
 
 }  // namespace
@@ -263,12 +256,11 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     Tensor v64;  // the carry's v = W x in double; BN_k's statistics from it
     std::vector<double> centre_k;
     if (carry) {
-      v64 = carry_product(dense(*x_in, g), *w, g);
+      v64 = pixel_product(dense(*x_in, g), *w, g, at::kDouble);
       std::tie(mean_k, var_k) = stats_or_running<double>(v64, g, training, running_mean_k, running_var_k);
-      centre_k = channel_vector<double>(mean_k);
+      centre_k = channel_vector(mean_k);
     } else {
-      mean_k = at::empty({0}, u.options().dtype(at::kDouble));
-      var_k = at::empty({0}, u.options().dtype(at::kDouble));
+      for (Tensor* t : {&mean_k, &var_k}) *t = at::empty({0}, u.options().dtype(at::kDouble));
     }
     std::tie(mean_d, var_d) = stats_or_running<scalar_t>(u, g, training, running_mean_d, running_var_d);
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
@@ -308,9 +300,9 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     std::vector<double> centre_k;
     if (carry) {
       x64 = dense(*x_in, g).to(at::kDouble);
-      v64 = carry_product(x64, *w, g);
+      v64 = pixel_product(x64, *w, g, at::kDouble);
       dv64 = at::empty_like(v64);
-      centre_k = channel_vector<double>(mean_k);
+      centre_k = channel_vector(mean_k);
     }
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
@@ -384,7 +376,8 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       const int64_t K = w->size(0), C = w->size(1);
       // dx = W^T dv per pixel, as the forward's product; dW = dv x^T in
       // double too, for the same reason.
-      dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type());
+      dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type())
+               .contiguous(resfuse::format_of(*x_in));
       if (g.channels_last) {
         dw = at::mm(dv64.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
                     x64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}));
@@ -392,18 +385,14 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
         dw = at::bmm(dv64.reshape({g.N, K, g.S}), x64.reshape({g.N, C, g.S}).transpose(1, 2))
                  .sum(0);
       }
-      dx = dx.contiguous(Geometry::of(*x_in).format());
       dw = dw.reshape(w->sizes()).to(w->scalar_type());
       dbias_k = channel_tensor(sums[0], *bias_k);
       dweight_k = channel_tensor(sum_gv, *weight_k);
     } else {
-      dx = at::empty({0}, u.options());
-      dw = at::empty({0}, u.options());
-      dweight_k = at::empty({0}, u.options());
-      dbias_k = at::empty({0}, u.options());
+      for (Tensor* t : {&dx, &dw, &dweight_k, &dbias_k}) *t = at::empty({0}, u.options());
     }
   });
-  return {du.contiguous(Geometry::of(u_in).format()), dh.contiguous(Geometry::of(h_in).format()),
+  return {du.contiguous(resfuse::format_of(u_in)), dh.contiguous(resfuse::format_of(h_in)),
           dweight_d, dbias_d, dx, dw, dweight_k, dbias_k};
 }
 
