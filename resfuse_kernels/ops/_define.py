@@ -43,6 +43,7 @@ running_var_<bn>``:
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -131,8 +132,7 @@ class FusedOp:
                             if isinstance(spec, tuple) else (names.index(spec), None)
                             for spec in (bn_inputs[b] for b in self.bns)]
 
-        self.op = self._custom_op(NAMESPACE, self._forward_impl, self.backward_impl,
-                                  torch.library.custom_op)
+        self.op = self._custom_op(NAMESPACE, backends.kernels, torch.library.custom_op)
         self._eager_apply = self._eager_function()
         self._sync_apply = self._sync_function()
 
@@ -149,16 +149,22 @@ class FusedOp:
         grads = tuple[(Tensor,) * len(self.grad_at)]
         return inspect.Signature(params, return_annotation=grads)
 
-    def _custom_op(self, namespace: str, forward_impl: Callable, backward_impl: Callable,
-                   define: Callable):
+    def _custom_op(self, namespace: str, kernels: Callable, define: Callable):
         """The forward and backward ops ``namespace::<name>[_backward]``,
-        defined with ``define`` (``custom_op`` or ``triton_op``), with this
-        op's fakes and autograd formula. Returns the forward op."""
-        forward_impl = _with_signature(forward_impl, self.name, self.signature)
-        backward_impl = _with_signature(backward_impl, f"{self.name}_backward",
-                                        self.backward_signature)
-        forward = define(f"{namespace}::{self.name}", forward_impl, mutates_args=())
-        backward = define(f"{namespace}::{self.name}_backward", backward_impl, mutates_args=())
+        defined with ``define`` (``custom_op`` or ``triton_op``), running the
+        kernels of ``kernels(device)`` (:meth:`_run`), with this op's checks,
+        fakes and autograd formula. Returns the forward op."""
+        def forward_impl(*args):
+            self.check(*args)
+            return self._run(kernels(args[0].device), "forward", args)
+
+        def backward_impl(*args):
+            return self._run(kernels(args[1].device), "backward", args)
+
+        forward = define(f"{namespace}::{self.name}", _with_signature(
+            forward_impl, self.name, self.signature), mutates_args=())
+        backward = define(f"{namespace}::{self.name}_backward", _with_signature(
+            backward_impl, f"{self.name}_backward", self.backward_signature), mutates_args=())
         if define is torch.library.custom_op:  # a triton_op's fake is its traced kernels
             forward.register_fake(self._fake)
             backward.register_fake(self._fake_backward)
@@ -177,26 +183,11 @@ class FusedOp:
         registered op (same schema, checks and autograd) running the Triton
         launchers ``forward`` and ``backward``, which torch.compile traces
         into. Returns the forward op."""
-        def forward_impl(*args):
-            self.check(*args)
-            with no_autocast(args[0]):  # as the registered op: internal products keep their precision
-                return forward(*args)
-
-        def backward_impl(*args):
-            with no_autocast(args[1]):
-                return backward(*args)
-
-        return self._custom_op(namespace, forward_impl, backward_impl,
-                               torch.library.triton_op)
+        launchers = SimpleNamespace(**{f"{self.name}_forward": forward,
+                                       f"{self.name}_backward": backward})
+        return self._custom_op(namespace, lambda _device: launchers, torch.library.triton_op)
 
     # -- implementations ------------------------------------------------------
-
-    def _forward_impl(self, *args):
-        self.check(*args)
-        return self._run(backends.kernels(args[0].device), "forward", args)
-
-    def backward_impl(self, *args):
-        return self._run(backends.kernels(args[1].device), "backward", args)
 
     def _run(self, kernels, which: str, args: tuple):
         """Backend module ``kernels``' forward or backward kernel on ``args``,
