@@ -133,8 +133,7 @@ class FusedOp:
                             for spec in (bn_inputs[b] for b in self.bns)]
 
         self.op = self._custom_op(NAMESPACE, backends.kernels, torch.library.custom_op)
-        self._eager_apply = self._eager_function()
-        self._sync_apply = self._sync_function()
+        self._apply = self._function()
 
     # -- schemas --------------------------------------------------------------
 
@@ -215,11 +214,11 @@ class FusedOp:
         ctx.scalars = inputs[self.training_at:]
         ctx.forced = backends.forced()
 
-    def _autograd_backward(self, run: Callable) -> Callable:
+    def _autograd_backward(self, run: Callable, leading: int = 0) -> Callable:
         """The backward of the autograd formula, with ``run(ctx, *args)``
         calling the backward kernel (directly, or through the registered
-        backward op)."""
-        grad_at = self.grad_at
+        backward op); ``leading`` arguments before the op's get no gradient."""
+        grad_at, lead = self.grad_at, (None,) * leading
 
         def backward(ctx, grad_y, *_stat_grads):
             saved = ctx.saved_tensors
@@ -233,31 +232,37 @@ class FusedOp:
             for g, i in zip(grads, grad_at):
                 if saved[i] is not None:
                     out[i] = g
-            return tuple(out)
+            return (*lead, *out)
 
         return backward
 
-    def _eager_function(self) -> Callable:
-        """``apply`` of the eager route's autograd.Function."""
-        setup_context, name = self._setup_context, self.name
+    def _function(self) -> Callable:
+        """``apply(sync, *args)`` of the autograd.Function of the eager and
+        synchronised routes, which call the backend's kernels directly.
+        ``sync`` is None (eager), or :meth:`_synchronised`'s ``(group, count,
+        present)``: ``args`` are then in given-statistics mode (checked there)
+        and the backward kernel's gradients go through :meth:`_sync_backward`."""
+        setup_context = self._setup_context
 
-        def forward(ctx, *args):
+        def forward(ctx, sync, *args):
             # setup_context is called here, not declared: Function.apply binds a
             # declared one's arguments through inspect.signature on every call.
-            self.check(*args)
+            if sync is None:
+                self.check(*args)
             kernels = backends.kernels(args[0].device)
             out = self._run(kernels, "forward", args)
             setup_context(ctx, args, out)
-            ctx.kernels = kernels
+            ctx.kernels, ctx.sync = kernels, sync
             return out
 
         def run(ctx, *args):
-            return self._run(ctx.kernels, "backward", args)
+            grads = self._run(ctx.kernels, "backward", args)
+            return grads if ctx.sync is None else self._sync_backward(*ctx.sync, args, list(grads))
 
-        camel = "".join(part.title() for part in name.split("_"))
+        camel = "".join(part.title() for part in self.name.split("_"))
         fn = type(camel, (torch.autograd.Function,),
                   {"forward": staticmethod(forward),
-                   "backward": staticmethod(self._autograd_backward(run))})
+                   "backward": staticmethod(self._autograd_backward(run, leading=1))})
         return fn.apply
 
     # -- the public call ------------------------------------------------------
@@ -292,7 +297,7 @@ class FusedOp:
         if synchronised:
             y, count, stats = self._synchronised(args, process_group)
         elif _eager(first):
-            y, *stats = self._eager_apply(*args)
+            y, *stats = self._apply(None, *args)
         else:
             twin = (backends.traceable_op(self.name, first.device.type)
                     if isinstance(first, Tensor) else None)
@@ -336,7 +341,7 @@ class FusedOp:
             raise ValueError(f"Expected more than 1 value per channel when training, got 1 "
                              f"over the process group (input of size {tuple(first.shape)} "
                              f"on this rank)")
-        y, *stats = self._sync_apply(group, count, *self._given(args, moments))
+        y, *stats = self._apply((group, count, present), *self._given(args, moments))
         return y, count, stats
 
     def _given(self, args: tuple, stats: dict) -> list:
@@ -392,41 +397,15 @@ class FusedOp:
                 moments[k] = (mean, m2 / total.clamp(min=1))
         return count, moments
 
-    def _sync_function(self) -> Callable:
-        """``apply(group, count, *given_args)`` of the synchronised route's
-        autograd.Function: the eager route's, with :meth:`_sync_backward`
-        after the backward kernel."""
-        setup_context, name = self._setup_context, self.name
-
-        def forward(ctx, group, count, *args):
-            kernels = backends.kernels(args[0].device)
-            out = self._run(kernels, "forward", args)
-            setup_context(ctx, args, out)
-            ctx.kernels, ctx.group, ctx.count = kernels, group, count
-            return out
-
-        def run(ctx, *args):
-            grads = list(self._run(ctx.kernels, "backward", args))
-            return self._sync_backward(ctx.group, ctx.count, args, grads)
-
-        inner = self._autograd_backward(run)
-
-        def backward(ctx, *grads):
-            return (None, None, *inner(ctx, *grads))
-
-        camel = "".join(part.title() for part in name.split("_"))
-        fn = type(f"Sync{camel}", (torch.autograd.Function,),
-                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-        return fn.apply
-
-    def _sync_backward(self, group, count: int, args: tuple, grads: list) -> list:
+    def _sync_backward(self, group, count: int, present: list, args: tuple,
+                       grads: list) -> list:
         """The backward kernel's given-statistics ``grads`` (one per
         ``grad_at``) of the backward kernel's ``args`` made training-mode
-        gradients over ``group``: its BatchNorms' sum(g) and sum(g * z_hat)
-        summed over the group, the input gradients corrected with them."""
+        gradients over ``group``: the ``present`` BatchNorms' sum(g) and
+        sum(g * z_hat) summed over the group, the input gradients corrected
+        with them."""
         saved, scalars = args[1:1 + self.training_at], args[1 + self.training_at:]
         slot = {i: j for j, i in enumerate(self.grad_at)}
-        present = [k for k, (w, _, _) in enumerate(self.bn_at) if saved[w] is not None]
         sums = []
         for k in present:
             sums += (grads[slot[self.bn_at[k][0]]].double(), grads[slot[self.bias_at[k]]].double())
