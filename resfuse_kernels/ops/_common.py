@@ -22,8 +22,8 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
@@ -44,6 +44,19 @@ def empty_output(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of in-kernel arithmetic for activations of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def carry_forward(x: Tensor, w: Tensor) -> Tensor:
+    """The 1x1 carry convolution v = W x, for w of shape (K, C) or (K, C, 1, 1)."""
+    return F.conv2d(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
+
+
+def carry_backward(dv: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """The carry's dx = W^T dv and dW = dv x^T (K x C), in float64 for every
+    storage dtype, as the cpu backend's (csrc/cpu/ops.cpp, pixel_product):
+    BatchNorm over few values amplifies their rounding."""
+    dv, w2 = dv.double(), w.reshape(w.shape[0], w.shape[1]).double()
+    return torch.einsum("kc,nkhw->nchw", w2, dv), torch.einsum("nkhw,nchw->kc", dv, x.double())
 
 
 # The batch statistics (mean, biased var) the forward hands the backward, for

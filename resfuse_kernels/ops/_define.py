@@ -48,12 +48,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_momenta, compute_dtype, empty_output, memory_format, no_autocast,
-                      promote_under_autocast)
+from ._common import (carry_backward, carry_forward, check_momenta, compute_dtype, empty_output,
+                      memory_format, no_autocast, promote_under_autocast)
 
 NAMESPACE = "resfuse"
 
@@ -358,10 +357,7 @@ class FusedOp:
         """What BatchNorm ``k`` normalises, in ``dtype``."""
         z_at, w_at = self.bn_input_at[k]
         z = args[z_at].to(dtype)
-        if w_at is None:
-            return z
-        w = args[w_at]
-        return F.conv2d(z, w.reshape(w.shape[0], w.shape[1], 1, 1).to(dtype))
+        return z if w_at is None else carry_forward(z, args[w_at].to(dtype))
 
     def _group_moments(self, args: tuple, present: list, group) -> tuple[int, dict]:
         """The group's count and, per BatchNorm, (mean, biased var) in float64
@@ -434,18 +430,14 @@ class FusedOp:
                         grads[slot[z_at]] = (g.to(ct) - term).to(g.dtype).contiguous(
                             memory_format=memory_format(g))
                     continue
-                # the carry v = W x: dv -= k3 + k2 (v - mean), through dx = W^T dv,
-                # dW = dv x^T; in float64 for float32 storage, as the backends' carry
-                prod = torch.float64 if ct == torch.float32 else ct
-                x, w = saved[z_at], saved[carry_at]
-                v = self._bn_input(saved, k, prod)
-                dv = torch.addcmul(k3.to(prod), v - mean.to(prod), k2.to(prod))
-                w2 = w.reshape(w.shape[0], w.shape[1]).to(prod)
+                # the carry v = W x: dv -= k3 + k2 (v - mean), in float64, through
+                # dx = W^T dv and dW = dv x^T (carry_backward, the composite's)
+                dv = torch.addcmul(k3, self._bn_input(saved, k, torch.float64) - mean, k2)
+                ddx, ddw = carry_backward(dv, saved[z_at], saved[carry_at])
                 dx, dw = grads[slot[z_at]], grads[slot[carry_at]]
-                grads[slot[z_at]] = (dx.to(prod) - torch.einsum("kc,nkhw->nchw", w2, dv)).to(
-                    dx.dtype).contiguous(memory_format=memory_format(dx))
-                grads[slot[carry_at]] = (dw.to(prod) - torch.einsum(
-                    "nkhw,nchw->kc", dv, x.to(prod)).reshape(dw.shape)).to(dw.dtype)
+                grads[slot[z_at]] = (dx.double() - ddx).to(dx.dtype).contiguous(
+                    memory_format=memory_format(dx))
+                grads[slot[carry_at]] = (dw.double() - ddw.reshape(dw.shape)).to(dw.dtype)
         return grads
 
 
