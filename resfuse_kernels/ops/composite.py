@@ -50,13 +50,6 @@ def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     return (z - _c(mean.to(z.dtype))) * _c(torch.rsqrt(var.to(z.dtype) + eps))
 
 
-def _rstd(var: Tensor, eps: float) -> Tensor:
-    """1 / sqrt(var + eps) in float64 from the unrounded variance: the
-    backward's coefficients (where BatchNorm runs over few values its input
-    gradient cancels to eps / (var + eps) of its terms)."""
-    return torch.rsqrt(var.double() + eps)
-
-
 def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor,
                  training: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of BN's input, weight and bias given g = dL/dBN(z), for the
@@ -66,7 +59,8 @@ def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, we
     eval:     dz = weight * rstd * g.
 
     Taken, as the cpu backend takes it, as k1 g + k2 (z - mean) + k3 with the
-    per-channel coefficients in float64 (from the unrounded rstd) and z - mean
+    per-channel coefficients in float64 (from rstd of the unrounded variance:
+    over few values dz cancels to eps / (var + eps) of its terms) and z - mean
     in z's dtype, and sum(g * z_hat) as rstd * sum(g (z - mean)) with the
     differences (about the float64 mean), products and sum in float64, as
     PyTorch's CPU BatchNorm takes it: where the sum cancels (BatchNorm over
@@ -75,7 +69,7 @@ def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, we
     at a mean far from the spread (x's mean 300).
     """
     dbias = g.sum(_DIMS, dtype=torch.float64)
-    r = _rstd(var, eps)
+    r = torch.rsqrt(var.double() + eps)
     wr = weight.double() * r
     dweight = (g.double() * (z.double() - _c(mean.double()))).sum(_DIMS) * r
     if not training:
