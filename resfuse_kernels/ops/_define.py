@@ -384,10 +384,10 @@ class FusedOp:
             counts = gathered[:, :1]
             total = counts.sum()
             count = int(total.item())  # the running update's factor and the check need it
+            per_bn = gathered[:, 1:].view(len(everyone), len(present), 2, channels)
             moments = {}
             for j, k in enumerate(present):
-                means = gathered[:, 1 + 2 * j * channels:1 + (2 * j + 1) * channels]
-                m2s = gathered[:, 1 + (2 * j + 1) * channels:1 + (2 * j + 2) * channels]
+                means, m2s = per_bn[:, j, 0], per_bn[:, j, 1]
                 mean = (counts * means).sum(0) / total.clamp(min=1)
                 m2 = (m2s + counts * (means - mean).square()).sum(0)
                 moments[k] = (mean, m2 / total.clamp(min=1))
@@ -402,19 +402,14 @@ class FusedOp:
         with them."""
         saved, scalars = args[1:1 + self.training_at], args[1 + self.training_at:]
         slot = {i: j for j, i in enumerate(self.grad_at)}
-        sums = []
-        for k in present:
-            sums += (grads[slot[self.bn_at[k][0]]].double(), grads[slot[self.bias_at[k]]].double())
-        total = torch.cat(sums)
+        total = torch.cat([grads[slot[i]].double() for k in present
+                           for i in (self.bn_at[k][0], self.bias_at[k])])
         dist.all_reduce(total, group=group)
-        channels = saved[0].shape[1]
         first = saved[0]
         ct = compute_dtype(first.dtype)
         with torch.no_grad(), no_autocast(first):
-            for j, k in enumerate(present):
+            for k, (sum_gz, sum_g) in zip(present, total.view(len(present), 2, first.shape[1])):
                 w_at, mean_at, var_at = self.bn_at[k]
-                sum_gz = total[2 * j * channels:(2 * j + 1) * channels]
-                sum_g = total[(2 * j + 1) * channels:(2 * j + 2) * channels]
                 rstd = torch.rsqrt(saved[var_at].double() + scalars[1 + k])
                 wr = saved[w_at].double() * rstd
                 k2 = (wr * rstd * sum_gz / count).view(1, -1, 1, 1)
