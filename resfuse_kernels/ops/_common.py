@@ -22,15 +22,13 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-
 
 
 def memory_format(t: Tensor) -> torch.memory_format:
     """The memory format of an op's output for first activation ``t``."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.is_contiguous(memory_format=torch.channels_last):
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -44,6 +42,19 @@ def empty_output(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of in-kernel arithmetic for activations of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def carry_forward(x: Tensor, w: Tensor) -> Tensor:
+    """The 1x1 carry convolution v = W x, for w of shape (K, C) or (K, C, 1, 1)."""
+    return F.conv2d(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
+
+
+def carry_backward(dv: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """The carry's dx = W^T dv and dW = dv x^T (K x C), in float64 for every
+    storage dtype, as the cpu backend's (csrc/cpu/ops.cpp, pixel_product):
+    BatchNorm over few values amplifies their rounding."""
+    dv, w2 = dv.double(), w.reshape(w.shape[0], w.shape[1]).double()
+    return torch.einsum("kc,nkhw->nchw", w2, dv), torch.einsum("nkhw,nchw->kc", dv, x.double())
 
 
 # The batch statistics (mean, biased var) the forward hands the backward, for
@@ -107,17 +118,17 @@ def check_channel_param(name: str, t: object, channels: int, device: torch.devic
 _FLOAT32_PARAMS_OK = (torch.bfloat16, torch.float16)
 
 
-def check_batch_norm(prefix: str, first: Tensor, channels: int, weight: Tensor, bias: Tensor,
+def check_batch_norm(prefix: str, first: Tensor, weight: Tensor, bias: Tensor,
                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      training: bool, eps: float) -> None:
-    """The parameters of one BatchNorm, checked against activation ``first``.
+    """The parameters of one BatchNorm over the channels of ``first``, checked against it.
 
     Their dtypes follow ``torch.nn.functional.batch_norm`` (on CPU): weight,
     bias and the running statistics share one dtype, the activations' or,
     for bfloat16/float16 activations, float32; anything else is an error
     naming the argument.
     """
-    name = f"weight_{prefix}"
+    name, channels = f"weight_{prefix}", first.shape[1]
     check_channel_param(name, weight, channels, first.device)
     dtype = weight.dtype
     if dtype != first.dtype and not (dtype == torch.float32 and first.dtype in _FLOAT32_PARAMS_OK):
@@ -127,11 +138,9 @@ def check_batch_norm(prefix: str, first: Tensor, channels: int, weight: Tensor, 
                         f"BatchNorm parameters and running statistics must be {allowed} (as "
                         "torch.nn.functional.batch_norm requires); cast them, or the module")
     check_channel_param(f"bias_{prefix}", bias, channels, first.device, dtype, name)
-    if training:
-        values = first.numel() // channels if channels else 0
-        if values == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input "
-                             f"of size {tuple(first.shape)} for BatchNorm {prefix!r}")
+    if training and channels and first.numel() == channels:  # one value a channel
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"of size {tuple(first.shape)} for BatchNorm {prefix!r}")
     for suffix, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
             check_channel_param(f"{suffix}_{prefix}", t, channels, first.device, dtype, name)

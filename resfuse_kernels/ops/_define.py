@@ -43,16 +43,16 @@ running_var_<bn>``:
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_momenta, compute_dtype, empty_output, memory_format, no_autocast,
-                      promote_under_autocast)
+from ._common import (carry_backward, carry_forward, check_momenta, compute_dtype, empty_output,
+                      memory_format, no_autocast, promote_under_autocast)
 
 NAMESPACE = "resfuse"
 
@@ -131,10 +131,8 @@ class FusedOp:
                             if isinstance(spec, tuple) else (names.index(spec), None)
                             for spec in (bn_inputs[b] for b in self.bns)]
 
-        self.op = self._custom_op(NAMESPACE, self._forward_impl, self.backward_impl,
-                                  torch.library.custom_op)
-        self._eager_apply = self._eager_function()
-        self._sync_apply = self._sync_function()
+        self.op = self._custom_op(NAMESPACE, backends.kernels, torch.library.custom_op)
+        self._apply = self._function()
 
     # -- schemas --------------------------------------------------------------
 
@@ -149,16 +147,22 @@ class FusedOp:
         grads = tuple[(Tensor,) * len(self.grad_at)]
         return inspect.Signature(params, return_annotation=grads)
 
-    def _custom_op(self, namespace: str, forward_impl: Callable, backward_impl: Callable,
-                   define: Callable):
+    def _custom_op(self, namespace: str, kernels: Callable, define: Callable):
         """The forward and backward ops ``namespace::<name>[_backward]``,
-        defined with ``define`` (``custom_op`` or ``triton_op``), with this
-        op's fakes and autograd formula. Returns the forward op."""
-        forward_impl = _with_signature(forward_impl, self.name, self.signature)
-        backward_impl = _with_signature(backward_impl, f"{self.name}_backward",
-                                        self.backward_signature)
-        forward = define(f"{namespace}::{self.name}", forward_impl, mutates_args=())
-        backward = define(f"{namespace}::{self.name}_backward", backward_impl, mutates_args=())
+        defined with ``define`` (``custom_op`` or ``triton_op``), running the
+        kernels of ``kernels(device)`` (:meth:`_run`), with this op's checks,
+        fakes and autograd formula. Returns the forward op."""
+        def forward_impl(*args):
+            self.check(*args)
+            return self._run(kernels(args[0].device), "forward", args)
+
+        def backward_impl(*args):
+            return self._run(kernels(args[1].device), "backward", args)
+
+        forward = define(f"{namespace}::{self.name}", _with_signature(
+            forward_impl, self.name, self.signature), mutates_args=())
+        backward = define(f"{namespace}::{self.name}_backward", _with_signature(
+            backward_impl, f"{self.name}_backward", self.backward_signature), mutates_args=())
         if define is torch.library.custom_op:  # a triton_op's fake is its traced kernels
             forward.register_fake(self._fake)
             backward.register_fake(self._fake_backward)
@@ -177,26 +181,11 @@ class FusedOp:
         registered op (same schema, checks and autograd) running the Triton
         launchers ``forward`` and ``backward``, which torch.compile traces
         into. Returns the forward op."""
-        def forward_impl(*args):
-            self.check(*args)
-            with no_autocast(args[0]):  # as the registered op: internal products keep their precision
-                return forward(*args)
-
-        def backward_impl(*args):
-            with no_autocast(args[1]):
-                return backward(*args)
-
-        return self._custom_op(namespace, forward_impl, backward_impl,
-                               torch.library.triton_op)
+        launchers = SimpleNamespace(**{f"{self.name}_forward": forward,
+                                       f"{self.name}_backward": backward})
+        return self._custom_op(namespace, lambda _device: launchers, torch.library.triton_op)
 
     # -- implementations ------------------------------------------------------
-
-    def _forward_impl(self, *args):
-        self.check(*args)
-        return self._run(backends.kernels(args[0].device), "forward", args)
-
-    def backward_impl(self, *args):
-        return self._run(backends.kernels(args[1].device), "backward", args)
 
     def _run(self, kernels, which: str, args: tuple):
         """Backend module ``kernels``' forward or backward kernel on ``args``,
@@ -224,11 +213,11 @@ class FusedOp:
         ctx.scalars = inputs[self.training_at:]
         ctx.forced = backends.forced()
 
-    def _autograd_backward(self, run: Callable) -> Callable:
+    def _autograd_backward(self, run: Callable, leading: int = 0) -> Callable:
         """The backward of the autograd formula, with ``run(ctx, *args)``
         calling the backward kernel (directly, or through the registered
-        backward op)."""
-        grad_at = self.grad_at
+        backward op); ``leading`` arguments before the op's get no gradient."""
+        grad_at, lead = self.grad_at, (None,) * leading
 
         def backward(ctx, grad_y, *_stat_grads):
             saved = ctx.saved_tensors
@@ -242,31 +231,37 @@ class FusedOp:
             for g, i in zip(grads, grad_at):
                 if saved[i] is not None:
                     out[i] = g
-            return tuple(out)
+            return (*lead, *out)
 
         return backward
 
-    def _eager_function(self) -> Callable:
-        """``apply`` of the eager route's autograd.Function."""
-        setup_context, name = self._setup_context, self.name
+    def _function(self) -> Callable:
+        """``apply(sync, *args)`` of the autograd.Function of the eager and
+        synchronised routes, which call the backend's kernels directly.
+        ``sync`` is None (eager), or :meth:`_synchronised`'s ``(group, count,
+        present)``: ``args`` are then in given-statistics mode (checked there)
+        and the backward kernel's gradients go through :meth:`_sync_backward`."""
+        setup_context = self._setup_context
 
-        def forward(ctx, *args):
+        def forward(ctx, sync, *args):
             # setup_context is called here, not declared: Function.apply binds a
             # declared one's arguments through inspect.signature on every call.
-            self.check(*args)
+            if sync is None:
+                self.check(*args)
             kernels = backends.kernels(args[0].device)
             out = self._run(kernels, "forward", args)
             setup_context(ctx, args, out)
-            ctx.kernels = kernels
+            ctx.kernels, ctx.sync = kernels, sync
             return out
 
         def run(ctx, *args):
-            return self._run(ctx.kernels, "backward", args)
+            grads = self._run(ctx.kernels, "backward", args)
+            return grads if ctx.sync is None else self._sync_backward(*ctx.sync, args, list(grads))
 
-        camel = "".join(part.title() for part in name.split("_"))
+        camel = "".join(part.title() for part in self.name.split("_"))
         fn = type(camel, (torch.autograd.Function,),
                   {"forward": staticmethod(forward),
-                   "backward": staticmethod(self._autograd_backward(run))})
+                   "backward": staticmethod(self._autograd_backward(run, leading=1))})
         return fn.apply
 
     # -- the public call ------------------------------------------------------
@@ -301,7 +296,7 @@ class FusedOp:
         if synchronised:
             y, count, stats = self._synchronised(args, process_group)
         elif _eager(first):
-            y, *stats = self._eager_apply(*args)
+            y, *stats = self._apply(None, *args)
         else:
             twin = (backends.traceable_op(self.name, first.device.type)
                     if isinstance(first, Tensor) else None)
@@ -345,7 +340,7 @@ class FusedOp:
             raise ValueError(f"Expected more than 1 value per channel when training, got 1 "
                              f"over the process group (input of size {tuple(first.shape)} "
                              f"on this rank)")
-        y, *stats = self._sync_apply(group, count, *self._given(args, moments))
+        y, *stats = self._apply((group, count, present), *self._given(args, moments))
         return y, count, stats
 
     def _given(self, args: tuple, stats: dict) -> list:
@@ -362,10 +357,7 @@ class FusedOp:
         """What BatchNorm ``k`` normalises, in ``dtype``."""
         z_at, w_at = self.bn_input_at[k]
         z = args[z_at].to(dtype)
-        if w_at is None:
-            return z
-        w = args[w_at]
-        return F.conv2d(z, w.reshape(w.shape[0], w.shape[1], 1, 1).to(dtype))
+        return z if w_at is None else carry_forward(z, args[w_at].to(dtype))
 
     def _group_moments(self, args: tuple, present: list, group) -> tuple[int, dict]:
         """The group's count and, per BatchNorm, (mean, biased var) in float64
@@ -392,63 +384,32 @@ class FusedOp:
             counts = gathered[:, :1]
             total = counts.sum()
             count = int(total.item())  # the running update's factor and the check need it
+            per_bn = gathered[:, 1:].view(len(everyone), len(present), 2, channels)
             moments = {}
             for j, k in enumerate(present):
-                means = gathered[:, 1 + 2 * j * channels:1 + (2 * j + 1) * channels]
-                m2s = gathered[:, 1 + (2 * j + 1) * channels:1 + (2 * j + 2) * channels]
+                means, m2s = per_bn[:, j, 0], per_bn[:, j, 1]
                 mean = (counts * means).sum(0) / total.clamp(min=1)
                 m2 = (m2s + counts * (means - mean).square()).sum(0)
                 moments[k] = (mean, m2 / total.clamp(min=1))
         return count, moments
 
-    def _sync_function(self) -> Callable:
-        """``apply(group, count, *given_args)`` of the synchronised route's
-        autograd.Function: the eager route's, with :meth:`_sync_backward`
-        after the backward kernel."""
-        setup_context, name = self._setup_context, self.name
-
-        def forward(ctx, group, count, *args):
-            kernels = backends.kernels(args[0].device)
-            out = self._run(kernels, "forward", args)
-            setup_context(ctx, args, out)
-            ctx.kernels, ctx.group, ctx.count = kernels, group, count
-            return out
-
-        def run(ctx, *args):
-            grads = list(self._run(ctx.kernels, "backward", args))
-            return self._sync_backward(ctx.group, ctx.count, args, grads)
-
-        inner = self._autograd_backward(run)
-
-        def backward(ctx, *grads):
-            return (None, None, *inner(ctx, *grads))
-
-        camel = "".join(part.title() for part in name.split("_"))
-        fn = type(f"Sync{camel}", (torch.autograd.Function,),
-                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-        return fn.apply
-
-    def _sync_backward(self, group, count: int, args: tuple, grads: list) -> list:
+    def _sync_backward(self, group, count: int, present: list, args: tuple,
+                       grads: list) -> list:
         """The backward kernel's given-statistics ``grads`` (one per
         ``grad_at``) of the backward kernel's ``args`` made training-mode
-        gradients over ``group``: its BatchNorms' sum(g) and sum(g * z_hat)
-        summed over the group, the input gradients corrected with them."""
+        gradients over ``group``: the ``present`` BatchNorms' sum(g) and
+        sum(g * z_hat) summed over the group, the input gradients corrected
+        with them."""
         saved, scalars = args[1:1 + self.training_at], args[1 + self.training_at:]
         slot = {i: j for j, i in enumerate(self.grad_at)}
-        present = [k for k, (w, _, _) in enumerate(self.bn_at) if saved[w] is not None]
-        sums = []
-        for k in present:
-            sums += (grads[slot[self.bn_at[k][0]]].double(), grads[slot[self.bias_at[k]]].double())
-        total = torch.cat(sums)
+        total = torch.cat([grads[slot[i]].double() for k in present
+                           for i in (self.bn_at[k][0], self.bias_at[k])])
         dist.all_reduce(total, group=group)
-        channels = saved[0].shape[1]
         first = saved[0]
         ct = compute_dtype(first.dtype)
         with torch.no_grad(), no_autocast(first):
-            for j, k in enumerate(present):
+            for k, (sum_gz, sum_g) in zip(present, total.view(len(present), 2, first.shape[1])):
                 w_at, mean_at, var_at = self.bn_at[k]
-                sum_gz = total[2 * j * channels:(2 * j + 1) * channels]
-                sum_g = total[(2 * j + 1) * channels:(2 * j + 2) * channels]
                 rstd = torch.rsqrt(saved[var_at].double() + scalars[1 + k])
                 wr = saved[w_at].double() * rstd
                 k2 = (wr * rstd * sum_gz / count).view(1, -1, 1, 1)
@@ -464,18 +425,14 @@ class FusedOp:
                         grads[slot[z_at]] = (g.to(ct) - term).to(g.dtype).contiguous(
                             memory_format=memory_format(g))
                     continue
-                # the carry v = W x: dv -= k3 + k2 (v - mean), through dx = W^T dv,
-                # dW = dv x^T; in float64 for float32 storage, as the backends' carry
-                prod = torch.float64 if ct == torch.float32 else ct
-                x, w = saved[z_at], saved[carry_at]
-                v = self._bn_input(saved, k, prod)
-                dv = torch.addcmul(k3.to(prod), v - mean.to(prod), k2.to(prod))
-                w2 = w.reshape(w.shape[0], w.shape[1]).to(prod)
+                # the carry v = W x: dv -= k3 + k2 (v - mean), in float64, through
+                # dx = W^T dv and dW = dv x^T (carry_backward, the composite's)
+                dv = torch.addcmul(k3, self._bn_input(saved, k, torch.float64) - mean, k2)
+                ddx, ddw = carry_backward(dv, saved[z_at], saved[carry_at])
                 dx, dw = grads[slot[z_at]], grads[slot[carry_at]]
-                grads[slot[z_at]] = (dx.to(prod) - torch.einsum("kc,nkhw->nchw", w2, dv)).to(
-                    dx.dtype).contiguous(memory_format=memory_format(dx))
-                grads[slot[carry_at]] = (dw.to(prod) - torch.einsum(
-                    "nkhw,nchw->kc", dv, x.to(prod)).reshape(dw.shape)).to(dw.dtype)
+                grads[slot[z_at]] = (dx.double() - ddx).to(dx.dtype).contiguous(
+                    memory_format=memory_format(dx))
+                grads[slot[carry_at]] = (dw.double() - ddw.reshape(dw.shape)).to(dw.dtype)
         return grads
 
 

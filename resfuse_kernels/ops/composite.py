@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import STATS_DTYPE, compute_dtype, memory_format
+from ._common import STATS_DTYPE, carry_backward, carry_forward, compute_dtype, memory_format
 
 _DIMS = (0, 2, 3)  # the reduction dimensions of a per-channel statistic
 
@@ -51,13 +50,6 @@ def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     return (z - _c(mean.to(z.dtype))) * _c(torch.rsqrt(var.to(z.dtype) + eps))
 
 
-def _rstd(var: Tensor, eps: float) -> Tensor:
-    """1 / sqrt(var + eps) in float64 from the unrounded variance: the
-    backward's coefficients (where BatchNorm runs over few values its input
-    gradient cancels to eps / (var + eps) of its terms)."""
-    return torch.rsqrt(var.double() + eps)
-
-
 def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor,
                  training: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of BN's input, weight and bias given g = dL/dBN(z), for the
@@ -67,7 +59,8 @@ def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, we
     eval:     dz = weight * rstd * g.
 
     Taken, as the cpu backend takes it, as k1 g + k2 (z - mean) + k3 with the
-    per-channel coefficients in float64 (from the unrounded rstd) and z - mean
+    per-channel coefficients in float64 (from rstd of the unrounded variance:
+    over few values dz cancels to eps / (var + eps) of its terms) and z - mean
     in z's dtype, and sum(g * z_hat) as rstd * sum(g (z - mean)) with the
     differences (about the float64 mean), products and sum in float64, as
     PyTorch's CPU BatchNorm takes it: where the sum cancels (BatchNorm over
@@ -76,7 +69,7 @@ def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, we
     at a mean far from the spread (x's mean 300).
     """
     dbias = g.sum(_DIMS, dtype=torch.float64)
-    r = _rstd(var, eps)
+    r = torch.rsqrt(var.double() + eps)
     wr = weight.double() * r
     dweight = (g.double() * (z.double() - _c(mean.double()))).sum(_DIMS) * r
     if not training:
@@ -132,11 +125,6 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
 # --------------------------------------------------------------------------
 # ResFuse tail
 
-def _carry(x: Tensor, w: Tensor) -> Tensor:
-    """The 1x1 carry convolution W x, for w of shape (K, C) or (K, C, 1, 1)."""
-    return F.conv2d(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
-
-
 def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
                          x, w, weight_k, bias_k, running_mean_k, running_var_k,
                          training: bool, eps_d: float, eps_k: float):
@@ -148,7 +136,7 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     if x is None:
         mean_k, var_k = u_.new_empty(0, dtype=STATS_DTYPE), u_.new_empty(0, dtype=STATS_DTYPE)
     else:
-        v = _carry(x.to(ct), w.to(ct))
+        v = carry_forward(x.to(ct), w.to(ct))
         mean_k, var_k = _stats(v, training, running_mean_k, running_var_k)
         v_hat = _normalise(v, mean_k, var_k, eps_k)
         z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
@@ -164,7 +152,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
     if x is not None:
         x_, w_ = x.to(ct), w.to(ct)
-        v = _carry(x_, w_)
+        v = carry_forward(x_, w_)
         v_hat = _normalise(v, mean_k, var_k, eps_k)
         z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
     g = g * (z > 0)
@@ -174,12 +162,6 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         none = u.new_empty(0)
         return (*grads, none, none.clone(), none.clone(), none.clone())
     dv, dweight_k, dbias_k = _bn_backward(g, v, mean_k, var_k, eps_k, weight_k.to(ct), training)
-    # dx = W^T dv and dW = dv x^T in float64 for float32 storage, rounded
-    # once, as the cpu backend's: BatchNorm over few values amplifies their
-    # rounding (csrc/cpu/ops.cpp, pixel_product)
-    prod = torch.float64 if ct == torch.float32 else ct
-    w2, dv_ = w_.reshape(w.shape[0], w.shape[1]).to(prod), dv.to(prod)
-    dx = torch.einsum("kc,nkhw->nchw", w2, dv_).to(ct)
-    dw = torch.einsum("nkhw,nchw->kc", dv_, x_.to(prod)).to(ct)
-    return (*grads, _out(dx, x), dw.reshape(w.shape).to(w.dtype),
+    dx, dw = carry_backward(dv, x_, w_)
+    return (*grads, _out(dx.to(ct), x), dw.to(ct).reshape(w.shape).to(w.dtype),
             dweight_k.to(weight_k.dtype), dbias_k.to(bias_k.dtype))

@@ -45,11 +45,8 @@ def check(a, b, x, weight_h, bias_h, running_mean_h, running_var_h,
     check_activation("a", a)
     check_activation("b", b, like=a)
     check_activation("x", x, like=a)
-    channels = a.shape[1]
-    check_batch_norm("h", a, channels, weight_h, bias_h, running_mean_h, running_var_h,
-                     training, eps_h)
-    check_batch_norm("t", a, channels, weight_t, bias_t, running_mean_t, running_var_t,
-                     training, eps_t)
+    check_batch_norm("h", a, weight_h, bias_h, running_mean_h, running_var_h, training, eps_h)
+    check_batch_norm("t", a, weight_t, bias_t, running_mean_t, running_var_t, training, eps_t)
 
 
 def signature(a: Tensor, b: Tensor, x: Tensor,

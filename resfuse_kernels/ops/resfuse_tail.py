@@ -48,8 +48,7 @@ def check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     check_activation("u", u)
     check_activation("h", h, like=u)
     channels = u.shape[1]
-    check_batch_norm("d", u, channels, weight_d, bias_d, running_mean_d, running_var_d,
-                     training, eps_d)
+    check_batch_norm("d", u, weight_d, bias_d, running_mean_d, running_var_d, training, eps_d)
     carry = {"x": x, "w": w, "weight_k": weight_k, "bias_k": bias_k}
     given = [name for name, t in carry.items() if t is not None]
     if not given:
@@ -67,8 +66,7 @@ def check(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     if not shape_ok or w.shape[0] != channels or w.shape[1] != x.shape[1]:
         raise ValueError(f"w must be the 1x1 carry weight of shape ({channels}, {x.shape[1]}) "
                          f"or ({channels}, {x.shape[1]}, 1, 1), got {tuple(w.shape)}")
-    check_batch_norm("k", u, channels, weight_k, bias_k, running_mean_k, running_var_k,
-                     training, eps_k)
+    check_batch_norm("k", u, weight_k, bias_k, running_mean_k, running_var_k, training, eps_k)
 
 
 def signature(u: Tensor, h: Tensor,
