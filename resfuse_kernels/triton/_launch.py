@@ -530,35 +530,38 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
 
 
 @triton.jit
+def _row_tile(p0, P, W, c, mask, BLOCK_P: tl.constexpr):
+    """(p, offsets, tile mask) of rows p0 .. p0 + BLOCK_P - 1 of a (P, W)
+    matrix of per-chunk partials, columns ``c`` (``mask``): read a tile of
+    rows at a time, as a loop over single rows would wait out one memory
+    latency per chunk."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    return p, p.to(tl.int64)[:, None] * W + c[None, :], (p < P)[:, None] & mask[None, :]
+
+
+@triton.jit
 def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, shift_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr,
                     var_y_ptr, P, W, C, SHIFTED: tl.constexpr, CT: tl.constexpr,
                     BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
     """Merge P per-chunk (count, mean, M2) rows of width W into (mean, biased var);
     columns [0, C) go to the x outputs, [C, W) to the y outputs. With
     ``SHIFTED`` the partial means are of values less the column's shift
-    (``shift_ptr``), added back to the mean at the end. Reads
-    [BLOCK_P, BLOCK] tiles of the partials: a loop over single rows would
-    wait out one memory latency per chunk."""
+    (``shift_ptr``), added back to the mean at the end."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < W
     total = tl.zeros([BLOCK], CT)
     weighted = tl.zeros([BLOCK], CT)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pm = p < P
-        cnt = tl.load(cnt_ptr + p, mask=pm, other=0.0).to(CT)
-        m = tl.load(mean_ptr + p.to(tl.int64)[:, None] * W + c[None, :],
-                    mask=pm[:, None] & mask[None, :], other=0.0).to(CT)
+        p, offs, tile = _row_tile(p0, P, W, c, mask, BLOCK_P)
+        cnt = tl.load(cnt_ptr + p, mask=p < P, other=0.0).to(CT)
+        m = tl.load(mean_ptr + offs, mask=tile, other=0.0).to(CT)
         total += tl.sum(cnt, axis=0)
         weighted += tl.sum(cnt[:, None] * m, axis=0)
     mean = weighted / tl.maximum(total, 1.0)
     m2 = tl.zeros([BLOCK], CT)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pm = p < P
-        tile = pm[:, None] & mask[None, :]
-        offs = p.to(tl.int64)[:, None] * W + c[None, :]
-        cnt = tl.load(cnt_ptr + p, mask=pm, other=0.0).to(CT)
+        p, offs, tile = _row_tile(p0, P, W, c, mask, BLOCK_P)
+        cnt = tl.load(cnt_ptr + p, mask=p < P, other=0.0).to(CT)
         d = tl.load(mean_ptr + offs, mask=tile, other=0.0).to(CT) - mean[None, :]
         q = tl.load(m2_ptr + offs, mask=tile, other=0.0).to(CT)
         m2 += tl.sum(tl.where(tile, q + cnt[:, None] * d * d, 0.0), axis=0)
@@ -575,28 +578,26 @@ def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, shift_ptr, mean_x_ptr, var_x_ptr,
     tl.store(var_y_ptr + (c - C), var, mask=second)
 
 
-def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct,
+def finalize_stats(cnt, mean_p, m2_p, outs: list, c: int,
                    shift: torch.Tensor | None = None) -> None:
-    """Launch :func:`_stats_finalize` over ``width`` columns of partials into
-    ``outs`` = [mean_x, var_x, mean_y, var_y]; ``shift``: the per-column
-    shift of the partial means, if any."""
+    """Launch :func:`_stats_finalize` over all columns of the partials into
+    ``outs`` = [mean_x, var_x] or [mean_x, var_x, mean_y, var_y], x the first
+    ``c`` columns; ``shift``: the per-column shift of the partial means, if any."""
+    chunks, width = mean_p.shape
+    ys = [scratch(cnt), scratch(cnt)] if len(outs) == 2 else []  # never written: no y columns
     block = 64
     launch(_stats_finalize)[(cdiv(width, block),)](
-        cnt, mean_p, m2_p, scratch(cnt) if shift is None else shift, *outs, cnt.shape[0],
-        width, c, SHIFTED=shift is not None, CT=ct, BLOCK=block, BLOCK_P=32)
+        cnt, mean_p, m2_p, scratch(cnt) if shift is None else shift, *outs, *ys, chunks, width,
+        c, SHIFTED=shift is not None, CT=compute_type(cnt.dtype), BLOCK=block, BLOCK_P=32)
 
 
 @triton.jit
 def _group_sum(part_ptr, P, W, col, c, mask, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Column ``col + c`` of P rows of width W, summed in float64, [BLOCK_P,
-    BLOCK] tiles at a time (a loop over single rows would wait out one memory
-    latency per chunk)."""
+    """Column ``col + c`` of P rows of width W, summed in float64."""
     acc = tl.zeros([BLOCK], tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        acc += tl.sum(tl.load(part_ptr + p.to(tl.int64)[:, None] * W + col + c[None, :],
-                              mask=(p < P)[:, None] & mask[None, :], other=0.0).to(tl.float64),
-                      axis=0)
+        _, offs, tile = _row_tile(p0, P, W, c, mask, BLOCK_P)
+        acc += tl.sum(tl.load(part_ptr + col + offs, mask=tile, other=0.0).to(tl.float64), axis=0)
     return acc
 
 
@@ -722,6 +723,5 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
         x, y, cnt, mean_p, m2_p, shift, n, c, h * w, *sx, *sy, layout_flag(sx),
         TWO=two, CT=ct)
     out = [torch.empty(c, dtype=STATS_DTYPE, device=x.device) for _ in range(4 if two else 2)]
-    ys = out[2:] if two else [scratch(cnt), scratch(cnt)]  # never written when not two
-    finalize_stats(cnt, mean_p, m2_p, out[:2] + ys, width, c, ct, shift)
+    finalize_stats(cnt, mean_p, m2_p, out, c, shift)
     return out

@@ -316,7 +316,7 @@ def _carry_stats(x3, sx, x0, w2):
         x3, x0, w2, cnt, mean_p, m2_p, n, k, h * wdt, cx, *sx, layout_flag(sx), CT=ct)
     mean = torch.empty(k, dtype=cdt, device=x3.device)
     var = torch.empty(k, dtype=STATS_DTYPE, device=x3.device)
-    finalize_stats(cnt, mean_p, m2_p, [mean, var, scratch(cnt), scratch(cnt)], k, k, ct)
+    finalize_stats(cnt, mean_p, m2_p, [mean, var], k)
     return mean, var
 
 
