@@ -633,9 +633,8 @@ def _bn_grad(part_ptr, P, W, C, M, SG: tl.constexpr, SC: tl.constexpr,
 
 
 @triton.jit
-def _bn_grad_finalize(part_ptr, coef_ptr, P, C, M,
-                      m0_ptr, v0_ptr, w0_ptr, dw0_ptr, db0_ptr,
-                      m1_ptr, v1_ptr, w1_ptr, dw1_ptr, db1_ptr,
+def _bn_grad_finalize(part_ptr, coef_ptr, P, C, M, m0_ptr, v0_ptr, w0_ptr, m1_ptr, v1_ptr, w1_ptr,
+                      dw0_ptr, db0_ptr, dw1_ptr, db1_ptr,
                       G: tl.constexpr, SG0: tl.constexpr, SC0: tl.constexpr,
                       SG1: tl.constexpr, SC1: tl.constexpr,
                       EPS0: tl.constexpr, EPS1: tl.constexpr, TRAINING: tl.constexpr,
@@ -673,29 +672,29 @@ def input_grad(coef_ptr, mean_ptr, c, cmask, C, g, z, TRAINING: tl.constexpr, CT
     return out.to(CT)
 
 
-def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool,
-                     ct) -> torch.Tensor:
+def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool, ct):
     """Finish a backward reduction in one launch. ``part`` holds per-chunk
     partial sums, ``(chunks, G*C)`` for G groups of C channels; each of
-    ``bns`` (one or two) is ``(sum_g group, sum_gc group, mean, var, weight,
-    eps, dweight, dbias)``, its sums of g and of g (z - mean) about the mean
-    rounded to the compute dtype. Writes each BatchNorm's dweight and dbias
-    and returns the ``(2, 3, C)`` coefficients (k1, k2, k3) of the input
+    ``bns`` (one or two) is ``(sum_g group, sum_gc group, eps, mean, var,
+    weight, bias)``, its sums of g and of g (z - mean) about the mean rounded
+    to the compute dtype. Returns each BatchNorm's dweight and dbias (in one
+    list) and the ``(2, 3, C)`` coefficients (k1, k2, k3) of the input
     gradients ``k1 g + k2 (z - mean) + k3``, in float64, for the apply pass
     (:func:`input_grad`; torch ops per gradient would take a launch each)."""
     chunks, width = part.shape
-    c = bns[0][4].shape[0]
-    coef = torch.empty(2, 3, c, dtype=torch.float64, device=part.device)
     one = bns[0]
-    # one BatchNorm: the second's outputs are never written (scratch, not
-    # aliases of the first's: torch.compile clones each output of a kernel)
-    two = bns[1] if len(bns) > 1 else (-1, -1, *one[2:6], scratch(part), scratch(part))
+    c = one[3].shape[0]
+    coef = torch.empty(2, 3, c, dtype=torch.float64, device=part.device)
+    affine = [torch.empty_like(p) for bn in bns for p in bn[5:]]
+    # one BatchNorm: the second's outputs are never written (scratch, not aliases)
+    two = bns[1] if len(bns) > 1 else (-1, -1, *one[2:])
+    outs = affine if len(bns) > 1 else affine + [scratch(part), scratch(part)]
     block = 64
     launch(_bn_grad_finalize)[(cdiv(c, block),)](
-        part, coef, chunks, c, count, *one[2:5], *one[6:8], *two[2:5], *two[6:8],
-        G=width // c, SG0=one[0], SC0=one[1], SG1=two[0], SC1=two[1], EPS0=float(one[5]),
-        EPS1=float(two[5]), TRAINING=bool(training), CT=ct, BLOCK=block, BLOCK_P=32)
-    return coef
+        part, coef, chunks, c, count, *one[3:6], *two[3:6], *outs, G=width // c, SG0=one[0],
+        SC0=one[1], SG1=two[0], SC1=two[1], EPS0=float(one[2]), EPS1=float(two[2]),
+        TRAINING=bool(training), CT=ct, BLOCK=block, BLOCK_P=32)
+    return affine, coef
 
 
 def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):

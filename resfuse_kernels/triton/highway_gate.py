@@ -176,14 +176,12 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, n, c, s,
         *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
-    grads = [torch.empty_like(p) for p in (weight_h, bias_h, weight_t, bias_t)]
-    dweight_h, dbias_h, dweight_t, dbias_t = grads
     # partial rows: sum g_h, sum g_h (a - mean_h), sum g_t, sum g_t (b - mean_t)
-    coef = bn_grad_finalize(part, n * s, [
-        (0, 1, mean_h, var_h, weight_h, eps_h, dweight_h, dbias_h),
-        (2, 3, mean_t, var_t, weight_t, eps_t, dweight_t, dbias_t)], training, ct)
+    affine, coef = bn_grad_finalize(part, n * s, [(0, 1, eps_h, mean_h, var_h, weight_h, bias_h),
+                                                  (2, 3, eps_t, mean_t, var_t, weight_t, bias_t)],
+                                    training, ct)
     launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
         g3, a3, b3, x3, da, db, dx, coef, *params, n, c, s,
         *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
         TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
-    return (da, db, dx, *grads)
+    return (da, db, dx, *affine)

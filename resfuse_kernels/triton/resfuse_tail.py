@@ -405,18 +405,16 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         g3, u3, h3, x3, x0, w2, dh, part, *pd, *pk, n, k, s, cx,
         *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry,
         EPS_D=float(eps_d), EPS_K=float(eps_k), CT=ct)
-    dweight_d, dbias_d = torch.empty_like(weight_d), torch.empty_like(bias_d)
     # partial rows: sum g, sum g (u - mean_d), sum g (v' - mean_k')
-    bns = [(0, 1, mean_d, var_d, weight_d, eps_d, dweight_d, dbias_d)]
+    bns = [(0, 1, eps_d, mean_d, var_d, weight_d, bias_d)]
     if carry:
-        dweight_k, dbias_k = torch.empty_like(weight_k), torch.empty_like(bias_k)
-        bns.append((0, 2, shifted_mean_k, var_k, weight_k, eps_k, dweight_k, dbias_k))
-    coef = bn_grad_finalize(part, n * s, bns, training, ct)
+        bns.append((0, 2, eps_k, shifted_mean_k, var_k, weight_k, bias_k))
+    affine, coef = bn_grad_finalize(part, n * s, bns, training, ct)
     launch(_backward_apply_kernel)[grid_tiles(n, k, s)](
         dh, u3, x3, x0, w2, du, dv, coef, pd[0], pk[0],
         n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
         layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
-    grads = (du, dh, dweight_d, dbias_d)
+    grads = (du, dh, *affine[:2])
     if not carry:
         return (*grads, *(u.new_empty(0) for _ in range(4)))
     # torch matmuls on the materialised dv (see the module docstring), in
@@ -428,4 +426,4 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     dw = dv2.t() @ x2
     # dx is (N, H, W, CX) in memory: the output already when x is channels_last
     dx = in_output_format(dx.to(x.dtype), x)
-    return (*grads, dx, dw.reshape(w.shape).to(w.dtype), dweight_k, dbias_k)
+    return (*grads, dx, dw.reshape(w.shape).to(w.dtype), *affine[2:])
