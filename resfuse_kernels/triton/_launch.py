@@ -458,11 +458,10 @@ def sample_shift(ptr, c, cmask, S, sc, ss, CT: tl.constexpr, BLOCK_S: tl.constex
 
 @triton.jit
 def slot_welford(mean, m2, v, rows, inv_count):
-    """Welford's update of running (mean, M2) tiles, one per register slot,
-    with the tile ``v``. Rows where ``rows`` is false (pixels past the image)
-    are left as they were; ``inv_count`` is 1 / each row's count after this
-    tile. No value crosses a thread: the streaming loop has no shuffles or
-    barriers (a per-tile reduction would have several per tile)."""
+    """Welford's update of running (mean, M2) tiles, one per register slot
+    (the module docstring says why), with the tile ``v``. Rows where ``rows``
+    is false (pixels past the image) are left as they were; ``inv_count`` is
+    1 / each row's count after this tile."""
     d = tl.where(rows[:, None], v - mean, 0.0)
     mean = mean + d * inv_count[:, None]
     return mean, m2 + d * (v - mean)
@@ -471,11 +470,10 @@ def slot_welford(mean, m2, v, rows, inv_count):
 @triton.jit
 def merge_slots(count, mean, m2, mean_ptr, m2_ptr, c, cmask):
     """Per-column (mean, M2) from per-slot running tiles with ``count`` per
-    row, once per program, stored at ``mean_ptr + c`` and ``m2_ptr + c``;
-    returns the column's count. The count-weighted mean, then M2 as the
-    slots' M2 plus their count-weighted squared deviations from it (what
-    Chan's pairwise merge sums to; plain sums, where a ``tl.reduce`` with a
-    merge function would run element by element in the interpreter)."""
+    row, merged as the module docstring says (what Chan's pairwise merge sums
+    to; plain sums, where a ``tl.reduce`` with a merge function would run
+    element by element in the interpreter), stored at ``mean_ptr + c`` and
+    ``m2_ptr + c``; returns the column's count."""
     w = tl.broadcast_to(count[:, None], mean.shape)
     total = tl.sum(w, axis=0)
     mu = tl.sum(w * mean, axis=0) / tl.maximum(total, 1.0)
