@@ -513,8 +513,7 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
         v = tl.load(x_ptr + offsets(n64, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
         mx, qx = slot_welford(mx, qx, v - x0[None, :], rows, inv)
         if TWO:
-            v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask,
-                        other=0.0).to(CT)
+            v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask, other=0.0).to(CT)
             my, qy = slot_welford(my, qy, v - y0[None, :], rows, inv)
     chunk = tl.program_id(0)
     row = chunk.to(tl.int64) * (2 * C if TWO else C)
@@ -663,8 +662,7 @@ def input_grad(coef_ptr, mean_ptr, c, cmask, C, g, z, TRAINING: tl.constexpr, CT
         m = channel_vector(mean_ptr, c, cmask, tl.float64)[None, :]
         centred = z.to(tl.float64) - m
         out = tl.fma(tl.broadcast_to(k1, g.shape), g.to(tl.float64),
-                     tl.fma(tl.broadcast_to(k2, g.shape), centred,
-                            tl.broadcast_to(k3, g.shape)))
+                     tl.fma(tl.broadcast_to(k2, g.shape), centred, tl.broadcast_to(k3, g.shape)))
     else:
         out = k1 * g.to(tl.float64)
     return out.to(CT)
@@ -717,8 +715,7 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     if y is None:
         y, sy = x, sx
     launch(_stats_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        x, y, cnt, mean_p, m2_p, shift, n, c, h * w, *sx, *sy, layout_flag(sx),
-        TWO=two, CT=ct)
+        x, y, cnt, mean_p, m2_p, shift, n, c, h * w, *sx, *sy, layout_flag(sx), TWO=two, CT=ct)
     out = [torch.empty(c, dtype=STATS_DTYPE, device=x.device) for _ in range(4 if two else 2)]
     finalize_stats(cnt, mean_p, m2_p, out, c, shift)
     return out

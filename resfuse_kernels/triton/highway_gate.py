@@ -55,8 +55,7 @@ def _gate_grads(g, a, b, x, mh, rh, wh, bh, mt, rt, wt, bt, CT: tl.constexpr):
 @triton.jit
 def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
                     mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-                    N, C, S,
-                    san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
+                    N, C, S, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                     EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
@@ -113,8 +112,7 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
 @triton.jit
 def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, coef_ptr,
                            mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-                           N, C, S,
-                           sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
+                           N, C, S, sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
                            s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
                            TRAINING: tl.constexpr, EPS_H: tl.constexpr, EPS_T: tl.constexpr,
                            CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -152,9 +152,8 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
 @triton.jit
 def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, part_ptr,
                             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
-                            N, C, S, CX,
-                            sgn, sgc, sgs, sun, suc, sus, shn, shc, shs, sxn, sxc, sxs,
-                            s2n, s2c, s2s, LAYOUT,
+                            N, C, S, CX, sgn, sgc, sgs, sun, suc, sus, shn, shc, shs,
+                            sxn, sxc, sxs, s2n, s2c, s2s, LAYOUT,
                             HAS_CARRY: tl.constexpr, EPS_D: tl.constexpr, EPS_K: tl.constexpr,
                             CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_X: tl.constexpr):
@@ -208,8 +207,7 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
             v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                             CT, BLOCK_S, BLOCK_C, BLOCK_X)
         dv = input_grad(coef_ptr + 3 * C, mk_ptr, c, cmask, C, g, v, TRAINING, CT)
-        tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr),
-                 mask=mask)
+        tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr), mask=mask)
 
 
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
@@ -376,8 +374,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         grads = [du, dh, torch.zeros_like(weight_d), torch.zeros_like(bias_d)]
         if not carry:
             return (*grads, *(u.new_empty(0) for _ in range(4)))
-        return (*grads, empty_output(x), torch.zeros_like(w), torch.zeros_like(weight_k),
-                torch.zeros_like(bias_k))
+        return (*grads, empty_output(x), *(torch.zeros_like(p) for p in (w, weight_k, bias_k)))
     g3, sg = view3(grad_y)
     u3, su = view3(u)
     h3, sh = view3(h)
