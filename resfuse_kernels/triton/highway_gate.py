@@ -136,9 +136,7 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
                          weight_t, bias_t, running_mean_t, running_var_t,
                          training: bool, eps_h: float, eps_t: float):
     n, c, h, w = a.shape
-    a3, sa = view3(a)
-    b3, sb = view3(b)
-    x3, sx = view3(x)
+    (a3, sa), (b3, sb), (x3, sx) = (view3(t) for t in (a, b, x))
     if training:
         mean_h, var_h, mean_t, var_t = batch_stats(a3, sa, b3, sb)
     else:
@@ -163,10 +161,7 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     da, db, dx = empty_output(a), empty_output(b), empty_output(x)
     if a.numel() == 0:
         return (da, db, dx, *(torch.zeros_like(p) for p in (weight_h, bias_h, weight_t, bias_t)))
-    g3, sg = view3(grad_y)
-    a3, sa = view3(a)
-    b3, sb = view3(b)
-    x3, sx = view3(x)
+    (g3, sg), (a3, sa), (b3, sb), (x3, sx) = (view3(t) for t in (grad_y, a, b, x))
     ct = compute_type(a.dtype)
     params = bn_params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
     chunks = num_chunks(a)

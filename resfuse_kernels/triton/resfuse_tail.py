@@ -325,8 +325,7 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     n, k, hh, ww = u.shape
     s = hh * ww
     carry = x is not None
-    u3, su = view3(u)
-    h3, sh = view3(h)
+    (u3, su), (h3, sh) = view3(u), view3(h)
     y = empty_output(u)
     if carry:
         x3, sx = view3(x)
@@ -375,9 +374,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         if not carry:
             return (*grads, *(u.new_empty(0) for _ in range(4)))
         return (*grads, empty_output(x), *(torch.zeros_like(p) for p in (w, weight_k, bias_k)))
-    g3, sg = view3(grad_y)
-    u3, su = view3(u)
-    h3, sh = view3(h)
+    (g3, sg), (u3, su), (h3, sh) = (view3(t) for t in (grad_y, u, h))
     if carry:
         x3, sx = view3(x)
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
