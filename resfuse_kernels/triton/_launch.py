@@ -60,8 +60,7 @@ class launch:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             if INTERPRET or type(args[0]) is torch.Tensor:
-                eager = _REMEMBERED.get(self.kernel, self.kernel)
-                return eager[grid](*args, **kwargs)
+                return _REMEMBERED.get(self.kernel, self.kernel)[grid](*args, **kwargs)
             return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
         return run
 
@@ -307,9 +306,7 @@ def in_output_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     ``t`` itself when they match, else a copy (the fake implementations
     promise those strides, size-1 dimensions included)."""
     out = torch.empty(like.shape, device="meta", memory_format=memory_format(like))
-    if t.stride() == out.stride():
-        return t
-    return empty_output(like, t.dtype).copy_(t)
+    return t if t.stride() == out.stride() else empty_output(like, t.dtype).copy_(t)
 
 
 def grid_tiles(n: int, c: int, s: int):
