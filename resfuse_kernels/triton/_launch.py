@@ -43,6 +43,7 @@ import triton.language as tl
 from ..ops._common import STATS_DTYPE, compute_dtype, empty_output, memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = tl.constexpr(INTERPRET)  # the same, readable inside jit functions
 
 
 class launch:
@@ -59,8 +60,7 @@ class launch:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             if INTERPRET or type(args[0]) is torch.Tensor:
-                eager = _REMEMBERED.get(self.kernel, self.kernel)
-                return eager[grid](*args, **kwargs)
+                return _REMEMBERED.get(self.kernel, self.kernel)[grid](*args, **kwargs)
             return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
         return run
 
@@ -306,9 +306,7 @@ def in_output_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     ``t`` itself when they match, else a copy (the fake implementations
     promise those strides, size-1 dimensions included)."""
     out = torch.empty(like.shape, device="meta", memory_format=memory_format(like))
-    if t.stride() == out.stride():
-        return t
-    return empty_output(like, t.dtype).copy_(t)
+    return t if t.stride() == out.stride() else empty_output(like, t.dtype).copy_(t)
 
 
 def grid_tiles(n: int, c: int, s: int):
@@ -357,28 +355,24 @@ def offsets(n, s, c, sn, sc, ss):
     return n * sn + s.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc
 
 
-if INTERPRET:
-    @triton.jit
-    def to_storage(v, ptr):
-        """``v`` (compute dtype) in ``ptr``'s element type, rounded to nearest even.
+@triton.jit
+def to_storage(v, ptr):
+    """``v`` (compute dtype) in ``ptr``'s element type, rounded to nearest even.
 
-        The interpreter truncates float32 -> bfloat16 (a GPU rounds to
-        nearest even), which biases every stored value by half an ulp: round
-        the float32 bits (adding 0x7FFF plus the lowest kept bit) and take
-        the top 16 as the bfloat16's own bits. (Handing the rounded float32
-        back to the interpreter's conversion instead made 0 the subnormal
-        1.2e-38.) NaN is converted as it is: the carry could make it Inf.
-        """
+    A GPU rounds so; the interpreter truncates float32 -> bfloat16, which
+    biases every stored value by half an ulp: there, round the float32 bits
+    (adding 0x7FFF plus the lowest kept bit) and take the top 16 as the
+    bfloat16's own bits. (Handing the rounded float32 back to the
+    interpreter's conversion instead made 0 the subnormal 1.2e-38.) NaN is
+    converted as it is: the carry could make it Inf.
+    """
+    if INTERPRETED:
         if ptr.dtype.element_ty == tl.bfloat16:
             bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
             bits += 0x7FFF + ((bits >> 16) & 1)
             rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
             return tl.where(v != v, v.to(tl.bfloat16), rounded)
-        return v.to(ptr.dtype.element_ty)
-else:
-    @triton.jit
-    def to_storage(v, ptr):  # rounds to nearest even on a GPU
-        return v.to(ptr.dtype.element_ty)
+    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -461,11 +455,10 @@ def sample_shift(ptr, c, cmask, S, sc, ss, CT: tl.constexpr, BLOCK_S: tl.constex
 
 @triton.jit
 def slot_welford(mean, m2, v, rows, inv_count):
-    """Welford's update of running (mean, M2) tiles, one per register slot,
-    with the tile ``v``. Rows where ``rows`` is false (pixels past the image)
-    are left as they were; ``inv_count`` is 1 / each row's count after this
-    tile. No value crosses a thread: the streaming loop has no shuffles or
-    barriers (a per-tile reduction would have several per tile)."""
+    """Welford's update of running (mean, M2) tiles, one per register slot
+    (the module docstring says why), with the tile ``v``. Rows where ``rows``
+    is false (pixels past the image) are left as they were; ``inv_count`` is
+    1 / each row's count after this tile."""
     d = tl.where(rows[:, None], v - mean, 0.0)
     mean = mean + d * inv_count[:, None]
     return mean, m2 + d * (v - mean)
@@ -474,11 +467,10 @@ def slot_welford(mean, m2, v, rows, inv_count):
 @triton.jit
 def merge_slots(count, mean, m2, mean_ptr, m2_ptr, c, cmask):
     """Per-column (mean, M2) from per-slot running tiles with ``count`` per
-    row, once per program, stored at ``mean_ptr + c`` and ``m2_ptr + c``;
-    returns the column's count. The count-weighted mean, then M2 as the
-    slots' M2 plus their count-weighted squared deviations from it (what
-    Chan's pairwise merge sums to; plain sums, where a ``tl.reduce`` with a
-    merge function would run element by element in the interpreter)."""
+    row, merged as the module docstring says (what Chan's pairwise merge sums
+    to; plain sums, where a ``tl.reduce`` with a merge function would run
+    element by element in the interpreter), stored at ``mean_ptr + c`` and
+    ``m2_ptr + c``; returns the column's count."""
     w = tl.broadcast_to(count[:, None], mean.shape)
     total = tl.sum(w, axis=0)
     mu = tl.sum(w * mean, axis=0) / tl.maximum(total, 1.0)
@@ -518,8 +510,7 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
         v = tl.load(x_ptr + offsets(n64, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(CT)
         mx, qx = slot_welford(mx, qx, v - x0[None, :], rows, inv)
         if TWO:
-            v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask,
-                        other=0.0).to(CT)
+            v = tl.load(y_ptr + offsets(n64, s, c, syn, syc, sys_), mask=mask, other=0.0).to(CT)
             my, qy = slot_welford(my, qy, v - y0[None, :], rows, inv)
     chunk = tl.program_id(0)
     row = chunk.to(tl.int64) * (2 * C if TWO else C)
@@ -533,35 +524,38 @@ def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
 
 
 @triton.jit
+def _row_tile(p0, P, W, c, mask, BLOCK_P: tl.constexpr):
+    """(p, offsets, tile mask) of rows p0 .. p0 + BLOCK_P - 1 of a (P, W)
+    matrix of per-chunk partials, columns ``c`` (``mask``): read a tile of
+    rows at a time, as a loop over single rows would wait out one memory
+    latency per chunk."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    return p, p.to(tl.int64)[:, None] * W + c[None, :], (p < P)[:, None] & mask[None, :]
+
+
+@triton.jit
 def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, shift_ptr, mean_x_ptr, var_x_ptr, mean_y_ptr,
                     var_y_ptr, P, W, C, SHIFTED: tl.constexpr, CT: tl.constexpr,
                     BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
     """Merge P per-chunk (count, mean, M2) rows of width W into (mean, biased var);
     columns [0, C) go to the x outputs, [C, W) to the y outputs. With
     ``SHIFTED`` the partial means are of values less the column's shift
-    (``shift_ptr``), added back to the mean at the end. Reads
-    [BLOCK_P, BLOCK] tiles of the partials: a loop over single rows would
-    wait out one memory latency per chunk."""
+    (``shift_ptr``), added back to the mean at the end."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = c < W
     total = tl.zeros([BLOCK], CT)
     weighted = tl.zeros([BLOCK], CT)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pm = p < P
-        cnt = tl.load(cnt_ptr + p, mask=pm, other=0.0).to(CT)
-        m = tl.load(mean_ptr + p.to(tl.int64)[:, None] * W + c[None, :],
-                    mask=pm[:, None] & mask[None, :], other=0.0).to(CT)
+        p, offs, tile = _row_tile(p0, P, W, c, mask, BLOCK_P)
+        cnt = tl.load(cnt_ptr + p, mask=p < P, other=0.0).to(CT)
+        m = tl.load(mean_ptr + offs, mask=tile, other=0.0).to(CT)
         total += tl.sum(cnt, axis=0)
         weighted += tl.sum(cnt[:, None] * m, axis=0)
     mean = weighted / tl.maximum(total, 1.0)
     m2 = tl.zeros([BLOCK], CT)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pm = p < P
-        tile = pm[:, None] & mask[None, :]
-        offs = p.to(tl.int64)[:, None] * W + c[None, :]
-        cnt = tl.load(cnt_ptr + p, mask=pm, other=0.0).to(CT)
+        p, offs, tile = _row_tile(p0, P, W, c, mask, BLOCK_P)
+        cnt = tl.load(cnt_ptr + p, mask=p < P, other=0.0).to(CT)
         d = tl.load(mean_ptr + offs, mask=tile, other=0.0).to(CT) - mean[None, :]
         q = tl.load(m2_ptr + offs, mask=tile, other=0.0).to(CT)
         m2 += tl.sum(tl.where(tile, q + cnt[:, None] * d * d, 0.0), axis=0)
@@ -578,28 +572,26 @@ def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, shift_ptr, mean_x_ptr, var_x_ptr,
     tl.store(var_y_ptr + (c - C), var, mask=second)
 
 
-def finalize_stats(cnt, mean_p, m2_p, outs: list, width: int, c: int, ct,
+def finalize_stats(cnt, mean_p, m2_p, outs: list, c: int,
                    shift: torch.Tensor | None = None) -> None:
-    """Launch :func:`_stats_finalize` over ``width`` columns of partials into
-    ``outs`` = [mean_x, var_x, mean_y, var_y]; ``shift``: the per-column
-    shift of the partial means, if any."""
+    """Launch :func:`_stats_finalize` over all columns of the partials into
+    ``outs`` = [mean_x, var_x] or [mean_x, var_x, mean_y, var_y], x the first
+    ``c`` columns; ``shift``: the per-column shift of the partial means, if any."""
+    chunks, width = mean_p.shape
+    ys = [scratch(cnt), scratch(cnt)] if len(outs) == 2 else []  # never written: no y columns
     block = 64
     launch(_stats_finalize)[(cdiv(width, block),)](
-        cnt, mean_p, m2_p, scratch(cnt) if shift is None else shift, *outs, cnt.shape[0],
-        width, c, SHIFTED=shift is not None, CT=ct, BLOCK=block, BLOCK_P=32)
+        cnt, mean_p, m2_p, scratch(cnt) if shift is None else shift, *outs, *ys, chunks, width,
+        c, SHIFTED=shift is not None, CT=compute_type(cnt.dtype), BLOCK=block, BLOCK_P=32)
 
 
 @triton.jit
 def _group_sum(part_ptr, P, W, col, c, mask, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Column ``col + c`` of P rows of width W, summed in float64, [BLOCK_P,
-    BLOCK] tiles at a time (a loop over single rows would wait out one memory
-    latency per chunk)."""
+    """Column ``col + c`` of P rows of width W, summed in float64."""
     acc = tl.zeros([BLOCK], tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        acc += tl.sum(tl.load(part_ptr + p.to(tl.int64)[:, None] * W + col + c[None, :],
-                              mask=(p < P)[:, None] & mask[None, :], other=0.0).to(tl.float64),
-                      axis=0)
+        _, offs, tile = _row_tile(p0, P, W, c, mask, BLOCK_P)
+        acc += tl.sum(tl.load(part_ptr + col + offs, mask=tile, other=0.0).to(tl.float64), axis=0)
     return acc
 
 
@@ -635,9 +627,8 @@ def _bn_grad(part_ptr, P, W, C, M, SG: tl.constexpr, SC: tl.constexpr,
 
 
 @triton.jit
-def _bn_grad_finalize(part_ptr, coef_ptr, P, C, M,
-                      m0_ptr, v0_ptr, w0_ptr, dw0_ptr, db0_ptr,
-                      m1_ptr, v1_ptr, w1_ptr, dw1_ptr, db1_ptr,
+def _bn_grad_finalize(part_ptr, coef_ptr, P, C, M, m0_ptr, v0_ptr, w0_ptr, m1_ptr, v1_ptr, w1_ptr,
+                      dw0_ptr, db0_ptr, dw1_ptr, db1_ptr,
                       G: tl.constexpr, SG0: tl.constexpr, SC0: tl.constexpr,
                       SG1: tl.constexpr, SC1: tl.constexpr,
                       EPS0: tl.constexpr, EPS1: tl.constexpr, TRAINING: tl.constexpr,
@@ -668,36 +659,35 @@ def input_grad(coef_ptr, mean_ptr, c, cmask, C, g, z, TRAINING: tl.constexpr, CT
         m = channel_vector(mean_ptr, c, cmask, tl.float64)[None, :]
         centred = z.to(tl.float64) - m
         out = tl.fma(tl.broadcast_to(k1, g.shape), g.to(tl.float64),
-                     tl.fma(tl.broadcast_to(k2, g.shape), centred,
-                            tl.broadcast_to(k3, g.shape)))
+                     tl.fma(tl.broadcast_to(k2, g.shape), centred, tl.broadcast_to(k3, g.shape)))
     else:
         out = k1 * g.to(tl.float64)
     return out.to(CT)
 
 
-def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool,
-                     ct) -> torch.Tensor:
+def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool, ct):
     """Finish a backward reduction in one launch. ``part`` holds per-chunk
     partial sums, ``(chunks, G*C)`` for G groups of C channels; each of
-    ``bns`` (one or two) is ``(sum_g group, sum_gc group, mean, var, weight,
-    eps, dweight, dbias)``, its sums of g and of g (z - mean) about the mean
-    rounded to the compute dtype. Writes each BatchNorm's dweight and dbias
-    and returns the ``(2, 3, C)`` coefficients (k1, k2, k3) of the input
+    ``bns`` (one or two) is ``(sum_g group, sum_gc group, eps, mean, var,
+    weight, bias)``, its sums of g and of g (z - mean) about the mean rounded
+    to the compute dtype. Returns each BatchNorm's dweight and dbias (in one
+    list) and the ``(2, 3, C)`` coefficients (k1, k2, k3) of the input
     gradients ``k1 g + k2 (z - mean) + k3``, in float64, for the apply pass
     (:func:`input_grad`; torch ops per gradient would take a launch each)."""
     chunks, width = part.shape
-    c = bns[0][4].shape[0]
-    coef = torch.empty(2, 3, c, dtype=torch.float64, device=part.device)
     one = bns[0]
-    # one BatchNorm: the second's outputs are never written (scratch, not
-    # aliases of the first's: torch.compile clones each output of a kernel)
-    two = bns[1] if len(bns) > 1 else (-1, -1, *one[2:6], scratch(part), scratch(part))
+    c = one[3].shape[0]
+    coef = torch.empty(2, 3, c, dtype=torch.float64, device=part.device)
+    affine = [torch.empty_like(p) for bn in bns for p in bn[5:]]
+    # one BatchNorm: the second's outputs are never written (scratch, not aliases)
+    two = bns[1] if len(bns) > 1 else (-1, -1, *one[2:])
+    outs = affine if len(bns) > 1 else affine + [scratch(part), scratch(part)]
     block = 64
     launch(_bn_grad_finalize)[(cdiv(c, block),)](
-        part, coef, chunks, c, count, *one[2:5], *one[6:8], *two[2:5], *two[6:8],
-        G=width // c, SG0=one[0], SC0=one[1], SG1=two[0], SC1=two[1], EPS0=float(one[5]),
-        EPS1=float(two[5]), TRAINING=bool(training), CT=ct, BLOCK=block, BLOCK_P=32)
-    return coef
+        part, coef, chunks, c, count, *one[3:6], *two[3:6], *outs, G=width // c, SG0=one[0],
+        SC0=one[1], SG1=two[0], SC1=two[1], EPS0=float(one[2]), EPS1=float(two[2]),
+        TRAINING=bool(training), CT=ct, BLOCK=block, BLOCK_P=32)
+    return affine, coef
 
 
 def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
@@ -722,9 +712,7 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     if y is None:
         y, sy = x, sx
     launch(_stats_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        x, y, cnt, mean_p, m2_p, shift, n, c, h * w, *sx, *sy, layout_flag(sx),
-        TWO=two, CT=ct)
+        x, y, cnt, mean_p, m2_p, shift, n, c, h * w, *sx, *sy, layout_flag(sx), TWO=two, CT=ct)
     out = [torch.empty(c, dtype=STATS_DTYPE, device=x.device) for _ in range(4 if two else 2)]
-    ys = out[2:] if two else [scratch(cnt), scratch(cnt)]  # never written when not two
-    finalize_stats(cnt, mean_p, m2_p, out[:2] + ys, width, c, ct, shift)
+    finalize_stats(cnt, mean_p, m2_p, out, c, shift)
     return out

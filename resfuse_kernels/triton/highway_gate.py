@@ -55,8 +55,7 @@ def _gate_grads(g, a, b, x, mh, rh, wh, bh, mt, rt, wt, bt, CT: tl.constexpr):
 @triton.jit
 def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
                     mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-                    N, C, S,
-                    san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
+                    N, C, S, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                     EPS_H: tl.constexpr, EPS_T: tl.constexpr, CT: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     n, s, smask, c, cmask, mask = pointwise_tile(S, C, BLOCK_S, BLOCK_C)
@@ -113,8 +112,7 @@ def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
 @triton.jit
 def _backward_apply_kernel(g_ptr, a_ptr, b_ptr, x_ptr, da_ptr, db_ptr, dx_ptr, coef_ptr,
                            mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
-                           N, C, S,
-                           sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
+                           N, C, S, sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs,
                            s1n, s1c, s1s, s2n, s2c, s2s, s3n, s3c, s3s, LAYOUT,
                            TRAINING: tl.constexpr, EPS_H: tl.constexpr, EPS_T: tl.constexpr,
                            CT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -138,9 +136,7 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
                          weight_t, bias_t, running_mean_t, running_var_t,
                          training: bool, eps_h: float, eps_t: float):
     n, c, h, w = a.shape
-    a3, sa = view3(a)
-    b3, sb = view3(b)
-    x3, sx = view3(x)
+    (a3, sa), (b3, sb), (x3, sx) = (view3(t) for t in (a, b, x))
     if training:
         mean_h, var_h, mean_t, var_t = batch_stats(a3, sa, b3, sb)
     else:
@@ -165,10 +161,7 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     da, db, dx = empty_output(a), empty_output(b), empty_output(x)
     if a.numel() == 0:
         return (da, db, dx, *(torch.zeros_like(p) for p in (weight_h, bias_h, weight_t, bias_t)))
-    g3, sg = view3(grad_y)
-    a3, sa = view3(a)
-    b3, sb = view3(b)
-    x3, sx = view3(x)
+    (g3, sg), (a3, sa), (b3, sb), (x3, sx) = (view3(t) for t in (grad_y, a, b, x))
     ct = compute_type(a.dtype)
     params = bn_params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
     chunks = num_chunks(a)
@@ -176,14 +169,12 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
         g3, a3, b3, x3, part, *params, n, c, s,
         *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
-    grads = [torch.empty_like(p) for p in (weight_h, bias_h, weight_t, bias_t)]
-    dweight_h, dbias_h, dweight_t, dbias_t = grads
     # partial rows: sum g_h, sum g_h (a - mean_h), sum g_t, sum g_t (b - mean_t)
-    coef = bn_grad_finalize(part, n * s, [
-        (0, 1, mean_h, var_h, weight_h, eps_h, dweight_h, dbias_h),
-        (2, 3, mean_t, var_t, weight_t, eps_t, dweight_t, dbias_t)], training, ct)
+    affine, coef = bn_grad_finalize(part, n * s, [(0, 1, eps_h, mean_h, var_h, weight_h, bias_h),
+                                                  (2, 3, eps_t, mean_t, var_t, weight_t, bias_t)],
+                                    training, ct)
     launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
         g3, a3, b3, x3, da, db, dx, coef, *params, n, c, s,
         *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
         TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
-    return (da, db, dx, *grads)
+    return (da, db, dx, *affine)
