@@ -43,7 +43,6 @@ import triton.language as tl
 from ..ops._common import STATS_DTYPE, compute_dtype, empty_output, memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-INTERPRETED = tl.constexpr(INTERPRET)  # the same, readable inside jit functions
 
 
 class launch:
@@ -355,24 +354,28 @@ def offsets(n, s, c, sn, sc, ss):
     return n * sn + s.to(tl.int64)[:, None] * ss + c.to(tl.int64)[None, :] * sc
 
 
-@triton.jit
-def to_storage(v, ptr):
-    """``v`` (compute dtype) in ``ptr``'s element type, rounded to nearest even.
+if INTERPRET:
+    @triton.jit
+    def to_storage(v, ptr):
+        """``v`` (compute dtype) in ``ptr``'s element type, rounded to nearest even.
 
-    A GPU rounds so; the interpreter truncates float32 -> bfloat16, which
-    biases every stored value by half an ulp: there, round the float32 bits
-    (adding 0x7FFF plus the lowest kept bit) and take the top 16 as the
-    bfloat16's own bits. (Handing the rounded float32 back to the
-    interpreter's conversion instead made 0 the subnormal 1.2e-38.) NaN is
-    converted as it is: the carry could make it Inf.
-    """
-    if INTERPRETED:
+        The interpreter truncates float32 -> bfloat16 (a GPU rounds to
+        nearest even), which biases every stored value by half an ulp: round
+        the float32 bits (adding 0x7FFF plus the lowest kept bit) and take
+        the top 16 as the bfloat16's own bits. (Handing the rounded float32
+        back to the interpreter's conversion instead made 0 the subnormal
+        1.2e-38.) NaN is converted as it is: the carry could make it Inf.
+        """
         if ptr.dtype.element_ty == tl.bfloat16:
             bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
             bits += 0x7FFF + ((bits >> 16) & 1)
             rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
             return tl.where(v != v, v.to(tl.bfloat16), rounded)
-    return v.to(ptr.dtype.element_ty)
+        return v.to(ptr.dtype.element_ty)
+else:
+    @triton.jit
+    def to_storage(v, ptr):  # rounds to nearest even on a GPU
+        return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
