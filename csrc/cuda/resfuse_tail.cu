@@ -128,7 +128,7 @@ at::ScalarType product_type(at::ScalarType storage) {
 }
 
 // x in the product dtype, dense in the op's layout, and W as (K, Cx).
-std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const Geo& g,
+std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const Geometry& g,
                                          at::ScalarType prod) {
   return {x.to(prod).contiguous(g.format()), w.reshape({w.size(0), w.size(1)}).to(prod)};
 }
@@ -136,7 +136,7 @@ std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const
 // v = W x as an (N, K, H, W) tensor in the op's layout, through cuBLAS:
 // NCHW is K x Cx times Cx x S per image, channels_last one (N*S) x Cx times
 // Cx x K product. The backward's dx = W^T dv is carry_product(dv, W^T).
-Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
+Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geometry& g) {
   const int64_t K = w2.size(0), Cx = w2.size(1), H = xa.size(2), W = xa.size(3);
   if (g.cl) {
     Tensor v = at::matmul(xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx}), w2.t());
@@ -153,7 +153,7 @@ Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
 // same terms in its apply pass (InputGrad::apply64). In eval k1 g alone.
 Tensor carry_input_grad(const Tensor& gm, const Tensor& centred64, const Tensor& weight,
                         const Tensor& var, double eps, const Tensor& sums, double count,
-                        bool training, const Geo& g) {
+                        bool training, const Geometry& g) {
   const Tensor r = (var.to(at::kDouble) + eps).sqrt().reciprocal();
   const Tensor wr = weight.to(at::kDouble) * r;
   Tensor dz = gm.to(at::kDouble) * wr.view({1, -1, 1, 1});
@@ -168,13 +168,13 @@ Tensor carry_input_grad(const Tensor& gm, const Tensor& centred64, const Tensor&
 // layout: the kernels normalise it with mean 0. Centred before rounding:
 // at a mean far from the spread, v itself rounded to float32 loses the
 // digits of v - mean(v) that BatchNorm magnifies.
-Tensor centred(const Tensor& v, const Tensor& centre, const Geo& g, at::ScalarType acc) {
+Tensor centred(const Tensor& v, const Tensor& centre, const Geometry& g, at::ScalarType acc) {
   return fit((v - centre.view({1, -1, 1, 1})).to(acc), g);
 }
 
 // Batch statistics (training) or copies of the running ones (eval) of v, in
 // double.
-std::pair<Tensor, Tensor> carry_stats(const Tensor& v, const Geo& g, bool training,
+std::pair<Tensor, Tensor> carry_stats(const Tensor& v, const Geometry& g, bool training,
                                       const std::optional<Tensor>& running_mean,
                                       const std::optional<Tensor>& running_var) {
   if (v.scalar_type() == at::kDouble)
@@ -208,7 +208,7 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
   const DeviceGuard guard(u_in.device());
   const bool carry = x_in.has_value();
-  const Geo g = geometry(u_in);
+  const Geometry g = Geometry::of(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g);
   Tensor y = at::empty(u_in.sizes(), u_in.options().memory_format(g.format()));
   return RESFUSE_DISPATCH(u.scalar_type(), "tail_fwd", [&] {
@@ -244,7 +244,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   const bool carry = x_in.has_value();
   if (carry) check_channels(C, u_in, "mean_k", mean_k, "var_k", var_k);
   const DeviceGuard guard(u_in.device());
-  const Geo g = geometry(u_in);
+  const Geometry g = Geometry::of(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g), gy = fit(grad_in, g);
   const auto act_opts = u_in.options().memory_format(g.format());
   Tensor du = at::empty(u_in.sizes(), act_opts), dh = at::empty(u_in.sizes(), act_opts);
