@@ -29,11 +29,11 @@
 
 #include <algorithm>
 #include <initializer_list>
-#include <optional>
 #include <utility>
 
 #include "../layout.h"
 #include "common.cuh"
+#include "ops.h"
 
 // AT_DISPATCH_* over the storage dtypes of the ops: float64, float32, bfloat16, float16.
 #define RESFUSE_DISPATCH(TYPE, NAME, ...) \
@@ -310,8 +310,7 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
 // STATS_DTYPE): the batch's in training, copies of the running ones in eval.
 template <typename T>
 std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, bool training,
-                                           const std::optional<Tensor>& running_mean,
-                                           const std::optional<Tensor>& running_var) {
+                                           const Opt& running_mean, const Opt& running_var) {
   if (training) return batch_stats<T>(t, g);
   TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
               "resfuse_cuda: running statistics are required in eval mode");

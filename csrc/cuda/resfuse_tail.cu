@@ -172,19 +172,8 @@ Tensor centred(const Tensor& v, const Tensor& centre, const Geometry& g, at::Sca
   return fit((v - centre.view({1, -1, 1, 1})).to(acc), g);
 }
 
-// Batch statistics (training) or copies of the running ones (eval) of v, in
-// double.
-std::pair<Tensor, Tensor> carry_stats(const Tensor& v, const Geometry& g, bool training,
-                                      const std::optional<Tensor>& running_mean,
-                                      const std::optional<Tensor>& running_var) {
-  if (v.scalar_type() == at::kDouble)
-    return stats_or_running<double>(v, g, training, running_mean, running_var);
-  return stats_or_running<float>(v, g, training, running_mean, running_var);
-}
-
 void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const Tensor& bias_d,
-                const std::optional<Tensor>& x, const std::optional<Tensor>& w,
-                const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k) {
+                const Opt& x, const Opt& w, const Opt& weight_k, const Opt& bias_k) {
   check_first("u", u);
   check_activation("h", h, u);
   const int64_t C = u.size(1);
@@ -220,12 +209,13 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     if (carry) {
       auto [xp, w2] = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xp, w2, g), g);
-      std::tie(mean_k, var_k) = carry_stats(vp, g, training, running_mean_k, running_var_k);
+      std::tie(mean_k, var_k) = AT_DISPATCH_FLOATING_TYPES(vp.scalar_type(), "carry_stats", [&] {
+        return stats_or_running<scalar_t>(vp, g, training, running_mean_k, running_var_k);
+      });
       v = centred(vp, mean_k.to(vp.scalar_type()), g, c10::CppTypeToScalarType<A>::value);
       prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);  // v centred
     } else {
-      mean_k = at::empty({0}, u.options().dtype(at::kDouble));
-      var_k = at::empty({0}, u.options().dtype(at::kDouble));
+      for (Tensor* t : {&mean_k, &var_k}) *t = at::empty({0}, u.options().dtype(at::kDouble));
     }
     const Bn<A> bn_d{prm_d.const_data_ptr<A>(), g.C};
     const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, g.C};
