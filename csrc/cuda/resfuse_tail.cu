@@ -19,7 +19,6 @@
 //     [carry] dx = W^T dv,  dW = sum_{n,s} dv x^T       two matmuls, product dtype
 // z is recomputed by the sums pass only; g is exact in the storage dtype (dy
 // or 0), so the apply pass reads it back from dh instead of dy and h.
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/TensorOperators.h>
 
@@ -301,15 +300,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     } else {
       dvp = dv.to(xa.scalar_type());
     }
-    const int64_t K = w2.size(0), Cx = w2.size(1);
-    Tensor dw;
-    if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM
-      dw = at::matmul(dvp.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
-                      xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx}));
-    } else {  // per image (K, S) and (Cx, S)
-      dw = at::bmm(dvp.view({g.N, K, g.S}), xa.view({g.N, Cx, g.S}).transpose(1, 2)).sum(0);
-    }
-    const Tensor dx = carry_product(dvp, w2.t(), g);
+    const Tensor dw = resfuse::carry_weight_grad(dvp, xa, g), dx = carry_product(dvp, w2.t(), g);
     return std::make_tuple(du_out, dh_out, bd.dweight.to(weight_d.scalar_type()),
                            bd.dbias.to(bias_d.scalar_type()),
                            dx.to(x_in->scalar_type()).contiguous(resfuse::format_of(*x_in)),
