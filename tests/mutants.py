@@ -277,8 +277,9 @@ MUTANTS: list[Mutant] = [
       "const Tensor prm_t = bn_params<A>(mean_t, var_t, weight_t, bias_t, eps_h);",
       EMULATION, "the highway forward uses BN_h's eps for BN_t"),
     M("cuda-carry-stats-from-u", "cuda", "wrong tensor", "csrc/cuda/resfuse_tail.cu",
-      "carry_stats(vp, g, training, running_mean_k, running_var_k);",
-      "carry_stats(u.to(vp.scalar_type()), g, training, running_mean_k, running_var_k);",
+      "stats_or_running<scalar_t>(vp, g, training, running_mean_k, running_var_k);",
+      "stats_or_running<scalar_t>(u.to(vp.scalar_type()), g, training, running_mean_k,\n"
+      "                                    running_var_k);",
       EMULATION, "the carry's BN_k statistics taken from u instead of v = W x"),
     M("cuda-ragged-channels", "cuda", "ragged tile", "csrc/cuda/bn.cuh",
       "plan.groups = ceil_div(cv, bx);",

@@ -28,25 +28,7 @@ namespace resfuse_cpu {
 
 using at::Tensor;
 
-// The element order of a dense 4-D activation: NCHW is [N][C][S] and
-// channels_last is [N][S][C], with S = H * W. A "run" is a maximal
-// contiguous stretch: one channel of one image (NCHW, S long) or one pixel
-// across all channels (channels_last, C long).
-struct Geometry {
-  int64_t N, C, S;
-  bool channels_last;
-
-  static Geometry of(const Tensor& t) {
-    const bool cl = resfuse::format_of(t) == at::MemoryFormat::ChannelsLast;
-    return {t.size(0), t.size(1), t.size(2) * t.size(3), cl};
-  }
-  at::MemoryFormat format() const {
-    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  }
-  int64_t runs() const { return channels_last ? N * S : N * C; }
-  int64_t run_length() const { return channels_last ? C : S; }
-  int64_t count() const { return N * S; }  // values per channel
-};
+using resfuse::Geometry;
 
 // `t` dense in the geometry's memory format (a copy only if it is not).
 inline Tensor dense(const Tensor& t, const Geometry& g) {
@@ -132,7 +114,7 @@ template <typename A>
 inline at::vec::Vectorized<A> channel_param(const A* p, const Geometry& g, int64_t c,
                                             int64_t pos, int64_t count) {
   using V = at::vec::Vectorized<A>;
-  return g.channels_last ? V::loadu(p + pos, count) : V(p[c]);
+  return g.cl ? V::loadu(p + pos, count) : V(p[c]);
 }
 
 // ---------------------------------------------------------------- double lanes
@@ -222,7 +204,7 @@ void for_each_vector(const Geometry& g, const F& f) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
   at::parallel_for(0, g.runs(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = g.channels_last ? 0 : r % g.C;
+      const int64_t c = g.cl ? 0 : r % g.C;
       for (int64_t pos = 0; pos < len; pos += width)
         f(r * len + pos, pos, c, std::min(width, len - pos));
     }
@@ -293,7 +275,7 @@ std::array<std::vector<double>, K> channel_sums(const Geometry& g, const F& f) {
         // NCHW: a run is one channel of one image, summed lane-wise and
         // folded into its channel at its end. channels_last: a run is one
         // pixel across the channels, each lane a channel.
-        if (g.channels_last) {
+        if (g.cl) {
           for (int64_t pos = 0; pos < len; pos += width) {
             const int64_t count = std::min(width, len - pos);
             V out[K];
@@ -413,11 +395,11 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
                              ? 0 : std::min<int64_t>(at::get_num_threads(), runs);
   std::vector<std::vector<Moments>> partial(chunks, std::vector<Moments>(g.C));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sum(g.channels_last ? g.C : 0), q(sum.size());
+    std::vector<double> sum(g.cl ? g.C : 0), q(sum.size());
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       Moments* mine = partial[chunk].data();
       const int64_t r0 = runs * chunk / chunks, r1 = runs * (chunk + 1) / chunks;
-      if (g.channels_last) {  // a run is one pixel: a tile is a block of pixels
+      if (g.cl) {  // a run is one pixel: a tile is a block of pixels
         const int64_t rows = std::max<int64_t>(1, kTileValues / g.C);
         for (int64_t r = r0; r < r1; r += rows)
           tile_moments_cl(p + r * len, std::min(rows, r1 - r), g.C, sum.data(), q.data(), mine);

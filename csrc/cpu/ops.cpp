@@ -231,7 +231,7 @@ namespace {
 Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g, at::ScalarType out) {
   const int64_t K = m.size(0), C = m.size(1);
   const Tensor t64 = t.to(at::kDouble), m64 = m.reshape({K, C}).to(at::kDouble);
-  if (g.channels_last) {
+  if (g.cl) {
     return at::mm(t64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}), m64.t())
         .to(out)
         .reshape({g.N, t.size(2), t.size(3), K})
@@ -378,14 +378,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       // double too, for the same reason.
       dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type())
                .contiguous(resfuse::format_of(*x_in));
-      if (g.channels_last) {
-        dw = at::mm(dv64.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
-                    x64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}));
-      } else {
-        dw = at::bmm(dv64.reshape({g.N, K, g.S}), x64.reshape({g.N, C, g.S}).transpose(1, 2))
-                 .sum(0);
-      }
-      dw = dw.reshape(w->sizes()).to(w->scalar_type());
+      dw = resfuse::carry_weight_grad(dv64, x64, g).reshape(w->sizes()).to(w->scalar_type());
       dbias_k = channel_tensor(sums[0], *bias_k);
       dweight_k = channel_tensor(sum_gv, *weight_k);
     } else {

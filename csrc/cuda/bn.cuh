@@ -29,11 +29,11 @@
 
 #include <algorithm>
 #include <initializer_list>
-#include <optional>
 #include <utility>
 
 #include "../layout.h"
 #include "common.cuh"
+#include "ops.h"
 
 // AT_DISPATCH_* over the storage dtypes of the ops: float64, float32, bfloat16, float16.
 #define RESFUSE_DISPATCH(TYPE, NAME, ...) \
@@ -43,22 +43,7 @@ namespace resfuse_cuda {
 
 // ----------------------------------------------------------------- geometry (host)
 
-// The op's (N, C, S) and layout: channels_last when the first activation
-// is channels_last and not also contiguous (ops/_common.py memory_format),
-// which is also the layout of every output the kernels write.
-struct Geo {
-  int64_t N, C, S;
-  bool cl;
-  at::MemoryFormat format() const {
-    return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  }
-  int64_t count() const { return N * S; }  // values per channel
-};
-
-inline Geo geometry(const Tensor& first) {
-  return {first.size(0), first.size(1), first.size(2) * first.size(3),
-          resfuse::format_of(first) == at::MemoryFormat::ChannelsLast};
-}
+using resfuse::Geometry;
 
 // Stride of the merged S = H*W axis, or -1 when H and W do not merge.
 inline int64_t s_stride(const Tensor& t) {
@@ -71,14 +56,14 @@ inline int64_t s_stride(const Tensor& t) {
 
 // True when t can be read in place in the op's layout: H, W merge and the
 // op's inner axis has unit stride.
-inline bool fits(const Tensor& t, const Geo& g) {
+inline bool fits(const Tensor& t, const Geometry& g) {
   const int64_t ss = s_stride(t);
   if (ss < 0) return false;
   return g.cl ? (t.size(1) <= 1 || t.stride(1) == 1) : (ss == 0 || ss == 1);
 }
 
 // t itself when it fits the op's layout, else a dense copy in it.
-inline Tensor fit(const Tensor& t, const Geo& g) {
+inline Tensor fit(const Tensor& t, const Geometry& g) {
   return fits(t, g) ? t : t.contiguous(g.format());
 }
 
@@ -86,7 +71,7 @@ inline Tensor fit(const Tensor& t, const Geo& g) {
 // absent operand); `so` is the stride of the op's outer non-batch axis (0
 // when that axis has size 1, so it never blocks vectors).
 template <typename T>
-Act<T> act(const Tensor& t, const Geo& g) {
+Act<T> act(const Tensor& t, const Geometry& g) {
   if (!t.defined()) return {nullptr, 0, 0};
   T* p;
   if constexpr (std::is_const_v<T>) {
@@ -101,10 +86,9 @@ Act<T> act(const Tensor& t, const Geo& g) {
 // Whether V-lane vectors can be used for all these acts: the inner axis
 // splits into whole vectors and every vector start is 16-byte aligned.
 template <int V, typename... T>
-bool vectorizable(const Geo& g, const Act<T>&... acts) {
+bool vectorizable(const Geometry& g, const Act<T>&... acts) {
   if (V == 1) return true;
-  const int64_t inner = g.cl ? g.C : g.S;
-  if (inner % V != 0) return false;
+  if (g.run_length() % V != 0) return false;
   auto ok = [](auto a) {
     return reinterpret_cast<uintptr_t>(a.p) % 16 == 0 && a.sn % V == 0 && a.so % V == 0;
   };
@@ -143,7 +127,7 @@ constexpr int64_t kMinWorkPerThread = 0;  // as many partials as possible: exerc
 constexpr int64_t kMinWorkPerThread = 8;  // vectors (NCHW) or pixels (CL) per thread, at least
 #endif
 
-inline Plan reduction_plan(const Geo& g, int V) {
+inline Plan reduction_plan(const Geometry& g, int V) {
   const int64_t target = 4 * static_cast<int64_t>(sm_count());  // blocks in the grid
   Plan plan{1, kThreads, 1, g.C};
   int64_t per_group;  // vectors (NCHW) or pixels (CL) one group reduces over
@@ -294,7 +278,7 @@ __global__ void stats_finalize_kernel(const A* part, int64_t P, int64_t C, doubl
 
 // (mean, biased var) over N, H, W of activation t (fit to g), in double.
 template <typename T>
-std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geo& g) {
+std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
   using A = acc_t<T>;
   constexpr int VW = vec_width<T>();
   const auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
@@ -325,9 +309,8 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geo& g) {
 // The statistics an op uses, in double (resfuse_kernels/ops/_common.py,
 // STATS_DTYPE): the batch's in training, copies of the running ones in eval.
 template <typename T>
-std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geo& g, bool training,
-                                           const std::optional<Tensor>& running_mean,
-                                           const std::optional<Tensor>& running_var) {
+std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, bool training,
+                                           const Opt& running_mean, const Opt& running_var) {
   if (training) return batch_stats<T>(t, g);
   TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
               "resfuse_cuda: running statistics are required in eval mode");
@@ -626,7 +609,7 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
 // float partials of g (z - mean) erred up to 10x the composite's where a
 // BatchNorm runs over two values) and its finalize for up to two BNs.
 template <int K, bool CL, int V, typename A, typename F>
-void grad_sums(const F& f, const Geo& g, const at::TensorOptions& opts, bool training,
+void grad_sums(const F& f, const Geometry& g, const at::TensorOptions& opts, bool training,
                int nbn, BnGrad<A> bn0, BnGrad<A> bn1) {
   if (g.C == 0) return;
   const cudaStream_t stream = current_stream();
@@ -665,7 +648,7 @@ pointwise_kernel(F f, int64_t N, int64_t C, int64_t S) {
 }
 
 template <bool CL, int V, typename F>
-void pointwise(const F& f, const Geo& g) {
+void pointwise(const F& f, const Geometry& g) {
   const int64_t total = g.N * g.C * g.S / V;
   if (total == 0) return;
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 8LL * sm_count());
@@ -677,7 +660,7 @@ void pointwise(const F& f, const Geo& g) {
 // vector, V = vec_width<T>() where every act allows it (vectorizable), else 1.
 template <template <typename, typename, int, bool> class F, typename T, typename A,
           typename... P>
-void forward_pass(const Geo& g, const Bn<A>& bn0, const Bn<A>& bn1, const Act<P>&... acts) {
+void forward_pass(const Geometry& g, const Bn<A>& bn0, const Bn<A>& bn1, const Act<P>&... acts) {
   constexpr int VW = vec_width<T>();
   dispatch_layout<VW>(g.cl, vectorizable<VW>(g, acts...), [&](auto cl, auto v) {
     pointwise<cl(), v()>(F<T, A, v(), cl()>{acts..., bn0, bn1}, g);

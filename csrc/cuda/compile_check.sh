@@ -15,19 +15,15 @@
 # 1 on any error, and 0 with a "skipped" line when nvcc is not installed.
 set -euo pipefail
 
-HERE="${BASH_SOURCE[0]%/*}"
-[[ "$HERE" == "${BASH_SOURCE[0]}" ]] && HERE=.
-ROOT="$(cd "$HERE/../.." && pwd)"
-cd "$ROOT"
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 NVCC="${NVCC:-$(command -v nvcc || true)}"
 if [[ -z "$NVCC" ]]; then
   echo "cuda-compile: skipped: nvcc not found (install the CUDA toolkit or set NVCC)"
   exit 0
 fi
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+[[ -x .venv/bin/python ]] && PYTHON="${PYTHON:-.venv/bin/python}"
+PYTHON="${PYTHON:-python3}"
 CXX="${CXX:-g++}"
 CUDA_ARCH="${CUDA_ARCH:-sm_90}"
 CXX_STD="${CXX_STD:-c++17}"
@@ -83,7 +79,6 @@ for src in csrc/cuda/*.cu; do
   grep -vE "^ptxas info|bytes stack frame|^ *$" "$log" >&2 || true
 done
 for src in csrc/cuda/*.cpp; do
-  [[ -e "$src" ]] || continue
   obj="$OUT/$(basename "${src%.cpp}").o"
   start=$SECONDS
   if "$CXX" "${CXX_FLAGS[@]}" "${DEFINES[@]}" "${INCLUDES[@]}" -c "$src" -o "$obj"; then

@@ -145,11 +145,10 @@ class Barrier {
 
 // The running block: its barrier and one exchange buffer + barrier per warp.
 struct Block {
-  explicit Block(int threads) : barrier(threads), exchange(threads) {
-    for (int w = 0; w < (threads + 31) / 32; ++w) warps.emplace_back(new Barrier(32));
-  }
+  explicit Block(int threads)
+      : barrier(threads), warps((threads + 31) / 32, Barrier(32)), exchange(threads) {}
   Barrier barrier;
-  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<Barrier> warps;
   std::vector<uint64_t> exchange;  // one slot per thread
 };
 inline thread_local Block* block = nullptr;
@@ -165,7 +164,7 @@ T __shfl_down_sync(unsigned /*mask: all lanes*/, T value, int offset) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a scalar");
   auto& b = *resfuse_emu::block;
   const int tid = resfuse_emu::linear_thread(), lane = tid % 32;
-  resfuse_emu::Barrier& warp = *b.warps[tid / 32];
+  resfuse_emu::Barrier& warp = b.warps[tid / 32];
   std::memcpy(&b.exchange[tid], &value, sizeof(T));
   warp.wait();
   T result = value;

@@ -119,7 +119,7 @@ void check_inputs(const Tensor& a, const Tensor& b, const Tensor& x, const Tenso
 RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward) {
   check_inputs(a_in, b_in, x_in, weight_h, bias_h, weight_t, bias_t);
   const DeviceGuard guard(a_in.device());
-  const Geo g = geometry(a_in);
+  const Geometry g = Geometry::of(a_in);
   const Tensor a = fit(a_in, g), b = fit(b_in, g), x = fit(x_in, g);
   Tensor y = at::empty(a_in.sizes(), a_in.options().memory_format(g.format()));
   return RESFUSE_DISPATCH(a.scalar_type(), "highway_fwd", [&] {
@@ -144,7 +144,7 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
   check_channels(a_in.size(1), a_in, "mean_h", mean_h, "var_h", var_h, "mean_t", mean_t, "var_t",
                  var_t);
   const DeviceGuard guard(a_in.device());
-  const Geo g = geometry(a_in);
+  const Geometry g = Geometry::of(a_in);
   const Tensor a = fit(a_in, g), b = fit(b_in, g), x = fit(x_in, g), gy = fit(grad_in, g);
   const auto act_opts = a_in.options().memory_format(g.format());
   Tensor da = at::empty(a_in.sizes(), act_opts), db = at::empty(a_in.sizes(), act_opts),

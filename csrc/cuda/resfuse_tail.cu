@@ -19,7 +19,6 @@
 //     [carry] dx = W^T dv,  dW = sum_{n,s} dv x^T       two matmuls, product dtype
 // z is recomputed by the sums pass only; g is exact in the storage dtype (dy
 // or 0), so the apply pass reads it back from dh instead of dy and h.
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/TensorOperators.h>
 
@@ -128,7 +127,7 @@ at::ScalarType product_type(at::ScalarType storage) {
 }
 
 // x in the product dtype, dense in the op's layout, and W as (K, Cx).
-std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const Geo& g,
+std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const Geometry& g,
                                          at::ScalarType prod) {
   return {x.to(prod).contiguous(g.format()), w.reshape({w.size(0), w.size(1)}).to(prod)};
 }
@@ -136,7 +135,7 @@ std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const
 // v = W x as an (N, K, H, W) tensor in the op's layout, through cuBLAS:
 // NCHW is K x Cx times Cx x S per image, channels_last one (N*S) x Cx times
 // Cx x K product. The backward's dx = W^T dv is carry_product(dv, W^T).
-Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
+Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geometry& g) {
   const int64_t K = w2.size(0), Cx = w2.size(1), H = xa.size(2), W = xa.size(3);
   if (g.cl) {
     Tensor v = at::matmul(xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx}), w2.t());
@@ -153,7 +152,7 @@ Tensor carry_product(const Tensor& xa, const Tensor& w2, const Geo& g) {
 // same terms in its apply pass (InputGrad::apply64). In eval k1 g alone.
 Tensor carry_input_grad(const Tensor& gm, const Tensor& centred64, const Tensor& weight,
                         const Tensor& var, double eps, const Tensor& sums, double count,
-                        bool training, const Geo& g) {
+                        bool training, const Geometry& g) {
   const Tensor r = (var.to(at::kDouble) + eps).sqrt().reciprocal();
   const Tensor wr = weight.to(at::kDouble) * r;
   Tensor dz = gm.to(at::kDouble) * wr.view({1, -1, 1, 1});
@@ -168,23 +167,12 @@ Tensor carry_input_grad(const Tensor& gm, const Tensor& centred64, const Tensor&
 // layout: the kernels normalise it with mean 0. Centred before rounding:
 // at a mean far from the spread, v itself rounded to float32 loses the
 // digits of v - mean(v) that BatchNorm magnifies.
-Tensor centred(const Tensor& v, const Tensor& centre, const Geo& g, at::ScalarType acc) {
+Tensor centred(const Tensor& v, const Tensor& centre, const Geometry& g, at::ScalarType acc) {
   return fit((v - centre.view({1, -1, 1, 1})).to(acc), g);
 }
 
-// Batch statistics (training) or copies of the running ones (eval) of v, in
-// double.
-std::pair<Tensor, Tensor> carry_stats(const Tensor& v, const Geo& g, bool training,
-                                      const std::optional<Tensor>& running_mean,
-                                      const std::optional<Tensor>& running_var) {
-  if (v.scalar_type() == at::kDouble)
-    return stats_or_running<double>(v, g, training, running_mean, running_var);
-  return stats_or_running<float>(v, g, training, running_mean, running_var);
-}
-
 void check_tail(const Tensor& u, const Tensor& h, const Tensor& weight_d, const Tensor& bias_d,
-                const std::optional<Tensor>& x, const std::optional<Tensor>& w,
-                const std::optional<Tensor>& weight_k, const std::optional<Tensor>& bias_k) {
+                const Opt& x, const Opt& w, const Opt& weight_k, const Opt& bias_k) {
   check_first("u", u);
   check_activation("h", h, u);
   const int64_t C = u.size(1);
@@ -208,7 +196,7 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   check_tail(u_in, h_in, weight_d, bias_d, x_in, w, weight_k, bias_k);
   const DeviceGuard guard(u_in.device());
   const bool carry = x_in.has_value();
-  const Geo g = geometry(u_in);
+  const Geometry g = Geometry::of(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g);
   Tensor y = at::empty(u_in.sizes(), u_in.options().memory_format(g.format()));
   return RESFUSE_DISPATCH(u.scalar_type(), "tail_fwd", [&] {
@@ -220,12 +208,13 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     if (carry) {
       auto [xp, w2] = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xp, w2, g), g);
-      std::tie(mean_k, var_k) = carry_stats(vp, g, training, running_mean_k, running_var_k);
+      std::tie(mean_k, var_k) = AT_DISPATCH_FLOATING_TYPES(vp.scalar_type(), "carry_stats", [&] {
+        return stats_or_running<scalar_t>(vp, g, training, running_mean_k, running_var_k);
+      });
       v = centred(vp, mean_k.to(vp.scalar_type()), g, c10::CppTypeToScalarType<A>::value);
       prm_k = bn_params<A>(at::zeros_like(var_k), var_k, *weight_k, *bias_k, eps_k);  // v centred
     } else {
-      mean_k = at::empty({0}, u.options().dtype(at::kDouble));
-      var_k = at::empty({0}, u.options().dtype(at::kDouble));
+      for (Tensor* t : {&mean_k, &var_k}) *t = at::empty({0}, u.options().dtype(at::kDouble));
     }
     const Bn<A> bn_d{prm_d.const_data_ptr<A>(), g.C};
     const Bn<A> bn_k{carry ? prm_k.const_data_ptr<A>() : nullptr, g.C};
@@ -244,7 +233,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   const bool carry = x_in.has_value();
   if (carry) check_channels(C, u_in, "mean_k", mean_k, "var_k", var_k);
   const DeviceGuard guard(u_in.device());
-  const Geo g = geometry(u_in);
+  const Geometry g = Geometry::of(u_in);
   const Tensor u = fit(u_in, g), h = fit(h_in, g), gy = fit(grad_in, g);
   const auto act_opts = u_in.options().memory_format(g.format());
   Tensor du = at::empty(u_in.sizes(), act_opts), dh = at::empty(u_in.sizes(), act_opts);
@@ -311,15 +300,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     } else {
       dvp = dv.to(xa.scalar_type());
     }
-    const int64_t K = w2.size(0), Cx = w2.size(1);
-    Tensor dw;
-    if (g.cl) {  // (N*S, K) views of dv and (N*S, Cx) of x: one GEMM
-      dw = at::matmul(dvp.permute({0, 2, 3, 1}).reshape({g.N * g.S, K}).t(),
-                      xa.permute({0, 2, 3, 1}).reshape({g.N * g.S, Cx}));
-    } else {  // per image (K, S) and (Cx, S)
-      dw = at::bmm(dvp.view({g.N, K, g.S}), xa.view({g.N, Cx, g.S}).transpose(1, 2)).sum(0);
-    }
-    const Tensor dx = carry_product(dvp, w2.t(), g);
+    const Tensor dw = resfuse::carry_weight_grad(dvp, xa, g), dx = carry_product(dvp, w2.t(), g);
     return std::make_tuple(du_out, dh_out, bd.dweight.to(weight_d.scalar_type()),
                            bd.dbias.to(bias_d.scalar_type()),
                            dx.to(x_in->scalar_type()).contiguous(resfuse::format_of(*x_in)),
