@@ -43,7 +43,6 @@ running_var_<bn>``:
 from __future__ import annotations
 
 import inspect
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -176,13 +175,11 @@ class FusedOp:
                                   setup_context=self._setup_context)
         return forward
 
-    def define_twin(self, namespace: str, forward: Callable, backward: Callable):
+    def define_twin(self, namespace: str, launchers):
         """A ``torch.library.triton_op`` twin ``namespace::<name>`` of the
         registered op (same schema, checks and autograd) running the Triton
-        launchers ``forward`` and ``backward``, which torch.compile traces
-        into. Returns the forward op."""
-        launchers = SimpleNamespace(**{f"{self.name}_forward": forward,
-                                       f"{self.name}_backward": backward})
+        launchers ``<name>_forward`` and ``<name>_backward`` of module
+        ``launchers``, which torch.compile traces into. Returns the forward op."""
         return self._custom_op(namespace, lambda _device: launchers, torch.library.triton_op)
 
     # -- implementations ------------------------------------------------------

@@ -21,8 +21,8 @@ import sys
 
 from ..ops import highway_gate as _highway_api
 from ..ops import resfuse_tail as _tail_api
-from .highway_gate import highway_gate_backward, highway_gate_forward
-from .resfuse_tail import resfuse_tail_backward, resfuse_tail_forward
+from . import highway_gate as _highway_launchers
+from . import resfuse_tail as _tail_launchers
 
 NAMESPACE = "resfuse_triton"
 
@@ -30,5 +30,5 @@ NAMESPACE = "resfuse_triton"
 _highway = sys.modules[_highway_api.__module__].OP
 _tail = sys.modules[_tail_api.__module__].OP
 
-highway_gate = _highway.define_twin(NAMESPACE, highway_gate_forward, highway_gate_backward)
-resfuse_tail = _tail.define_twin(NAMESPACE, resfuse_tail_forward, resfuse_tail_backward)
+highway_gate = _highway.define_twin(NAMESPACE, _highway_launchers)
+resfuse_tail = _tail.define_twin(NAMESPACE, _tail_launchers)
