@@ -9,8 +9,9 @@
 // carry (x absent) its outputs are empty tensors.
 //
 // Each signature is spelled once, as a macro that the definitions use too
-// (`RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) { ... }`): adding an
-// argument is one edit here, one in csrc/schemas.h and one per body.
+// (`RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) { ... }`), and the
+// op schemas are inferred from it (RESFUSE_DEFINE_KERNELS): adding an
+// argument is one edit here and one per body.
 //
 // No include guard and no includes: each backend's ops.h includes it once,
 // in its namespace, after <ATen/core/Tensor.h>, <optional> and <tuple>.
@@ -54,3 +55,15 @@ RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward);
 RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward);
 RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward);
 RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward);
+
+// Registers these four kernels, inside a TORCH_LIBRARY block `m`, as the ops
+// <library>::<name> for dispatch key `key` (resfuse_cpu::* on CPU,
+// resfuse_cuda::* on CUDA, the tests' resfuse_cuda_emu::* on CPU). Their
+// schemas are inferred from the signatures above; the arguments are unnamed
+// there (_0, _1, ...), as the Python layer passes them by position.
+#define RESFUSE_DEFINE_KERNEL(m, key, name) m.def(#name, torch::dispatch(key, &name))
+#define RESFUSE_DEFINE_KERNELS(m, key)                  \
+  RESFUSE_DEFINE_KERNEL(m, key, highway_gate_forward);  \
+  RESFUSE_DEFINE_KERNEL(m, key, highway_gate_backward); \
+  RESFUSE_DEFINE_KERNEL(m, key, resfuse_tail_forward);  \
+  RESFUSE_DEFINE_KERNEL(m, key, resfuse_tail_backward)

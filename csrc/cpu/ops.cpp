@@ -18,8 +18,6 @@
 
 #include <torch/library.h>
 
-#include "../schemas.h"
-
 #include "kernels.h"
 
 namespace resfuse_cpu {
@@ -390,12 +388,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
 }
 
 TORCH_LIBRARY(resfuse_cpu, m) {
-  resfuse_schema::define_kernels(m);
-}
-
-TORCH_LIBRARY_IMPL(resfuse_cpu, CPU, m) {
-  resfuse_schema::impl_kernels(m, &highway_gate_forward, &highway_gate_backward,
-                               &resfuse_tail_forward, &resfuse_tail_backward);
+  RESFUSE_DEFINE_KERNELS(m, c10::DispatchKey::CPU);
 }
 
 }  // namespace resfuse_cpu
