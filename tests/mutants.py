@@ -134,10 +134,8 @@ MUTANTS: list[Mutant] = [
 
     # ------------------------------------------------------------- composite (torch)
     M("torch-eps-k", "torch", "eps", "resfuse_kernels/ops/composite.py",
-      "v_hat = _normalise(v, mean_k, var_k, eps_k)\n"
-      "        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))\n    return",
-      "v_hat = _normalise(v, mean_k, var_k, eps_d)\n"
-      "        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))\n    return",
+      "z = z + _bn(v, mean_k, var_k, eps_k, weight_k, bias_k)\n    return",
+      "z = z + _bn(v, mean_k, var_k, eps_d, weight_k, bias_k)\n    return",
       ops_tests("torch", "test_resfuse_tail_matches_oracle"),
       "planted bug (c): the forward normalises BN_k with BN_d's eps"),
     M("torch-eps-t-backward", "torch", "eps", "resfuse_kernels/ops/composite.py",

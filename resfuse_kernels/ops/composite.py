@@ -44,10 +44,11 @@ def _stats(z: Tensor, training: bool, running_mean: Optional[Tensor],
     return mean, var
 
 
-def _normalise(z: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    """z standardised per channel in z's dtype, with the statistics rounded
-    to it (the forward's z_hat, which the backward recomputes bit for bit)."""
-    return (z - _c(mean.to(z.dtype))) * _c(torch.rsqrt(var.to(z.dtype) + eps))
+def _bn(z: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor, bias: Tensor) -> Tensor:
+    """BatchNorm of z in z's dtype, with the statistics rounded to it: the
+    forward's, which the backward recomputes bit for bit."""
+    z_hat = (z - _c(mean.to(z.dtype))) * _c(torch.rsqrt(var.to(z.dtype) + eps))
+    return z_hat * _c(weight.to(z.dtype)) + _c(bias.to(z.dtype))
 
 
 def _bn_backward(g: Tensor, z: Tensor, mean: Tensor, var: Tensor, eps: float, weight: Tensor,
@@ -95,10 +96,8 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
     a_, b_, x_ = a.to(ct), b.to(ct), x.to(ct)
     mean_h, var_h = _stats(a_, training, running_mean_h, running_var_h)
     mean_t, var_t = _stats(b_, training, running_mean_t, running_var_t)
-    a_hat = _normalise(a_, mean_h, var_h, eps_h)
-    b_hat = _normalise(b_, mean_t, var_t, eps_t)
-    gate_h = torch.relu(a_hat * _c(weight_h.to(ct)) + _c(bias_h.to(ct)))
-    gate_t = torch.sigmoid(b_hat * _c(weight_t.to(ct)) + _c(bias_t.to(ct)))
+    gate_h = torch.relu(_bn(a_, mean_h, var_h, eps_h, weight_h, bias_h))
+    gate_t = torch.sigmoid(_bn(b_, mean_t, var_t, eps_t, weight_t, bias_t))
     y = gate_h * gate_t + x_ * (1 - gate_t)
     return _out(y, a), mean_h, var_h, mean_t, var_t
 
@@ -108,10 +107,8 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
                           training: bool, eps_h: float, eps_t: float):
     ct = compute_dtype(a.dtype)
     g, a_, b_, x_ = grad_y.to(ct), a.to(ct), b.to(ct), x.to(ct)
-    a_hat = _normalise(a_, mean_h, var_h, eps_h)
-    b_hat = _normalise(b_, mean_t, var_t, eps_t)
-    gate_h = torch.relu(a_hat * _c(weight_h.to(ct)) + _c(bias_h.to(ct)))
-    gate_t = torch.sigmoid(b_hat * _c(weight_t.to(ct)) + _c(bias_t.to(ct)))
+    gate_h = torch.relu(_bn(a_, mean_h, var_h, eps_h, weight_h, bias_h))
+    gate_t = torch.sigmoid(_bn(b_, mean_t, var_t, eps_t, weight_t, bias_t))
     dx = g * (1 - gate_t)
     g_h = g * gate_t * (gate_h > 0)
     g_t = g * (gate_h - x_) * gate_t * (1 - gate_t)
@@ -131,15 +128,13 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
     ct = compute_dtype(u.dtype)
     u_ = u.to(ct)
     mean_d, var_d = _stats(u_, training, running_mean_d, running_var_d)
-    u_hat = _normalise(u_, mean_d, var_d, eps_d)
-    z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
+    z = _bn(u_, mean_d, var_d, eps_d, weight_d, bias_d) + h.to(ct)
     if x is None:
         mean_k, var_k = u_.new_empty(0, dtype=STATS_DTYPE), u_.new_empty(0, dtype=STATS_DTYPE)
     else:
         v = carry_forward(x.to(ct), w.to(ct))
         mean_k, var_k = _stats(v, training, running_mean_k, running_var_k)
-        v_hat = _normalise(v, mean_k, var_k, eps_k)
-        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
+        z = z + _bn(v, mean_k, var_k, eps_k, weight_k, bias_k)
     return _out(torch.relu(z), u), mean_d, var_d, mean_k, var_k
 
 
@@ -148,13 +143,11 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
                           training: bool, eps_d: float, eps_k: float):
     ct = compute_dtype(u.dtype)
     g, u_ = grad_y.to(ct), u.to(ct)
-    u_hat = _normalise(u_, mean_d, var_d, eps_d)
-    z = u_hat * _c(weight_d.to(ct)) + _c(bias_d.to(ct)) + h.to(ct)
+    z = _bn(u_, mean_d, var_d, eps_d, weight_d, bias_d) + h.to(ct)
     if x is not None:
         x_, w_ = x.to(ct), w.to(ct)
         v = carry_forward(x_, w_)
-        v_hat = _normalise(v, mean_k, var_k, eps_k)
-        z = z + v_hat * _c(weight_k.to(ct)) + _c(bias_k.to(ct))
+        z = z + _bn(v, mean_k, var_k, eps_k, weight_k, bias_k)
     g = g * (z > 0)
     du, dweight_d, dbias_d = _bn_backward(g, u_, mean_d, var_d, eps_d, weight_d.to(ct), training)
     grads = [_out(du, u), _out(g, h), dweight_d.to(weight_d.dtype), dbias_d.to(bias_d.dtype)]
