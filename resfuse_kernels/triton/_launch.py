@@ -45,23 +45,17 @@ from ..ops._common import STATS_DTYPE, compute_dtype, empty_output, memory_forma
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-class launch:
-    """``kernel`` launched as ``launch(kernel)[grid](*args, **kwargs)``: on
-    real tensors (the first argument a plain tensor) directly, an autotuned
-    kernel with the configuration chosen for its key (:class:`Remembered`);
-    on the fake or functional tensors of torch.compile's tracing (inside a
-    ``triton_op``) through :func:`torch.library.wrap_triton`, which
-    Inductor traces."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            if INTERPRET or type(args[0]) is torch.Tensor:
-                return _REMEMBERED.get(self.kernel, self.kernel)[grid](*args, **kwargs)
-            return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
-        return run
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``: on real tensors (the first argument
+    a plain tensor) directly, an autotuned kernel with the configuration
+    chosen for its key (:class:`Remembered`); on the fake or functional
+    tensors of torch.compile's tracing (inside a ``triton_op``) through
+    :func:`torch.library.wrap_triton`, which Inductor traces."""
+    if not INTERPRET and type(args[0]) is not torch.Tensor:
+        return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    if kernel in TUNED:
+        return TUNED[kernel].run(grid, args, kwargs)
+    return kernel[grid](*args, **kwargs)
 
 # ---------------------------------------------------------------------------
 # configurations
@@ -108,8 +102,7 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
         else:
             tuner = triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
                                     prune_configs_by={"early_config_prune": prune})(fn)
-        _REMEMBERED[tuner] = Remembered(tuner, key, full, AUTOTUNE and not INTERPRET)
-        TUNED.append(_REMEMBERED[tuner])
+        TUNED[tuner] = Remembered(tuner, key, full, AUTOTUNE and not INTERPRET)
         return tuner
 
     return decorate
@@ -165,18 +158,11 @@ class Remembered:
         self._layout_at = names.index("LAYOUT")
         self.chosen: dict[tuple, dict] = {}
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.run(grid, args, kwargs)
-
     def run(self, grid, args, kwargs):
         kernel = self.tuner.fn
         if _FORCED is not None:  # the only check the normal path pays
-            at = self._layout_at
-            layout = args[at] if len(args) > at else kwargs["LAYOUT"]
-            configs = self.configs_by_layout[1 if layout else 0]
+            configs = self.configs_by_layout[1 if args[self._layout_at] else 0]
             return kernel[grid](*args, **kwargs, **configs[_FORCED % len(configs)].all_kwargs())
-        if len(args) <= max(self._key_at):  # a key argument by keyword: not ours
-            return self.tuner[grid](*args, **kwargs)
         key = (*[args[i] for i in self._key_at], args[0].dtype)
         config = self.chosen.get(key)
         if config is None:
@@ -192,14 +178,13 @@ class Remembered:
         return kernel[grid](*args, **kwargs, **config)
 
 
-# Every autotuned kernel's Remembered, in definition order.
-TUNED: list[Remembered] = []
-_REMEMBERED: dict = {}
+# Every autotuned kernel's Remembered by its tuner, in definition order.
+TUNED: dict = {}
 
 
 def num_configs() -> int:
     """Length of the longest configuration list of any autotuned kernel."""
-    return max(len(c) for r in TUNED for c in r.configs_by_layout)
+    return max(len(c) for r in TUNED.values() for c in r.configs_by_layout)
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -587,15 +572,15 @@ def chunk_stats(kernel, t: torch.Tensor, c: int, width: int, *args, shift=None,
     cnt = torch.empty(chunks, dtype=cdt, device=t.device)
     mean_p = torch.empty(chunks, width, dtype=cdt, device=t.device)
     m2_p = torch.empty_like(mean_p)
-    launch(kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        t, cnt, mean_p, m2_p, *args, CT=ct, **constexprs)
+    launch(kernel, lambda meta: (chunks, cdiv(c, meta["BLOCK_C"])), t, cnt, mean_p, m2_p, *args,
+           CT=ct, **constexprs)
     outs = [torch.empty(c, dtype=d, device=t.device)
             for d in (mean_dtype, STATS_DTYPE) * (width // c)]
     ys = [scratch(cnt), scratch(cnt)] if width == c else []  # never written: no y columns
     block = 64
-    launch(_stats_finalize)[(cdiv(width, block),)](
-        cnt, mean_p, m2_p, scratch(cnt) if shift is None else shift, *outs, *ys, chunks, width,
-        c, SHIFTED=shift is not None, CT=ct, BLOCK=block, BLOCK_P=32)
+    launch(_stats_finalize, (cdiv(width, block),), cnt, mean_p, m2_p,
+           scratch(cnt) if shift is None else shift, *outs, *ys, chunks, width, c,
+           SHIFTED=shift is not None, CT=ct, BLOCK=block, BLOCK_P=32)
     return outs
 
 
@@ -694,8 +679,8 @@ def bn_grads(kernel, t: torch.Tensor, groups: int, bns: list, training: bool, *a
     n, c, h, w = t.shape
     chunks, ct = num_chunks(t), compute_type(t.dtype)
     part = torch.empty(chunks, groups * c, dtype=torch.float64, device=t.device)
-    launch(kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        t, part, *args, CT=ct, **constexprs)
+    launch(kernel, lambda meta: (chunks, cdiv(c, meta["BLOCK_C"])), t, part, *args, CT=ct,
+           **constexprs)
     one = bns[0]
     coef = torch.empty(2, 3, c, dtype=torch.float64, device=t.device)
     affine = [torch.empty_like(p) for bn in bns for p in bn[5:]]
@@ -703,10 +688,10 @@ def bn_grads(kernel, t: torch.Tensor, groups: int, bns: list, training: bool, *a
     two = bns[1] if len(bns) > 1 else (-1, -1, *one[2:])
     outs = affine if len(bns) > 1 else affine + [scratch(part), scratch(part)]
     block = 64
-    launch(_bn_grad_finalize)[(cdiv(c, block),)](
-        part, coef, chunks, c, n * h * w, *one[3:6], *two[3:6], *outs, G=groups, SG0=one[0],
-        SC0=one[1], SG1=two[0], SC1=two[1], EPS0=float(one[2]), EPS1=float(two[2]),
-        TRAINING=bool(training), CT=ct, BLOCK=block, BLOCK_P=32)
+    launch(_bn_grad_finalize, (cdiv(c, block),), part, coef, chunks, c, n * h * w, *one[3:6],
+           *two[3:6], *outs, G=groups, SG0=one[0], SC0=one[1], SG1=two[0], SC1=two[1],
+           EPS0=float(one[2]), EPS1=float(two[2]), TRAINING=bool(training), CT=ct,
+           BLOCK=block, BLOCK_P=32)
     return affine, coef
 
 

@@ -146,10 +146,9 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
     if a.numel() == 0:
         return y, mean_h, var_h, mean_t, var_t
     params = bn_params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
-    launch(_forward_kernel)[grid_tiles(n, c, h * w)](
-        a3, b3, x3, y, *params, n, c, h * w,
-        *sa, *sb, *sx, *view3(y)[1], layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t),
-        CT=compute_type(a.dtype))
+    launch(_forward_kernel, grid_tiles(n, c, h * w), a3, b3, x3, y, *params, n, c, h * w,
+           *sa, *sb, *sx, *view3(y)[1], layout_flag(sa), EPS_H=float(eps_h),
+           EPS_T=float(eps_t), CT=compute_type(a.dtype))
     return y, mean_h, var_h, mean_t, var_t
 
 
@@ -170,8 +169,8 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     affine, coef = bn_grads(_backward_reduce_kernel, g3, 4, bns, training, a3, b3, x3, *params,
                             n, c, s, *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h),
                             EPS_T=float(eps_t))
-    launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
-        g3, a3, b3, x3, da, db, dx, coef, *params, n, c, s,
-        *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
-        TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
+    launch(_backward_apply_kernel, grid_tiles(n, c, s), g3, a3, b3, x3, da, db, dx, coef,
+           *params, n, c, s, *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1],
+           layout_flag(sa), TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t),
+           CT=ct)
     return (da, db, dx, *affine)

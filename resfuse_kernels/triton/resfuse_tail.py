@@ -279,9 +279,8 @@ def _carry_shift(x3: torch.Tensor, sx) -> torch.Tensor:
     and the backward."""
     n, cx, h, w = x3.shape
     x0 = torch.empty(cx, dtype=compute_dtype(x3.dtype), device=x3.device)
-    launch(_carry_shift_kernel)[(cdiv(cx, 16),)](
-        x3, x0, min(n * h * w, SHIFT_SAMPLE), h * w, cx, *sx, CT=compute_type(x3.dtype),
-        SAMPLE=SHIFT_SAMPLE, BLOCK_X=16)
+    launch(_carry_shift_kernel, (cdiv(cx, 16),), x3, x0, min(n * h * w, SHIFT_SAMPLE), h * w,
+           cx, *sx, CT=compute_type(x3.dtype), SAMPLE=SHIFT_SAMPLE, BLOCK_X=16)
     return x0
 
 
@@ -293,8 +292,8 @@ def _shift_mean(mean: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor, sign: in
     several)."""
     k, cx = w2.shape
     out = torch.empty(k, dtype=dtype, device=x0.device)
-    launch(_shift_mean_kernel)[(cdiv(k, 64),)](
-        mean.contiguous(), out, w2, x0, k, cx, SIGN=sign, BLOCK_K=64, BLOCK_X=32)
+    launch(_shift_mean_kernel, (cdiv(k, 64),), mean.contiguous(), out, w2, x0, k, cx,
+           SIGN=sign, BLOCK_K=64, BLOCK_X=32)
     return out
 
 
@@ -342,10 +341,9 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
         return y, mean_d, var_d, mean_k, var_k
     pd = bn_params(mean_d, var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
-    launch(_forward_kernel)[grid_tiles(n, k, s)](
-        u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
-        *su, *sh, *sx, *view3(y)[1], layout_flag(su),
-        HAS_CARRY=carry, EPS_D=float(eps_d), EPS_K=float(eps_k), CT=compute_type(u.dtype))
+    launch(_forward_kernel, grid_tiles(n, k, s), u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
+           *su, *sh, *sx, *view3(y)[1], layout_flag(su), HAS_CARRY=carry,
+           EPS_D=float(eps_d), EPS_K=float(eps_k), CT=compute_type(u.dtype))
     return y, mean_d, var_d, mean_k, var_k
 
 
@@ -390,10 +388,9 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         _backward_reduce_kernel, g3, 3, bns, training, u3, h3, x3, x0, w2, dh, *pd, *pk,
         n, k, s, cx, *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry,
         EPS_D=float(eps_d), EPS_K=float(eps_k))
-    launch(_backward_apply_kernel)[grid_tiles(n, k, s)](
-        dh, u3, x3, x0, w2, du, dv, coef, pd[0], pk[0],
-        n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
-        layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
+    launch(_backward_apply_kernel, grid_tiles(n, k, s), dh, u3, x3, x0, w2, du, dv, coef,
+           pd[0], pk[0], n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
+           layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
     grads = (du, dh, *affine[:2])
     if not carry:
         return (*grads, *(u.new_empty(0) for _ in range(4)))
