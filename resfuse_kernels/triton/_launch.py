@@ -85,9 +85,8 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     the first of each list is used; under the interpreter one small tile
     (BLOCK_S 16, the other sizes 32). ``num_stages``: software pipelining
     depth of a ``tl.dot`` loop (it stages the loop's loads in shared memory).
-    The full lists stay reachable, whatever runs by default, as its
-    :class:`Remembered`'s ``configs_by_layout`` (NCHW list, channels_last
-    list), which :func:`forced_config` launches.
+    The full lists stay reachable, whatever runs by default, for
+    :func:`forced_config` (its :class:`Remembered`'s ``configs_by_layout``).
     """
     full = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
     by_layout = full if AUTOTUNE else (full[0][:1], full[1][:1])
@@ -108,8 +107,7 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     return decorate
 
 
-# Index of the configuration every eager launch of an autotuned kernel uses
-# (None: tune as usual); set by forced_config, read by Remembered.
+# forced_config's index (None: tune as usual), read by Remembered.
 _FORCED: int | None = None
 
 
