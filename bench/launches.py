@@ -1,6 +1,6 @@
 """Stand-ins for the Triton backend's kernel launches (bench tools only).
 
-The Triton modules launch every kernel as ``launch(kernel)[grid](*args,
+The Triton modules launch every kernel as ``launch(kernel, grid, *args,
 **kwargs)`` (:func:`resfuse_kernels.triton._launch.launch`); inside
 :func:`launches_replaced` each such launch calls a function of the tool's
 instead, which may time the real launch, skip it, or only record it.
@@ -10,14 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from typing import Callable, Iterator
-
-
-class _Subscript:
-    def __init__(self, kernel, on_launch):
-        self.kernel, self.on_launch = kernel, on_launch
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.on_launch(self.kernel, grid, args, kwargs)
 
 
 @contextlib.contextmanager
@@ -31,7 +23,7 @@ def launches_replaced(on_launch: Callable) -> Iterator[None]:
     modules = (launch_mod, hg, rt)
     saved = [m.launch for m in modules]
     for m in modules:
-        m.launch = lambda kernel: _Subscript(kernel, on_launch)
+        m.launch = lambda kernel, grid, *args, **kwargs: on_launch(kernel, grid, args, kwargs)
     try:
         yield
     finally:

@@ -267,7 +267,7 @@ def test_autotuning_during_capture_is_refused(monkeypatch):
     instead of benchmarking inside the capture (interpreter: a stand-in
     capture on CPU tensors)."""
     launch = pytest.importorskip("resfuse_kernels.triton._launch")
-    remembered = launch.TUNED[0]
+    remembered = next(iter(launch.TUNED.values()))
     tuning = launch.Remembered(remembered.tuner, [remembered.tuner.fn.arg_names[i]
                                                   for i in remembered._key_at],
                                remembered.configs_by_layout, benchmarks=True)

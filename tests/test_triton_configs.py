@@ -28,7 +28,7 @@ def _name(tuner) -> str:
     return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
-TUNERS = {_name(r.tuner): r for r in L.TUNED}  # name -> Remembered
+TUNERS = {_name(r.tuner): r for r in L.TUNED.values()}  # name -> Remembered
 
 # The autotuned kernels each case launches (eval runs no statistics pass).
 _STATS = {"_launch._stats_kernel"}

@@ -45,23 +45,17 @@ from ..ops._common import STATS_DTYPE, compute_dtype, empty_output, memory_forma
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-class launch:
-    """``kernel`` launched as ``launch(kernel)[grid](*args, **kwargs)``: on
-    real tensors (the first argument a plain tensor) directly, an autotuned
-    kernel with the configuration chosen for its key (:class:`Remembered`);
-    on the fake or functional tensors of torch.compile's tracing (inside a
-    ``triton_op``) through :func:`torch.library.wrap_triton`, which
-    Inductor traces."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            if INTERPRET or type(args[0]) is torch.Tensor:
-                return _REMEMBERED.get(self.kernel, self.kernel)[grid](*args, **kwargs)
-            return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
-        return run
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``: on real tensors (the first argument
+    a plain tensor) directly, an autotuned kernel with the configuration
+    chosen for its key (:class:`Remembered`); on the fake or functional
+    tensors of torch.compile's tracing (inside a ``triton_op``) through
+    :func:`torch.library.wrap_triton`, which Inductor traces."""
+    if not INTERPRET and type(args[0]) is not torch.Tensor:
+        return torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    if kernel in TUNED:
+        return TUNED[kernel].run(grid, args, kwargs)
+    return kernel[grid](*args, **kwargs)
 
 # ---------------------------------------------------------------------------
 # configurations
@@ -91,9 +85,8 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
     the first of each list is used; under the interpreter one small tile
     (BLOCK_S 16, the other sizes 32). ``num_stages``: software pipelining
     depth of a ``tl.dot`` loop (it stages the loop's loads in shared memory).
-    The full lists stay reachable, whatever runs by default, as its
-    :class:`Remembered`'s ``configs_by_layout`` (NCHW list, channels_last
-    list), which :func:`forced_config` launches.
+    The full lists stay reachable, whatever runs by default, for
+    :func:`forced_config` (its :class:`Remembered`'s ``configs_by_layout``).
     """
     full = (_configs(nchw, names, num_stages), _configs(channels_last, names, num_stages))
     by_layout = full if AUTOTUNE else (full[0][:1], full[1][:1])
@@ -108,15 +101,13 @@ def autotune(nchw: list[tuple], channels_last: list[tuple], names: tuple[str, ..
         else:
             tuner = triton.autotune(configs=by_layout[0] + by_layout[1], key=key,
                                     prune_configs_by={"early_config_prune": prune})(fn)
-        _REMEMBERED[tuner] = Remembered(tuner, key, full, AUTOTUNE and not INTERPRET)
-        TUNED.append(_REMEMBERED[tuner])
+        TUNED[tuner] = Remembered(tuner, key, full, AUTOTUNE and not INTERPRET)
         return tuner
 
     return decorate
 
 
-# Index of the configuration every eager launch of an autotuned kernel uses
-# (None: tune as usual); set by forced_config, read by Remembered.
+# forced_config's index (None: tune as usual), read by Remembered.
 _FORCED: int | None = None
 
 
@@ -165,18 +156,11 @@ class Remembered:
         self._layout_at = names.index("LAYOUT")
         self.chosen: dict[tuple, dict] = {}
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.run(grid, args, kwargs)
-
     def run(self, grid, args, kwargs):
         kernel = self.tuner.fn
         if _FORCED is not None:  # the only check the normal path pays
-            at = self._layout_at
-            layout = args[at] if len(args) > at else kwargs["LAYOUT"]
-            configs = self.configs_by_layout[1 if layout else 0]
+            configs = self.configs_by_layout[1 if args[self._layout_at] else 0]
             return kernel[grid](*args, **kwargs, **configs[_FORCED % len(configs)].all_kwargs())
-        if len(args) <= max(self._key_at):  # a key argument by keyword: not ours
-            return self.tuner[grid](*args, **kwargs)
         key = (*[args[i] for i in self._key_at], args[0].dtype)
         config = self.chosen.get(key)
         if config is None:
@@ -192,14 +176,13 @@ class Remembered:
         return kernel[grid](*args, **kwargs, **config)
 
 
-# Every autotuned kernel's Remembered, in definition order.
-TUNED: list[Remembered] = []
-_REMEMBERED: dict = {}
+# Every autotuned kernel's Remembered by its tuner, in definition order.
+TUNED: dict = {}
 
 
 def num_configs() -> int:
     """Length of the longest configuration list of any autotuned kernel."""
-    return max(len(c) for r in TUNED for c in r.configs_by_layout)
+    return max(len(c) for r in TUNED.values() for c in r.configs_by_layout)
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -489,7 +472,7 @@ def merge_slots(count, mean, m2, mean_ptr, m2_ptr, c, cmask):
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
-def _stats_kernel(x_ptr, y_ptr, cnt_ptr, mean_ptr, m2_ptr, shift_ptr,
+def _stats_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, y_ptr, shift_ptr,
                   N, C, S, sxn, sxc, sxs, syn, syc, sys_, LAYOUT,
                   TWO: tl.constexpr, CT: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -575,17 +558,28 @@ def _stats_finalize(cnt_ptr, mean_ptr, m2_ptr, shift_ptr, mean_x_ptr, var_x_ptr,
     tl.store(var_y_ptr + (c - C), var, mask=second)
 
 
-def finalize_stats(cnt, mean_p, m2_p, outs: list, c: int,
-                   shift: torch.Tensor | None = None) -> None:
-    """Launch :func:`_stats_finalize` over all columns of the partials into
-    ``outs`` = [mean_x, var_x] or [mean_x, var_x, mean_y, var_y], x the first
-    ``c`` columns; ``shift``: the per-column shift of the partial means, if any."""
-    chunks, width = mean_p.shape
-    ys = [scratch(cnt), scratch(cnt)] if len(outs) == 2 else []  # never written: no y columns
+def chunk_stats(kernel, t: torch.Tensor, c: int, width: int, *args, shift=None,
+                mean_dtype=STATS_DTYPE, **constexprs) -> list[torch.Tensor]:
+    """One statistics pass over activation ``t``: ``kernel``, launched on
+    ``(t, count, mean, M2, *args)`` with a program per chunk and block of the
+    ``c`` channels, writes per-chunk partials of ``width`` columns, which
+    :func:`_stats_finalize` merges. Returns ``[mean, var]`` per ``c``
+    columns, mean in ``mean_dtype``, the biased var in STATS_DTYPE;
+    ``shift``: the per-column shift of the partial means, if any."""
+    chunks, cdt, ct = num_chunks(t), compute_dtype(t.dtype), compute_type(t.dtype)
+    cnt = torch.empty(chunks, dtype=cdt, device=t.device)
+    mean_p = torch.empty(chunks, width, dtype=cdt, device=t.device)
+    m2_p = torch.empty_like(mean_p)
+    launch(kernel, lambda meta: (chunks, cdiv(c, meta["BLOCK_C"])), t, cnt, mean_p, m2_p, *args,
+           CT=ct, **constexprs)
+    outs = [torch.empty(c, dtype=d, device=t.device)
+            for d in (mean_dtype, STATS_DTYPE) * (width // c)]
+    ys = [scratch(cnt), scratch(cnt)] if width == c else []  # never written: no y columns
     block = 64
-    launch(_stats_finalize)[(cdiv(width, block),)](
-        cnt, mean_p, m2_p, scratch(cnt) if shift is None else shift, *outs, *ys, chunks, width,
-        c, SHIFTED=shift is not None, CT=compute_type(cnt.dtype), BLOCK=block, BLOCK_P=32)
+    launch(_stats_finalize, (cdiv(width, block),), cnt, mean_p, m2_p,
+           scratch(cnt) if shift is None else shift, *outs, *ys, chunks, width, c,
+           SHIFTED=shift is not None, CT=ct, BLOCK=block, BLOCK_P=32)
+    return outs
 
 
 @triton.jit
@@ -650,11 +644,11 @@ def _bn_grad_finalize(part_ptr, coef_ptr, P, C, M, m0_ptr, v0_ptr, w0_ptr, m1_pt
 @triton.jit
 def input_grad(coef_ptr, mean_ptr, c, cmask, C, g, z, TRAINING: tl.constexpr, CT: tl.constexpr):
     """A BatchNorm's input gradient k1 g + (k2 (z - mean) + k3) from the
-    (float64) coefficients :func:`bn_grad_finalize` wrote (3 rows of C at
-    coef_ptr) and the float64 mean: in training in float64 with two FMAs,
-    rounded once to CT, as the cpu and cuda backends (over few values a
-    channel the terms cancel to eps / (var + eps) of their size, and float32
-    terms made da err 15x the composite's at two values); in eval k1 g."""
+    (float64) coefficients of :func:`bn_grads` (3 rows of C at coef_ptr) and
+    the float64 mean: in training in float64 with two FMAs, rounded once to
+    CT, as the cpu and cuda backends (over few values a channel the terms
+    cancel to eps / (var + eps) of their size, and float32 terms made da err
+    15x the composite's at two values); in eval k1 g."""
     k1 = channel_vector(coef_ptr, c, cmask, tl.float64)[None, :]
     if TRAINING:
         k2 = channel_vector(coef_ptr + C, c, cmask, tl.float64)[None, :]
@@ -668,28 +662,34 @@ def input_grad(coef_ptr, mean_ptr, c, cmask, C, g, z, TRAINING: tl.constexpr, CT
     return out.to(CT)
 
 
-def bn_grad_finalize(part: torch.Tensor, count: int, bns: list, training: bool, ct):
-    """Finish a backward reduction in one launch. ``part`` holds per-chunk
-    partial sums, ``(chunks, G*C)`` for G groups of C channels; each of
-    ``bns`` (one or two) is ``(sum_g group, sum_gc group, eps, mean, var,
-    weight, bias)``, its sums of g and of g (z - mean) about the mean rounded
-    to the compute dtype. Returns each BatchNorm's dweight and dbias (in one
-    list) and the ``(2, 3, C)`` coefficients (k1, k2, k3) of the input
-    gradients ``k1 g + k2 (z - mean) + k3``, in float64, for the apply pass
-    (:func:`input_grad`; torch ops per gradient would take a launch each)."""
-    chunks, width = part.shape
+def bn_grads(kernel, t: torch.Tensor, groups: int, bns: list, training: bool, *args,
+             **constexprs):
+    """A backward reduction over activation ``t`` (C channels) and its
+    finish: ``kernel``, launched on ``(t, part, *args)`` as in
+    :func:`chunk_stats`, writes per-chunk partial sums, ``groups`` rows of C,
+    into ``part``; each of ``bns`` (one or two) is ``(sum_g group, sum_gc
+    group, eps, mean, var, weight, bias)``, its sums of g and of g (z - mean)
+    about the mean rounded to the compute dtype. Returns each BatchNorm's
+    dweight and dbias (in one list) and the ``(2, 3, C)`` coefficients (k1,
+    k2, k3) of the input gradients ``k1 g + k2 (z - mean) + k3``, in float64,
+    for the apply pass (:func:`input_grad`; torch ops per gradient would take
+    a launch each)."""
+    n, c, h, w = t.shape
+    chunks, ct = num_chunks(t), compute_type(t.dtype)
+    part = torch.empty(chunks, groups * c, dtype=torch.float64, device=t.device)
+    launch(kernel, lambda meta: (chunks, cdiv(c, meta["BLOCK_C"])), t, part, *args, CT=ct,
+           **constexprs)
     one = bns[0]
-    c = one[3].shape[0]
-    coef = torch.empty(2, 3, c, dtype=torch.float64, device=part.device)
+    coef = torch.empty(2, 3, c, dtype=torch.float64, device=t.device)
     affine = [torch.empty_like(p) for bn in bns for p in bn[5:]]
     # one BatchNorm: the second's outputs are never written (scratch, not aliases)
     two = bns[1] if len(bns) > 1 else (-1, -1, *one[2:])
     outs = affine if len(bns) > 1 else affine + [scratch(part), scratch(part)]
     block = 64
-    launch(_bn_grad_finalize)[(cdiv(c, block),)](
-        part, coef, chunks, c, count, *one[3:6], *two[3:6], *outs, G=width // c, SG0=one[0],
-        SC0=one[1], SG1=two[0], SC1=two[1], EPS0=float(one[2]), EPS1=float(two[2]),
-        TRAINING=bool(training), CT=ct, BLOCK=block, BLOCK_P=32)
+    launch(_bn_grad_finalize, (cdiv(c, block),), part, coef, chunks, c, n * h * w, *one[3:6],
+           *two[3:6], *outs, G=groups, SG0=one[0], SC0=one[1], SG1=two[0], SC1=two[1],
+           EPS0=float(one[2]), EPS1=float(two[2]), TRAINING=bool(training), CT=ct,
+           BLOCK=block, BLOCK_P=32)
     return affine, coef
 
 
@@ -701,21 +701,12 @@ def batch_stats(x: torch.Tensor, sx, y: torch.Tensor | None = None, sy=None):
     (computed in the compute dtype).
     """
     n, c, h, w = x.shape
-    cdt = compute_dtype(x.dtype)
     two = y is not None
-    width = 2 * c if two else c
     if x.numel() == 0:
         return [x.new_zeros(c, dtype=STATS_DTYPE) for _ in range(4 if two else 2)]
-    chunks = num_chunks(x)
-    cnt = torch.empty(chunks, dtype=cdt, device=x.device)
-    mean_p = torch.empty(chunks, width, dtype=cdt, device=x.device)
-    m2_p = torch.empty_like(mean_p)
-    shift = torch.empty(width, dtype=cdt, device=x.device)
-    ct = compute_type(x.dtype)
+    width = 2 * c if two else c
+    shift = torch.empty(width, dtype=compute_dtype(x.dtype), device=x.device)
     if y is None:
         y, sy = x, sx
-    launch(_stats_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        x, y, cnt, mean_p, m2_p, shift, n, c, h * w, *sx, *sy, layout_flag(sx), TWO=two, CT=ct)
-    out = [torch.empty(c, dtype=STATS_DTYPE, device=x.device) for _ in range(4 if two else 2)]
-    finalize_stats(cnt, mean_p, m2_p, out, c, shift)
-    return out
+    return chunk_stats(_stats_kernel, x, c, width, y, shift, n, c, h * w, *sx, *sy,
+                       layout_flag(sx), shift=shift, TWO=two)

@@ -10,7 +10,7 @@ statistics. The apply pass folds each BatchNorm into a per-channel
 Backward: one reduction pass (per-chunk partial sums of ``g_h``,
 ``g_h (a - mean_h)``, ``g_t``, ``g_t (b - mean_t)``, recomputing ``H`` and
 ``T``; summed over the chunks in float64 by
-:func:`~._launch.bn_grad_finalize`, which also writes the four affine
+:func:`~._launch.bn_grads`, which also writes the four affine
 gradients and each input gradient's coefficients) and one apply pass
 writing ``da = k1 g_h + k2 (a - mean_h) + k3``, ``db`` likewise, and ``dx``.
 Every kernel is fused; the host allocates and launches, no torch arithmetic.
@@ -23,10 +23,10 @@ import triton
 import triton.language as tl
 
 from ..ops._common import STATS_DTYPE, empty_output
-from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_grad_finalize,
-                      bn_params, bn_vectors, cdiv, channel_block, chunk_range, chunk_tile,
-                      compute_type, grid_tiles, input_grad, launch, layout_flag, num_chunks,
-                      offsets, pointwise_tile, to_storage, view3)
+from ._launch import (TILE, TILE_CL, TILE_NCHW, autotune, batch_stats, bn_grads, bn_params,
+                      bn_vectors, channel_block, chunk_range, chunk_tile, compute_type,
+                      grid_tiles, input_grad, launch, layout_flag, offsets, pointwise_tile,
+                      to_storage, view3)
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _forward_kernel(a_ptr, b_ptr, x_ptr, y_ptr,
 
 @autotune(TILE_NCHW, TILE_CL, TILE, key=["C", "LAYOUT"])
 @triton.jit
-def _backward_reduce_kernel(g_ptr, a_ptr, b_ptr, x_ptr, part_ptr,
+def _backward_reduce_kernel(g_ptr, part_ptr, a_ptr, b_ptr, x_ptr,
                             mh_ptr, vh_ptr, wh_ptr, bh_ptr, mt_ptr, vt_ptr, wt_ptr, bt_ptr,
                             N, C, S,
                             sgn, sgc, sgs, san, sac, sas, sbn, sbc, sbs, sxn, sxc, sxs, LAYOUT,
@@ -146,10 +146,9 @@ def highway_gate_forward(a, b, x, weight_h, bias_h, running_mean_h, running_var_
     if a.numel() == 0:
         return y, mean_h, var_h, mean_t, var_t
     params = bn_params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
-    launch(_forward_kernel)[grid_tiles(n, c, h * w)](
-        a3, b3, x3, y, *params, n, c, h * w,
-        *sa, *sb, *sx, *view3(y)[1], layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t),
-        CT=compute_type(a.dtype))
+    launch(_forward_kernel, grid_tiles(n, c, h * w), a3, b3, x3, y, *params, n, c, h * w,
+           *sa, *sb, *sx, *view3(y)[1], layout_flag(sa), EPS_H=float(eps_h),
+           EPS_T=float(eps_t), CT=compute_type(a.dtype))
     return y, mean_h, var_h, mean_t, var_t
 
 
@@ -164,17 +163,14 @@ def highway_gate_backward(grad_y, a, b, x, weight_h, bias_h, mean_h, var_h,
     (g3, sg), (a3, sa), (b3, sb), (x3, sx) = (view3(t) for t in (grad_y, a, b, x))
     ct = compute_type(a.dtype)
     params = bn_params(mean_h, var_h, weight_h, bias_h, mean_t, var_t, weight_t, bias_t)
-    chunks = num_chunks(a)
-    part = torch.empty(chunks, 4 * c, dtype=torch.float64, device=a.device)
-    launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(c, meta["BLOCK_C"]))](
-        g3, a3, b3, x3, part, *params, n, c, s,
-        *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
     # partial rows: sum g_h, sum g_h (a - mean_h), sum g_t, sum g_t (b - mean_t)
-    affine, coef = bn_grad_finalize(part, n * s, [(0, 1, eps_h, mean_h, var_h, weight_h, bias_h),
-                                                  (2, 3, eps_t, mean_t, var_t, weight_t, bias_t)],
-                                    training, ct)
-    launch(_backward_apply_kernel)[grid_tiles(n, c, s)](
-        g3, a3, b3, x3, da, db, dx, coef, *params, n, c, s,
-        *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1], layout_flag(sa),
-        TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t), CT=ct)
+    bns = [(0, 1, eps_h, mean_h, var_h, weight_h, bias_h),
+           (2, 3, eps_t, mean_t, var_t, weight_t, bias_t)]
+    affine, coef = bn_grads(_backward_reduce_kernel, g3, 4, bns, training, a3, b3, x3, *params,
+                            n, c, s, *sg, *sa, *sb, *sx, layout_flag(sa), EPS_H=float(eps_h),
+                            EPS_T=float(eps_t))
+    launch(_backward_apply_kernel, grid_tiles(n, c, s), g3, a3, b3, x3, da, db, dx, coef,
+           *params, n, c, s, *sg, *sa, *sb, *sx, *view3(da)[1], *view3(db)[1], *view3(dx)[1],
+           layout_flag(sa), TRAINING=bool(training), EPS_H=float(eps_h), EPS_T=float(eps_t),
+           CT=ct)
     return (da, db, dx, *affine)

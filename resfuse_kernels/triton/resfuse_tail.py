@@ -30,7 +30,7 @@ It costs the same: one read of x and one C x K product per pixel.)
 Backward: one reduction pass (recomputing ``z``, with ``W x`` for the
 carry, summing ``g``, ``g (u - mean_d)``, ``g (v' - mean_k')`` per chunk and
 writing ``dh = g = dy [z > 0]``, exact in the storage dtype;
-:func:`~._launch.bn_grad_finalize` adds the chunks in float64 and writes the
+:func:`~._launch.bn_grads` adds the chunks in float64 and writes the
 BN gradients and the input gradients' coefficients) and one apply pass
 reading ``dh`` and ``u`` (and ``x``) and writing ``du = k1 g + k2 (u -
 mean_d) + k3`` and, with the carry, ``dv`` likewise: it never reads ``dy`` or ``h``, so the plain
@@ -62,12 +62,11 @@ import triton
 import triton.language as tl
 
 from ..ops._common import STATS_DTYPE, compute_dtype, empty_output
-from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats,
-                      bn_grad_finalize, bn_params, bn_vectors, cdiv, channel_block, channel_vector,
-                      chunk_range, chunk_tile, compute_type, finalize_stats, grid_tiles,
-                      in_output_format, input_grad, launch, layout_flag, merge_slots, num_chunks,
-                      offsets, pointwise_tile, scratch, shift_of, slot_welford, tile_coords,
-                      to_storage, view3)
+from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats, bn_grads,
+                      bn_params, bn_vectors, cdiv, channel_block, channel_vector, chunk_range,
+                      chunk_stats, chunk_tile, compute_type, grid_tiles, in_output_format,
+                      input_grad, launch, layout_flag, merge_slots, offsets, pointwise_tile,
+                      scratch, shift_of, slot_welford, tile_coords, to_storage, view3)
 
 
 @triton.jit
@@ -150,7 +149,7 @@ def _forward_kernel(u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, y_ptr,
 
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
-def _backward_reduce_kernel(g_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr, part_ptr,
+def _backward_reduce_kernel(g_ptr, part_ptr, u_ptr, h_ptr, x_ptr, x0_ptr, w_ptr, dh_ptr,
                             md_ptr, vd_ptr, wd_ptr, bd_ptr, mk_ptr, vk_ptr, wk_ptr, bk_ptr,
                             N, C, S, CX, sgn, sgc, sgs, sun, suc, sus, shn, shc, shs,
                             sxn, sxc, sxs, s2n, s2c, s2s, LAYOUT,
@@ -212,7 +211,7 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
 
 @autotune(TAIL_NCHW, TAIL_CL, TAIL, key=["C", "CX", "LAYOUT"], num_stages=TAIL_STAGES)
 @triton.jit
-def _carry_stats_kernel(x_ptr, x0_ptr, w_ptr, cnt_ptr, mean_ptr, m2_ptr, N, C, S, CX,
+def _carry_stats_kernel(x_ptr, cnt_ptr, mean_ptr, m2_ptr, x0_ptr, w_ptr, N, C, S, CX,
                         sxn, sxc, sxs, LAYOUT, CT: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr):
     """Per-chunk (count, mean, M2) of v' = W (x - x0), computed tile by tile in registers."""
@@ -280,9 +279,8 @@ def _carry_shift(x3: torch.Tensor, sx) -> torch.Tensor:
     and the backward."""
     n, cx, h, w = x3.shape
     x0 = torch.empty(cx, dtype=compute_dtype(x3.dtype), device=x3.device)
-    launch(_carry_shift_kernel)[(cdiv(cx, 16),)](
-        x3, x0, min(n * h * w, SHIFT_SAMPLE), h * w, cx, *sx, CT=compute_type(x3.dtype),
-        SAMPLE=SHIFT_SAMPLE, BLOCK_X=16)
+    launch(_carry_shift_kernel, (cdiv(cx, 16),), x3, x0, min(n * h * w, SHIFT_SAMPLE), h * w,
+           cx, *sx, CT=compute_type(x3.dtype), SAMPLE=SHIFT_SAMPLE, BLOCK_X=16)
     return x0
 
 
@@ -294,8 +292,8 @@ def _shift_mean(mean: torch.Tensor, w2: torch.Tensor, x0: torch.Tensor, sign: in
     several)."""
     k, cx = w2.shape
     out = torch.empty(k, dtype=dtype, device=x0.device)
-    launch(_shift_mean_kernel)[(cdiv(k, 64),)](
-        mean.contiguous(), out, w2, x0, k, cx, SIGN=sign, BLOCK_K=64, BLOCK_X=32)
+    launch(_shift_mean_kernel, (cdiv(k, 64),), mean.contiguous(), out, w2, x0, k, cx,
+           SIGN=sign, BLOCK_K=64, BLOCK_X=32)
     return out
 
 
@@ -304,18 +302,8 @@ def _carry_stats(x3, sx, x0, w2):
     the compute dtype, var in STATS_DTYPE; v' itself is never stored."""
     n, _, h, wdt = x3.shape
     k, cx = w2.shape
-    cdt = compute_dtype(x3.dtype)
-    chunks = num_chunks(x3)
-    cnt = torch.empty(chunks, dtype=cdt, device=x3.device)
-    mean_p = torch.empty(chunks, k, dtype=cdt, device=x3.device)
-    m2_p = torch.empty_like(mean_p)
-    ct = compute_type(x3.dtype)
-    launch(_carry_stats_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
-        x3, x0, w2, cnt, mean_p, m2_p, n, k, h * wdt, cx, *sx, layout_flag(sx), CT=ct)
-    mean = torch.empty(k, dtype=cdt, device=x3.device)
-    var = torch.empty(k, dtype=STATS_DTYPE, device=x3.device)
-    finalize_stats(cnt, mean_p, m2_p, [mean, var], k)
-    return mean, var
+    return chunk_stats(_carry_stats_kernel, x3, k, k, x0, w2, n, k, h * wdt, cx, *sx,
+                       layout_flag(sx), mean_dtype=compute_dtype(x3.dtype))
 
 
 def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
@@ -353,10 +341,9 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
         return y, mean_d, var_d, mean_k, var_k
     pd = bn_params(mean_d, var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
-    launch(_forward_kernel)[grid_tiles(n, k, s)](
-        u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
-        *su, *sh, *sx, *view3(y)[1], layout_flag(su),
-        HAS_CARRY=carry, EPS_D=float(eps_d), EPS_K=float(eps_k), CT=compute_type(u.dtype))
+    launch(_forward_kernel, grid_tiles(n, k, s), u3, h3, x3, x0, w2, y, *pd, *pk, n, k, s, cx,
+           *su, *sh, *sx, *view3(y)[1], layout_flag(su), HAS_CARRY=carry,
+           EPS_D=float(eps_d), EPS_K=float(eps_k), CT=compute_type(u.dtype))
     return y, mean_d, var_d, mean_k, var_k
 
 
@@ -385,7 +372,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         dv = torch.empty(n, s, k, dtype=cdt, device=u.device)
         sdv = (s * k, 1, k)
         x0 = _carry_shift(x3, sx)  # the forward's shift: same x, same x0
-        # in float64: bn_grad_finalize takes the sums about it, not about
+        # in float64: bn_grads takes the sums about it, not about
         # its rounding the kernels use
         shifted_mean_k = _shift_mean(mean_k, w2, x0, -1, torch.float64)
     else:
@@ -393,21 +380,17 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         dv, sdv = scratch(du), (0, 0, 0)  # never written
     pd = bn_params(mean_d, var_d, weight_d, bias_d)
     pk = bn_params(shifted_mean_k, var_k, weight_k, bias_k) if carry else pd
-    chunks = num_chunks(u)
-    part = torch.empty(chunks, 3 * k, dtype=torch.float64, device=u.device)
-    launch(_backward_reduce_kernel)[lambda meta: (chunks, cdiv(k, meta["BLOCK_C"]))](
-        g3, u3, h3, x3, x0, w2, dh, part, *pd, *pk, n, k, s, cx,
-        *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry,
-        EPS_D=float(eps_d), EPS_K=float(eps_k), CT=ct)
     # partial rows: sum g, sum g (u - mean_d), sum g (v' - mean_k')
     bns = [(0, 1, eps_d, mean_d, var_d, weight_d, bias_d)]
     if carry:
         bns.append((0, 2, eps_k, shifted_mean_k, var_k, weight_k, bias_k))
-    affine, coef = bn_grad_finalize(part, n * s, bns, training, ct)
-    launch(_backward_apply_kernel)[grid_tiles(n, k, s)](
-        dh, u3, x3, x0, w2, du, dv, coef, pd[0], pk[0],
-        n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
-        layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
+    affine, coef = bn_grads(
+        _backward_reduce_kernel, g3, 3, bns, training, u3, h3, x3, x0, w2, dh, *pd, *pk,
+        n, k, s, cx, *sg, *su, *sh, *sx, *view3(dh)[1], layout_flag(su), HAS_CARRY=carry,
+        EPS_D=float(eps_d), EPS_K=float(eps_k))
+    launch(_backward_apply_kernel, grid_tiles(n, k, s), dh, u3, x3, x0, w2, du, dv, coef,
+           pd[0], pk[0], n, k, s, cx, *view3(dh)[1], *su, *sx, *view3(du)[1], *sdv,
+           layout_flag(su), HAS_CARRY=carry, TRAINING=bool(training), CT=ct)
     grads = (du, dh, *affine[:2])
     if not carry:
         return (*grads, *(u.new_empty(0) for _ in range(4)))
