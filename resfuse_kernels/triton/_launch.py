@@ -648,7 +648,8 @@ def input_grad(coef_ptr, mean_ptr, c, cmask, C, g, z, TRAINING: tl.constexpr, CT
     the float64 mean: in training in float64 with two FMAs, rounded once to
     CT, as the cpu and cuda backends (over few values a channel the terms
     cancel to eps / (var + eps) of their size, and float32 terms made da err
-    15x the composite's at two values); in eval k1 g."""
+    15x the composite's at two values); in eval k1 g. CT float64 keeps it
+    unrounded (the carry's dv, whose products are float64)."""
     k1 = channel_vector(coef_ptr, c, cmask, tl.float64)[None, :]
     if TRAINING:
         k2 = channel_vector(coef_ptr + C, c, cmask, tl.float64)[None, :]

@@ -36,13 +36,13 @@ reading ``dh`` and ``u`` (and ``x``) and writing ``du = k1 g + k2 (u -
 mean_d) + k3`` and, with the carry, ``dv`` likewise: it never reads ``dy`` or ``h``, so the plain
 tail's backward moves 7 activation tensors, not 8 (the carry's 10, not 11).
 **dx and dW are torch matmuls** on that materialised ``dv``: ``dx = dv W``
-and ``dW = dv^T x`` over the N*H*W pixels. ``dv`` is kept in the stat
-dtype, as the cpu and cuda backends keep it: float32/float64 for
-float32/float64 storage, where both products run in float64 (BatchNorm
-over few values amplifies a float32 product's rounding, and a large mean
-of x cancels in dW), and float32 for bf16/fp16 storage, where both are
-float32 products. That is one extra write and two reads of a K-channel
-tensor compared with a fully fused backward.
+and ``dW = dv^T x`` over the N*H*W pixels. ``dv`` is formed in float64
+(:func:`~._launch.input_grad`) and kept in the product dtype, as the cuda
+backend keeps it: float64 for float32/float64 storage, where both products
+run in float64 (BatchNorm over few values amplifies a float32 product's
+rounding, and a large mean of x cancels in dW), and float32 for bf16/fp16
+storage, where both are float32 products. That is one extra write and two
+reads of a K-channel tensor compared with a fully fused backward.
 
 The carry's ``tl.dot`` runs with ``input_precision="ieee"`` (true float32
 products; no TF32, whose 10-bit mantissa costs ~3 digits when the inputs
@@ -205,7 +205,7 @@ def _backward_apply_kernel(dh_ptr, u_ptr, x_ptr, x0_ptr, w_ptr, du_ptr, dv_ptr, 
         if TRAINING:
             v = _carry_tile(x_ptr, x0_ptr, w_ptr, n, s, smask, c, cmask, CX, sxn, sxc, sxs,
                             CT, BLOCK_S, BLOCK_C, BLOCK_X)
-        dv = input_grad(coef_ptr + 3 * C, mk_ptr, c, cmask, C, g, v, TRAINING, CT)
+        dv = input_grad(coef_ptr + 3 * C, mk_ptr, c, cmask, C, g, v, TRAINING, tl.float64)
         tl.store(dv_ptr + offsets(n, s, c, s3n, s3c, s3s), to_storage(dv, dv_ptr), mask=mask)
 
 
@@ -355,6 +355,8 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     n, k, hh, ww = u.shape
     s = hh * ww
     carry = x is not None
+    # cuda's product_type: float32 for bf16/fp16 storage, else float64
+    prod = torch.float32 if u.dtype != cdt else torch.float64
     du, dh = empty_output(u), empty_output(h, dtype=u.dtype)
     if u.numel() == 0:
         grads = [du, dh, torch.zeros_like(weight_d), torch.zeros_like(bias_d)]
@@ -367,9 +369,8 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
         w2 = w.reshape(w.shape[0], w.shape[1]).contiguous()
         cx = w2.shape[1]
         # dv as dense (N, H*W, K): the (pixels, K) matrix of the dx / dW
-        # matmuls, in the compute dtype (float32 for bf16/fp16 storage, as the
-        # cpu and cuda backends keep it)
-        dv = torch.empty(n, s, k, dtype=cdt, device=u.device)
+        # matmuls, in their dtype (the module docstring says which)
+        dv = torch.empty(n, s, k, dtype=prod, device=u.device)
         sdv = (s * k, 1, k)
         x0 = _carry_shift(x3, sx)  # the forward's shift: same x, same x0
         # in float64: bn_grads takes the sums about it, not about
@@ -394,10 +395,8 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     grads = (du, dh, *affine[:2])
     if not carry:
         return (*grads, *(u.new_empty(0) for _ in range(4)))
-    # torch matmuls on the materialised dv (see the module docstring), in
-    # cpu/cuda's product_type: float32 for bf16/fp16 storage, else float64
-    prod = torch.float32 if u.dtype != cdt else torch.float64
-    dv2 = dv.view(n * s, k).to(prod)
+    # torch matmuls on the materialised dv (see the module docstring)
+    dv2 = dv.view(n * s, k)
     dx = (dv2 @ w2.to(prod)).view(n, hh, ww, cx).permute(0, 3, 1, 2)
     x2 = x.to(prod).permute(0, 2, 3, 1).reshape(n * s, cx)  # a view if channels_last
     dw = dv2.t() @ x2
