@@ -418,6 +418,7 @@ inline std::vector<double> channel_vector(const Tensor& t) {
 // 1e-5 of the gate's input, and db erred 10x PyTorch's).
 template <typename A>
 struct Affine {
+  using V = at::vec::Vectorized<A>;
   std::vector<A> scale, bias, mean;
   std::vector<double> rstd64, mean_lo;
 
@@ -438,11 +439,20 @@ struct Affine {
   }
 
   // BN(z) for a group of lanes (channel_param's c, pos, n).
-  at::vec::Vectorized<A> apply(const at::vec::Vectorized<A>& z, const Geometry& g, int64_t c,
-                               int64_t pos, int64_t n) const {
+  V apply(const V& z, const Geometry& g, int64_t c, int64_t pos, int64_t n) const {
     return at::vec::fmadd(z - channel_param(mean.data(), g, c, pos, n),
                           channel_param(scale.data(), g, c, pos, n),
                           channel_param(bias.data(), g, c, pos, n));
+  }
+
+  // A group of lanes' terms of the backward's sums: out[0] = g (0 at and
+  // beyond lane n) and out[1], out[2] = g (z - mean) by product_of_difference.
+  // Flattened: GCC otherwise calls Vectorized<float>::set out of line here.
+  __attribute__((flatten)) void grad_sums(const V& g, const V& z, const Geometry& geo, int64_t c,
+                                          int64_t pos, int64_t n, V* out) const {
+    const V m = channel_param(mean.data(), geo, c, pos, n);
+    out[0] = g;
+    product_of_difference(g, V::set(V(0), z, n), V::set(V(0), m, n), out[1], out[2]);
   }
 };
 
