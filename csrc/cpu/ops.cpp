@@ -32,8 +32,7 @@ template <typename scalar_t>
 std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, bool training,
                                            const Opt& running_mean, const Opt& running_var) {
   if (training) return batch_stats<scalar_t>(t, g);
-  return {running_mean->to(at::kDouble, false, /*copy=*/true),
-          running_var->to(at::kDouble, false, true)};
+  return {running_mean->to(at::kDouble, false, true), running_var->to(at::kDouble, false, true)};
 }
 
 // Coefficients of a BN input gradient dz = k1 * g + k2 * (z - m) + k3 (per
@@ -242,14 +241,13 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     Tensor v64;  // the carry's v = W x in double; BN_k's statistics from it
-    std::vector<double> centre_k;
     if (carry) {
       v64 = pixel_product(dense(*x_in, g), *w, g, at::kDouble);
       std::tie(mean_k, var_k) = stats_or_running<double>(v64, g, training, running_mean_k, running_var_k);
-      centre_k = channel_vector(mean_k);
     } else {
       for (Tensor* t : {&mean_k, &var_k}) *t = at::empty({0}, u.options().dtype(at::kDouble));
     }
+    const auto centre_k = channel_vector(mean_k);  // empty without the carry
     std::tie(mean_d, var_d) = stats_or_running<scalar_t>(u, g, training, running_mean_d, running_var_d);
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
@@ -285,13 +283,12 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     // eps / (var + eps) of its terms, and a float32 variance made dW err
     // 6.6x the composite's (the CUDA emulation's soak, 2 values).
     Tensor x64, v64, dv64;
-    std::vector<double> centre_k;
     if (carry) {
       x64 = dense(*x_in, g).to(at::kDouble);
       v64 = pixel_product(x64, *w, g, at::kDouble);
       dv64 = at::empty_like(v64);
-      centre_k = channel_vector(mean_k);
     }
+    const auto centre_k = channel_vector(mean_k);  // empty without the carry
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
     const Affine<A> bn_k =
