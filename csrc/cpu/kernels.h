@@ -211,32 +211,6 @@ void for_each_vector(const Geometry& g, const F& f) {
   });
 }
 
-// Vec::size() lanes of double sums, kept in registers across a run: a
-// float vector's lanes are widened and added as double (the additions a
-// scalar loop over the lanes makes, in the same order), where sums in a
-// stack array made each run a chain of store-to-load round trips.
-template <typename A>
-struct LaneSums;
-
-template <>
-struct LaneSums<float> {
-  static_assert(at::vec::Vectorized<float>::size() == 8, "AVX2 float lanes");
-  at::vec::Vectorized<double> lo{0.0}, hi{0.0};
-  void add(const at::vec::Vectorized<float>& x) {
-    const __m256 v = x;
-    lo = lo + at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    hi = hi + at::vec::Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  }
-  void store(double* out) const { lo.store(out), hi.store(out + 4); }
-};
-
-template <>
-struct LaneSums<double> {
-  at::vec::Vectorized<double> v{0.0};
-  void add(const at::vec::Vectorized<double>& x) { v = v + x; }
-  void store(double* out) const { v.store(out); }
-};
-
 // Per-channel sums of K quantities over N and S. f(offset, pos, c, count,
 // out) writes the K contributions of a group of lanes into out[0..K);
 // lanes at and beyond `count` must be zero (use Vec::set). Returns K
@@ -260,9 +234,7 @@ std::array<std::vector<double>, K> channel_sums(const Geometry& g, const F& f) {
   // hopping between the runs of one channel would be latency bound). Each
   // chunk keeps double sums per channel, merged at the end.
   const int64_t runs = g.runs(), chunks = std::min<int64_t>(at::get_num_threads(), runs);
-  std::vector<std::array<std::vector<double>, K>> partial(chunks);
-  for (auto& mine : partial)
-    for (auto& m : mine) m.assign(g.C, 0.0);
+  std::vector<std::array<std::vector<double>, K>> partial(chunks, total);  // zeros
 
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) A lanes[V::size()];
@@ -288,15 +260,22 @@ std::array<std::vector<double>, K> channel_sums(const Geometry& g, const F& f) {
           }
           continue;
         }
+        // Lane sums in registers, in double (a float vector's lanes widened:
+        // the additions a scalar loop over the lanes makes, in order); sums in
+        // a stack array made each run a chain of store-to-load round trips.
         const int64_t c = r % g.C;
-        LaneSums<A> sums[K];
+        Halves<A> sums[K];
+        for (auto& s : sums) s.fill(Vec64(0));
         for (int64_t pos = 0; pos < len; pos += width) {
           V out[K];
           f(r * len + pos, pos, c, std::min(width, len - pos), out);
-          for (int k = 0; k < K; ++k) sums[k].add(out[k]);
+          for (int k = 0; k < K; ++k) {
+            const Halves<A> d = widen<A>(out[k]);
+            for (int j = 0; j < kHalves<A>; ++j) sums[k][j] = sums[k][j] + d[j];
+          }
         }
         for (int k = 0; k < K; ++k) {
-          sums[k].store(folded);
+          for (int j = 0; j < kHalves<A>; ++j) sums[k][j].store(folded + j * Vec64::size());
           for (int64_t i = 0; i < width; ++i) mine[k][c] += folded[i];
         }
       }
@@ -439,6 +418,7 @@ inline std::vector<double> channel_vector(const Tensor& t) {
 // 1e-5 of the gate's input, and db erred 10x PyTorch's).
 template <typename A>
 struct Affine {
+  using V = at::vec::Vectorized<A>;
   std::vector<A> scale, bias, mean;
   std::vector<double> rstd64, mean_lo;
 
@@ -459,11 +439,20 @@ struct Affine {
   }
 
   // BN(z) for a group of lanes (channel_param's c, pos, n).
-  at::vec::Vectorized<A> apply(const at::vec::Vectorized<A>& z, const Geometry& g, int64_t c,
-                               int64_t pos, int64_t n) const {
+  V apply(const V& z, const Geometry& g, int64_t c, int64_t pos, int64_t n) const {
     return at::vec::fmadd(z - channel_param(mean.data(), g, c, pos, n),
                           channel_param(scale.data(), g, c, pos, n),
                           channel_param(bias.data(), g, c, pos, n));
+  }
+
+  // A group of lanes' terms of the backward's sums: out[0] = g (0 at and
+  // beyond lane n) and out[1], out[2] = g (z - mean) by product_of_difference.
+  // Flattened: GCC otherwise calls Vectorized<float>::set out of line here.
+  __attribute__((flatten)) void grad_sums(const V& g, const V& z, const Geometry& geo, int64_t c,
+                                          int64_t pos, int64_t n, V* out) const {
+    const V m = channel_param(mean.data(), geo, c, pos, n);
+    out[0] = g;
+    product_of_difference(g, V::set(V(0), z, n), V::set(V(0), m, n), out[1], out[2]);
   }
 };
 

@@ -30,8 +30,7 @@ template <typename scalar_t>
 std::pair<Tensor, Tensor> stats_or_running(const Tensor& t, const Geometry& g, bool training,
                                            const Opt& running_mean, const Opt& running_var) {
   if (training) return batch_stats<scalar_t>(t, g);
-  return {running_mean->to(at::kDouble, false, /*copy=*/true),
-          running_var->to(at::kDouble, false, true)};
+  return {running_mean->to(at::kDouble, false, true), running_var->to(at::kDouble, false, true)};
 }
 
 // Coefficients of a BN input gradient dz = k1 * g + k2 * (z - m) + k3 (per
@@ -160,34 +159,23 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
     const Affine<A> bn_t(weight_t, bias_t, mean_t, var_t, eps_t);
     const scalar_t *pa = a.const_data_ptr<scalar_t>(), *pb = b.const_data_ptr<scalar_t>(),
                    *px = x.const_data_ptr<scalar_t>(), *pg = gy.const_data_ptr<scalar_t>();
-    // Recomputes H, T and the gradients g_h, g_t at the pre-activations.
-    auto gates = [&](int64_t off, int64_t pos, int64_t c, int64_t n, V& av, V& bv, V& gh, V& gt,
-                     V& dxv) {
-      av = load(pa + off, n);
-      bv = load(pb + off, n);
+    // Recomputes H, T and the gradients g_h, g_t at the pre-activations;
+    // returns (a, b, g_h, g_t, dx).
+    auto gates = [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
+      const V av = load(pa + off, n), bv = load(pb + off, n);
       const V pre_h = bn_h.apply(av, g, c, pos, n);
       const V h = at::vec::maximum(pre_h, V(0));
       const V t = sigmoid(bn_t.apply(bv, g, c, pos, n));
       const V gv = load(pg + off, n), xv = load(px + off, n);
       const V gt_ = gv * t;
-      gh = V::blendv(V(0), gt_, pre_h > V(0));
-      gt = gt_ * (h - xv) * (V(1) - t);
-      dxv = gv - gt_;
+      return std::array<V, 5>{av, bv, V::blendv(V(0), gt_, pre_h > V(0)),
+                              gt_ * (h - xv) * (V(1) - t), gv - gt_};
     };
     // sums of g_h, g_h (a - m_h) (hi, lo), g_t, g_t (b - m_t) (hi, lo)
     auto sums = channel_sums<6, scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n, V* out) {
-      V av, bv, gh, gt, dxv;
-      gates(off, pos, c, n, av, bv, gh, gt, dxv);
-      gh = V::set(V(0), gh, n);
-      gt = V::set(V(0), gt, n);
-      out[0] = gh;
-      product_of_difference(gh, V::set(V(0), av, n),
-                            V::set(V(0), channel_param(bn_h.mean.data(), g, c, pos, n), n),
-                            out[1], out[2]);
-      out[3] = gt;
-      product_of_difference(gt, V::set(V(0), bv, n),
-                            V::set(V(0), channel_param(bn_t.mean.data(), g, c, pos, n), n),
-                            out[4], out[5]);
+      const auto [av, bv, gh, gt, dxv] = gates(off, pos, c, n);
+      bn_h.grad_sums(V::set(V(0), gh, n), av, g, c, pos, n, out);
+      bn_t.grad_sums(V::set(V(0), gt, n), bv, g, c, pos, n, out + 3);
     });
     const double M = static_cast<double>(g.count());
     const auto sum_gh = centred_sum(sums[1], sums[2], sums[0], bn_h);
@@ -197,8 +185,7 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
     scalar_t *pda = da.mutable_data_ptr<scalar_t>(), *pdb = db.mutable_data_ptr<scalar_t>(),
              *pdx = dx.mutable_data_ptr<scalar_t>();
     for_each_vector<scalar_t>(g, [&](int64_t off, int64_t pos, int64_t c, int64_t n) {
-      V av, bv, gh, gt, dxv;
-      gates(off, pos, c, n, av, bv, gh, gt, dxv);
+      const auto [av, bv, gh, gt, dxv] = gates(off, pos, c, n);
       store(pda + off, in_h.apply(g, c, pos, n, gh, av), n);
       store(pdb + off, in_t.apply(g, c, pos, n, gt, bv), n);
       store(pdx + off, dxv, n);
@@ -252,14 +239,13 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     Tensor v64;  // the carry's v = W x in double; BN_k's statistics from it
-    std::vector<double> centre_k;
     if (carry) {
       v64 = pixel_product(dense(*x_in, g), *w, g, at::kDouble);
       std::tie(mean_k, var_k) = stats_or_running<double>(v64, g, training, running_mean_k, running_var_k);
-      centre_k = channel_vector(mean_k);
     } else {
       for (Tensor* t : {&mean_k, &var_k}) *t = at::empty({0}, u.options().dtype(at::kDouble));
     }
+    const auto centre_k = channel_vector(mean_k);  // empty without the carry
     std::tie(mean_d, var_d) = stats_or_running<scalar_t>(u, g, training, running_mean_d, running_var_d);
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
@@ -295,13 +281,12 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     // eps / (var + eps) of its terms, and a float32 variance made dW err
     // 6.6x the composite's (the CUDA emulation's soak, 2 values).
     Tensor x64, v64, dv64;
-    std::vector<double> centre_k;
     if (carry) {
       x64 = dense(*x_in, g).to(at::kDouble);
       v64 = pixel_product(x64, *w, g, at::kDouble);
       dv64 = at::empty_like(v64);
-      centre_k = channel_vector(mean_k);
     }
+    const auto centre_k = channel_vector(mean_k);  // empty without the carry
     const Affine<A> bn_d(weight_d, bias_d, mean_d, var_d, eps_d);
     // v is centred: BN_k's mean is 0
     const Affine<A> bn_k =
@@ -337,10 +322,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       }
       const V gm = V::set(V(0), V::blendv(V(0), load(pg + off, n), z > V(0)), n);
       store(pdh + off, gm, n);
-      out[0] = gm;
-      product_of_difference(gm, V::set(V(0), uv, n),
-                            V::set(V(0), channel_param(bn_d.mean.data(), g, c, pos, n), n),
-                            out[1], out[2]);
+      bn_d.grad_sums(gm, uv, g, c, pos, n, out);
       if constexpr (decltype(with_carry)::value) {
         product_of_difference(gm, V::set(V(0), vc, n), V(0), out[3], out[4]);
         out[5] = gm * V::set(V(0), rest, n);
