@@ -38,6 +38,15 @@ struct Geometry {
   int64_t count() const { return N * S; }  // values per channel
 };
 
+// The dtype of the carry's products v = W x, dx = W^T dv and dW = dv x^T,
+// and of the dv they take, for activations of dtype `storage`, on every
+// backend: double for float32/float64 (BatchNorm over few values amplifies
+// a float32 product's rounding: dW erred 5x the composite's at two values a
+// channel), float for bf16/fp16, whose storage rounds more than that.
+inline at::ScalarType product_type(at::ScalarType storage) {
+  return storage == at::kFloat || storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The carry's dW = sum over the pixels of dv x^T, (K, Cx), from dv (N, K, H, W) and
 // x (N, Cx, H, W) dense in g's layout: one GEMM over the pixels for channels_last,
 // one per image (summed) for NCHW.

@@ -9,10 +9,10 @@
 //   tail forward, training:    stats(u) | y = relu(...)               2 passes
 //   tail backward:             sums(g, g*u_hat [, g*v_hat]), dh = g | du [, dv]
 // In eval the statistics pass disappears. The carry's 1x1 products v = W x
-// and dx = W^T dv, and dW = dv x^T, go through ATen's matmuls in double
-// (pixel_product says why), for every storage dtype; v's statistics are
-// batch_stats of the double v, the fused passes read the double v and centre
-// it (centred_lanes), and the backward's apply pass writes dv in double.
+// and dx = W^T dv, and dW = dv x^T, go through ATen's matmuls in
+// product_type (csrc/layout.h: double, float for bf16/fp16 storage); v is
+// held in double: its statistics are batch_stats of it, the fused passes
+// centre it in double (centred_lanes), and the apply pass writes dv in double.
 // The math is in the Python ops' docstrings.
 #include "ops.h"
 
@@ -205,24 +205,26 @@ namespace {
 
 // out = M t per pixel (t: (N, C, H, W) dense in g's layout, M: (K, C) or
 // (K, C, 1, 1)), in the layout of t, as `out` values: the carry's v = W x,
-// and dx = W^T dv in its backward. The product is taken in double (t and M
-// are converted, no copy for double) and rounded once: BatchNorm over a few
-// values multiplies v's rounding by rstd_v (large where a channel's values
-// nearly agree), and a float32 product's rounding made the carry's gradients
-// err up to 12x PyTorch's (whose single-threaded 1x1 convolution rounds about
-// half as much as a float32 matmul) at BatchNorm over three values. A bmm per
-// image for NCHW (M broadcast over the images: at::matmul would fold them and
-// copy t to (N, H*W, C)), one matmul over the pixels for channels_last.
-Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g, at::ScalarType out) {
+// and dx = W^T dv in its backward. The product is taken in `prod`
+// (product_type; t and M are converted, no copy if they have it) and rounded
+// once: BatchNorm over a few values multiplies v's rounding by rstd_v (large
+// where a channel's values nearly agree), and a float32 product's rounding
+// made the carry's gradients err up to 12x PyTorch's (whose single-threaded
+// 1x1 convolution rounds about half as much as a float32 matmul) at
+// BatchNorm over three values. A bmm per image for NCHW (M broadcast over
+// the images: at::matmul would fold them and copy t to (N, H*W, C)), one
+// matmul over the pixels for channels_last.
+Tensor pixel_product(const Tensor& t, const Tensor& m, const Geometry& g, at::ScalarType prod,
+                     at::ScalarType out) {
   const int64_t K = m.size(0), C = m.size(1);
-  const Tensor t64 = t.to(at::kDouble), m64 = m.reshape({K, C}).to(at::kDouble);
+  const Tensor tp = t.to(prod), mp = m.reshape({K, C}).to(prod);
   if (g.cl) {
-    return at::mm(t64.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}), m64.t())
+    return at::mm(tp.permute({0, 2, 3, 1}).reshape({g.N * g.S, C}), mp.t())
         .to(out)
         .reshape({g.N, t.size(2), t.size(3), K})
         .permute({0, 3, 1, 2});
   }
-  return at::bmm(m64.expand({g.N, K, C}), t64.reshape({g.N, C, g.S}))
+  return at::bmm(mp.expand({g.N, K, C}), tp.reshape({g.N, C, g.S}))
       .to(out)
       .reshape({g.N, K, t.size(2), t.size(3)});
 }
@@ -238,9 +240,10 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_fwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
-    Tensor v64;  // the carry's v = W x in double; BN_k's statistics from it
+    Tensor v64;  // the carry's v = W x, held in double; BN_k's statistics from it
     if (carry) {
-      v64 = pixel_product(dense(*x_in, g), *w, g, at::kDouble);
+      v64 = pixel_product(dense(*x_in, g), *w, g, resfuse::product_type(u.scalar_type()),
+                          at::kDouble);
       std::tie(mean_k, var_k) = stats_or_running<double>(v64, g, training, running_mean_k, running_var_k);
     } else {
       for (Tensor* t : {&mean_k, &var_k}) *t = at::empty({0}, u.options().dtype(at::kDouble));
@@ -275,15 +278,17 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_bwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
-    // The carry in double (pixel_product says why): x for the products, v
-    // again as the forward formed it, and dv. BN_k's mean and variance are
-    // the forward's, unrounded: over few values a channel dv cancels to
-    // eps / (var + eps) of its terms, and a float32 variance made dW err
-    // 6.6x the composite's (the CUDA emulation's soak, 2 values).
-    Tensor x64, v64, dv64;
+    // The carry: x in the products' dtype, v again as the forward formed
+    // it and dv, both held in double and formed from BN_k's mean and
+    // variance as the forward took them, unrounded: over few values a
+    // channel dv cancels to eps / (var + eps) of its terms, and a float32
+    // variance made dW err 6.6x the composite's (the CUDA emulation's soak,
+    // 2 values). dv is rounded once into the products' dtype.
+    const at::ScalarType prod = resfuse::product_type(u.scalar_type());
+    Tensor xp, v64, dv64;
     if (carry) {
-      x64 = dense(*x_in, g).to(at::kDouble);
-      v64 = pixel_product(x64, *w, g, at::kDouble);
+      xp = dense(*x_in, g).to(prod);
+      v64 = pixel_product(xp, *w, g, prod, at::kDouble);
       dv64 = at::empty_like(v64);
     }
     const auto centre_k = channel_vector(mean_k);  // empty without the carry
@@ -355,10 +360,11 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     if (carry) {
       const int64_t K = w->size(0), C = w->size(1);
       // dx = W^T dv per pixel, as the forward's product; dW = dv x^T in
-      // double too, for the same reason.
-      dx = pixel_product(dv64, w->reshape({K, C}).t(), g, x_in->scalar_type())
+      // the same dtype, for the same reason.
+      const Tensor dvp = dv64.to(prod);
+      dx = pixel_product(dvp, w->reshape({K, C}).t(), g, prod, x_in->scalar_type())
                .contiguous(resfuse::format_of(*x_in));
-      dw = resfuse::carry_weight_grad(dv64, x64, g).reshape(w->sizes()).to(w->scalar_type());
+      dw = resfuse::carry_weight_grad(dvp, xp, g).reshape(w->sizes()).to(w->scalar_type());
       dbias_k = channel_tensor(sums[0], *bias_k);
       dweight_k = channel_tensor(sum_gv, *weight_k);
     } else {
