@@ -364,8 +364,8 @@ struct Bn {
   __device__ __forceinline__ A input_grad(A g, A z, int64_t ch, bool training) const {
     const double* q = p64 + ch;
     if (!training) return static_cast<A>(q[0] * static_cast<double>(g));
-    const double inner = fused_madd(q[C], static_cast<double>(z) - q[3 * C], q[2 * C]);
-    return static_cast<A>(fused_madd(q[0], static_cast<double>(g), inner));
+    const double inner = fma(q[C], static_cast<double>(z) - q[3 * C], q[2 * C]);
+    return static_cast<A>(fma(q[0], static_cast<double>(g), inner));
   }
 
   // Row r for the lanes of the vector at channel c: in channels_last the V
