@@ -6,7 +6,7 @@
 //                 stats_finalize_kernel merges the P partials (Chan, double).
 //   bn_params     per-channel BN parameters (mean, rstd, w*rstd, bias, and
 //                 the two backward coefficients) from mean/var/weight/bias.
-//   grad_sums     per-channel sums of K functor values (the backward's
+//   backward_pass per-channel sums of K functor values (the backward's
 //                 sum(g), sum(g * z_hat), ...): reduce_{nchw,cl}_kernel ->
 //                 (K, P, C) partials, grad_finalize_kernel adds them in
 //                 double and writes dweight/dbias and the coefficients.
@@ -604,29 +604,6 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
   }
 }
 
-// Runs the K-sum reduction of functor f (built for layout CL and width V;
-// it yields double values, summed in double: as the cpu backend's sums, and
-// float partials of g (z - mean) erred up to 10x the composite's where a
-// BatchNorm runs over two values) and its finalize for up to two BNs.
-template <int K, bool CL, int V, typename A, typename F>
-void grad_sums(const F& f, const Geometry& g, const at::TensorOptions& opts, bool training,
-               int nbn, BnGrad<A> bn0, BnGrad<A> bn1) {
-  if (g.C == 0) return;
-  const cudaStream_t stream = current_stream();
-  const Plan plan = reduction_plan(g, V);
-  Tensor part = at::empty({K, plan.P, g.C}, opts.dtype(at::kDouble));
-  if constexpr (CL) {
-    launch(reduce_cl_kernel<K, V, double, F>, dim3(plan.groups, plan.P), dim3(plan.bx, plan.by),
-           stream, f, g.N, g.C, g.S, part.mutable_data_ptr<double>());
-  } else {
-    launch(reduce_nchw_kernel<K, V, double, F>, dim3(g.C, plan.P), dim3(kThreads), stream, f,
-           g.N, g.C, g.S, part.mutable_data_ptr<double>());
-  }
-  launch(grad_finalize_kernel<K, A>, finalize_grid(g.C), dim3(kThreads), stream,
-         part.const_data_ptr<double>(), plan.P, g.C, static_cast<double>(g.count()), training,
-         nbn, bn0, bn1);
-}
-
 // ----------------------------------------------------------------- pointwise
 
 // f.apply(n, c, s) for every V-lane vector, grid-stride over the tensor in
@@ -664,6 +641,38 @@ void forward_pass(const Geometry& g, const Bn<A>& bn0, const Bn<A>& bn1, const A
   constexpr int VW = vec_width<T>();
   dispatch_layout<VW>(g.cl, vectorizable<VW>(g, acts...), [&](auto cl, auto v) {
     pointwise<cl(), v()>(F<T, A, v(), cl()>{acts..., bn0, bn1}, g);
+  });
+}
+
+// A backward's two passes over f = F<T, A, V, CL>{acts..., bn0, bn1, training}: the
+// reduction of f's K values (in double: as the cpu backend's sums, and float partials
+// of g (z - mean) erred up to 10x the composite's where a BatchNorm runs over two
+// values) and its finalize for the first nbn of grad0, grad1; then f.apply at every
+// vector, which reads the coefficients the finalize wrote (same stream).
+template <int K, template <typename, typename, int, bool> class F, typename T, typename A,
+          typename... E>  // not P: GCC 12 mistakes plan.P below for the pack
+void backward_pass(const Geometry& g, const at::TensorOptions& opts, bool training, int nbn,
+                   const BnGrad<A>& grad0, const BnGrad<A>& grad1, const Bn<A>& bn0,
+                   const Bn<A>& bn1, const Act<E>&... acts) {
+  if (g.C == 0) return;  // nothing to reduce or apply; dweight, dbias stay zero
+  const cudaStream_t stream = current_stream();
+  constexpr int VW = vec_width<T>();
+  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, acts...), [&](auto cl, auto v) {
+    using Fn = F<T, A, v(), cl()>;
+    const Fn f{acts..., bn0, bn1, training};
+    const Plan plan = reduction_plan(g, v());
+    Tensor part = at::empty({K, plan.P, g.C}, opts.dtype(at::kDouble));
+    if constexpr (cl()) {
+      launch(reduce_cl_kernel<K, v(), double, Fn>, dim3(plan.groups, plan.P),
+             dim3(plan.bx, plan.by), stream, f, g.N, g.C, g.S, part.mutable_data_ptr<double>());
+    } else {
+      launch(reduce_nchw_kernel<K, v(), double, Fn>, dim3(g.C, plan.P), dim3(kThreads), stream,
+             f, g.N, g.C, g.S, part.mutable_data_ptr<double>());
+    }
+    launch(grad_finalize_kernel<K, A>, finalize_grid(g.C), dim3(kThreads), stream,
+           part.const_data_ptr<double>(), plan.P, g.C, static_cast<double>(g.count()), training,
+           nbn, grad0, grad1);
+    pointwise<cl(), v()>(f, g);
   });
 }
 
