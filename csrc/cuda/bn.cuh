@@ -113,8 +113,9 @@ inline Tensor channel(const Tensor& t, at::ScalarType dtype) {
 
 // ----------------------------------------------------------------- reduction plan
 
-// How a per-channel reduction splits: `P` partial blocks per channel group;
-// in channels_last a block is (bx channel vectors) x (by pixels).
+// How a per-channel reduction splits: a grid of (groups, P) blocks of (bx, by)
+// threads, P partials per group. NCHW: a group is one channel, bx = kThreads;
+// channels_last: a group is bx channel vectors, a block (bx vectors) x (by pixels).
 struct Plan {
   int64_t P;
   int bx, by;
@@ -285,24 +286,16 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
   Tensor mean = at::empty({g.C}, opts.dtype(at::kDouble)), var = at::empty({g.C}, mean.options());
   if (g.C == 0) return {mean, var};
   const Act<const T> a = act<const T>(t, g);
-  const cudaStream_t stream = current_stream();
-  Tensor part;
-  int64_t P = 1;
   dispatch_layout<VW>(g.cl, vectorizable<VW>(g, a), [&](auto cl, auto v) {
     const Plan plan = reduction_plan(g, v());
-    P = plan.P;
-    part = at::empty({3, P, g.C}, opts);
-    if constexpr (cl()) {
-      launch(stats_cl_kernel<T, v()>, dim3(plan.groups, P), dim3(plan.bx, plan.by), stream, a,
-             g.N, g.C, g.S, part.mutable_data_ptr<A>());
-    } else {
-      launch(stats_nchw_kernel<T, v()>, dim3(g.C, P), dim3(kThreads), stream, a, g.N, g.C, g.S,
-             part.mutable_data_ptr<A>());
-    }
+    const cudaStream_t stream = current_stream();
+    Tensor part = at::empty({3, plan.P, g.C}, opts);
+    launch(cl() ? stats_cl_kernel<T, v()> : stats_nchw_kernel<T, v()>, dim3(plan.groups, plan.P),
+           dim3(plan.bx, plan.by), stream, a, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+    launch(stats_finalize_kernel<A>, finalize_grid(g.C), dim3(kThreads), stream,
+           part.const_data_ptr<A>(), plan.P, g.C, mean.mutable_data_ptr<double>(),
+           var.mutable_data_ptr<double>());
   });
-  launch(stats_finalize_kernel<A>, finalize_grid(g.C), dim3(kThreads), stream,
-         part.const_data_ptr<A>(), P, g.C, mean.mutable_data_ptr<double>(),
-         var.mutable_data_ptr<double>());
   return {mean, var};
 }
 
