@@ -83,10 +83,11 @@ Act<T> act(const Tensor& t, const Geometry& g) {
   return {p, t.size(0) <= 1 ? 0 : t.stride(0), so};
 }
 
-// Whether V-lane vectors can be used for all these acts: the inner axis
-// splits into whole vectors and every vector start is 16-byte aligned.
-template <int V, typename... T>
-bool vectorizable(const Geometry& g, const Act<T>&... acts) {
+// Whether vectors of V = vec_width<T>() lanes can be used for all these acts:
+// the inner axis splits into whole vectors and every vector start is 16-byte aligned.
+template <typename T, typename... P>
+bool vectorizable(const Geometry& g, const Act<P>&... acts) {
+  constexpr int V = vec_width<T>();
   if (V == 1) return true;
   if (g.run_length() % V != 0) return false;
   auto ok = [](auto a) {
@@ -96,11 +97,11 @@ bool vectorizable(const Geometry& g, const Act<T>&... acts) {
 }
 
 // Calls fn(std::integral_constant<bool, CL>, std::integral_constant<int, V>)
-// with V = VW when `vec` else 1: the layout and vector width as constants
-// (for parameters `cl` and `v`, `cl()` and `v()` are template arguments).
-template <int VW, typename Fn>
+// with V = vec_width<T>() when `vec` else 1: the layout and vector width as
+// constants (for parameters `cl` and `v`, `cl()` and `v()` are template arguments).
+template <typename T, typename Fn>
 void dispatch_layout(bool cl, bool vec, Fn&& fn) {
-  using Vec = std::integral_constant<int, VW>;
+  using Vec = std::integral_constant<int, vec_width<T>()>;
   using One = std::integral_constant<int, 1>;
   const auto width = [&](auto layout) { vec ? fn(layout, Vec{}) : fn(layout, One{}); };
   cl ? width(std::true_type{}) : width(std::false_type{});
@@ -281,12 +282,11 @@ __global__ void stats_finalize_kernel(const A* part, int64_t P, int64_t C, doubl
 template <typename T>
 std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
   using A = acc_t<T>;
-  constexpr int VW = vec_width<T>();
   const auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
   Tensor mean = at::empty({g.C}, opts.dtype(at::kDouble)), var = at::empty({g.C}, mean.options());
   if (g.C == 0) return {mean, var};
   const Act<const T> a = act<const T>(t, g);
-  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, a), [&](auto cl, auto v) {
+  dispatch_layout<T>(g.cl, vectorizable<T>(g, a), [&](auto cl, auto v) {
     const Plan plan = reduction_plan(g, v());
     const cudaStream_t stream = current_stream();
     Tensor part = at::empty({3, plan.P, g.C}, opts);
@@ -631,8 +631,7 @@ void pointwise(const F& f, const Geometry& g) {
 template <template <typename, typename, int, bool> class F, typename T, typename A,
           typename... P>
 void forward_pass(const Geometry& g, const Bn<A>& bn0, const Bn<A>& bn1, const Act<P>&... acts) {
-  constexpr int VW = vec_width<T>();
-  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, acts...), [&](auto cl, auto v) {
+  dispatch_layout<T>(g.cl, vectorizable<T>(g, acts...), [&](auto cl, auto v) {
     pointwise<cl(), v()>(F<T, A, v(), cl()>{acts..., bn0, bn1}, g);
   });
 }
@@ -649,8 +648,7 @@ void backward_pass(const Geometry& g, const at::TensorOptions& opts, bool traini
                    const Bn<A>& bn1, const Act<E>&... acts) {
   if (g.C == 0) return;  // nothing to reduce or apply; dweight, dbias stay zero
   const cudaStream_t stream = current_stream();
-  constexpr int VW = vec_width<T>();
-  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, acts...), [&](auto cl, auto v) {
+  dispatch_layout<T>(g.cl, vectorizable<T>(g, acts...), [&](auto cl, auto v) {
     using Fn = F<T, A, v(), cl()>;
     const Fn f{acts..., bn0, bn1, training};
     const Plan plan = reduction_plan(g, v());
