@@ -6,7 +6,7 @@
 //                 stats_finalize_kernel merges the P partials (Chan, double).
 //   bn_params     per-channel BN parameters (mean, rstd, w*rstd, bias, and
 //                 the two backward coefficients) from mean/var/weight/bias.
-//   grad_sums     per-channel sums of K functor values (the backward's
+//   backward_pass per-channel sums of K functor values (the backward's
 //                 sum(g), sum(g * z_hat), ...): reduce_{nchw,cl}_kernel ->
 //                 (K, P, C) partials, grad_finalize_kernel adds them in
 //                 double and writes dweight/dbias and the coefficients.
@@ -83,10 +83,11 @@ Act<T> act(const Tensor& t, const Geometry& g) {
   return {p, t.size(0) <= 1 ? 0 : t.stride(0), so};
 }
 
-// Whether V-lane vectors can be used for all these acts: the inner axis
-// splits into whole vectors and every vector start is 16-byte aligned.
-template <int V, typename... T>
-bool vectorizable(const Geometry& g, const Act<T>&... acts) {
+// Whether vectors of V = vec_width<T>() lanes can be used for all these acts:
+// the inner axis splits into whole vectors and every vector start is 16-byte aligned.
+template <typename T, typename... P>
+bool vectorizable(const Geometry& g, const Act<P>&... acts) {
+  constexpr int V = vec_width<T>();
   if (V == 1) return true;
   if (g.run_length() % V != 0) return false;
   auto ok = [](auto a) {
@@ -96,11 +97,11 @@ bool vectorizable(const Geometry& g, const Act<T>&... acts) {
 }
 
 // Calls fn(std::integral_constant<bool, CL>, std::integral_constant<int, V>)
-// with V = VW when `vec` else 1: the layout and vector width as constants
-// (for parameters `cl` and `v`, `cl()` and `v()` are template arguments).
-template <int VW, typename Fn>
+// with V = vec_width<T>() when `vec` else 1: the layout and vector width as
+// constants (for parameters `cl` and `v`, `cl()` and `v()` are template arguments).
+template <typename T, typename Fn>
 void dispatch_layout(bool cl, bool vec, Fn&& fn) {
-  using Vec = std::integral_constant<int, VW>;
+  using Vec = std::integral_constant<int, vec_width<T>()>;
   using One = std::integral_constant<int, 1>;
   const auto width = [&](auto layout) { vec ? fn(layout, Vec{}) : fn(layout, One{}); };
   cl ? width(std::true_type{}) : width(std::false_type{});
@@ -113,8 +114,9 @@ inline Tensor channel(const Tensor& t, at::ScalarType dtype) {
 
 // ----------------------------------------------------------------- reduction plan
 
-// How a per-channel reduction splits: `P` partial blocks per channel group;
-// in channels_last a block is (bx channel vectors) x (by pixels).
+// How a per-channel reduction splits: a grid of (groups, P) blocks of (bx, by)
+// threads, P partials per group. NCHW: a group is one channel, bx = kThreads;
+// channels_last: a group is bx channel vectors, a block (bx vectors) x (by pixels).
 struct Plan {
   int64_t P;
   int bx, by;
@@ -280,29 +282,20 @@ __global__ void stats_finalize_kernel(const A* part, int64_t P, int64_t C, doubl
 template <typename T>
 std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
   using A = acc_t<T>;
-  constexpr int VW = vec_width<T>();
   const auto opts = t.options().dtype(c10::CppTypeToScalarType<A>::value);
   Tensor mean = at::empty({g.C}, opts.dtype(at::kDouble)), var = at::empty({g.C}, mean.options());
   if (g.C == 0) return {mean, var};
   const Act<const T> a = act<const T>(t, g);
-  const cudaStream_t stream = current_stream();
-  Tensor part;
-  int64_t P = 1;
-  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, a), [&](auto cl, auto v) {
+  dispatch_layout<T>(g.cl, vectorizable<T>(g, a), [&](auto cl, auto v) {
     const Plan plan = reduction_plan(g, v());
-    P = plan.P;
-    part = at::empty({3, P, g.C}, opts);
-    if constexpr (cl()) {
-      launch(stats_cl_kernel<T, v()>, dim3(plan.groups, P), dim3(plan.bx, plan.by), stream, a,
-             g.N, g.C, g.S, part.mutable_data_ptr<A>());
-    } else {
-      launch(stats_nchw_kernel<T, v()>, dim3(g.C, P), dim3(kThreads), stream, a, g.N, g.C, g.S,
-             part.mutable_data_ptr<A>());
-    }
+    const cudaStream_t stream = current_stream();
+    Tensor part = at::empty({3, plan.P, g.C}, opts);
+    launch(cl() ? stats_cl_kernel<T, v()> : stats_nchw_kernel<T, v()>, dim3(plan.groups, plan.P),
+           dim3(plan.bx, plan.by), stream, a, g.N, g.C, g.S, part.mutable_data_ptr<A>());
+    launch(stats_finalize_kernel<A>, finalize_grid(g.C), dim3(kThreads), stream,
+           part.const_data_ptr<A>(), plan.P, g.C, mean.mutable_data_ptr<double>(),
+           var.mutable_data_ptr<double>());
   });
-  launch(stats_finalize_kernel<A>, finalize_grid(g.C), dim3(kThreads), stream,
-         part.const_data_ptr<A>(), P, g.C, mean.mutable_data_ptr<double>(),
-         var.mutable_data_ptr<double>());
   return {mean, var};
 }
 
@@ -364,8 +357,8 @@ struct Bn {
   __device__ __forceinline__ A input_grad(A g, A z, int64_t ch, bool training) const {
     const double* q = p64 + ch;
     if (!training) return static_cast<A>(q[0] * static_cast<double>(g));
-    const double inner = fused_madd(q[C], static_cast<double>(z) - q[3 * C], q[2 * C]);
-    return static_cast<A>(fused_madd(q[0], static_cast<double>(g), inner));
+    const double inner = fma(q[C], static_cast<double>(z) - q[3 * C], q[2 * C]);
+    return static_cast<A>(fma(q[0], static_cast<double>(g), inner));
   }
 
   // Row r for the lanes of the vector at channel c: in channels_last the V
@@ -604,29 +597,6 @@ __global__ void grad_finalize_kernel(const double* part, int64_t P, int64_t C, d
   }
 }
 
-// Runs the K-sum reduction of functor f (built for layout CL and width V;
-// it yields double values, summed in double: as the cpu backend's sums, and
-// float partials of g (z - mean) erred up to 10x the composite's where a
-// BatchNorm runs over two values) and its finalize for up to two BNs.
-template <int K, bool CL, int V, typename A, typename F>
-void grad_sums(const F& f, const Geometry& g, const at::TensorOptions& opts, bool training,
-               int nbn, BnGrad<A> bn0, BnGrad<A> bn1) {
-  if (g.C == 0) return;
-  const cudaStream_t stream = current_stream();
-  const Plan plan = reduction_plan(g, V);
-  Tensor part = at::empty({K, plan.P, g.C}, opts.dtype(at::kDouble));
-  if constexpr (CL) {
-    launch(reduce_cl_kernel<K, V, double, F>, dim3(plan.groups, plan.P), dim3(plan.bx, plan.by),
-           stream, f, g.N, g.C, g.S, part.mutable_data_ptr<double>());
-  } else {
-    launch(reduce_nchw_kernel<K, V, double, F>, dim3(g.C, plan.P), dim3(kThreads), stream, f,
-           g.N, g.C, g.S, part.mutable_data_ptr<double>());
-  }
-  launch(grad_finalize_kernel<K, A>, finalize_grid(g.C), dim3(kThreads), stream,
-         part.const_data_ptr<double>(), plan.P, g.C, static_cast<double>(g.count()), training,
-         nbn, bn0, bn1);
-}
-
 // ----------------------------------------------------------------- pointwise
 
 // f.apply(n, c, s) for every V-lane vector, grid-stride over the tensor in
@@ -661,9 +631,39 @@ void pointwise(const F& f, const Geometry& g) {
 template <template <typename, typename, int, bool> class F, typename T, typename A,
           typename... P>
 void forward_pass(const Geometry& g, const Bn<A>& bn0, const Bn<A>& bn1, const Act<P>&... acts) {
-  constexpr int VW = vec_width<T>();
-  dispatch_layout<VW>(g.cl, vectorizable<VW>(g, acts...), [&](auto cl, auto v) {
+  dispatch_layout<T>(g.cl, vectorizable<T>(g, acts...), [&](auto cl, auto v) {
     pointwise<cl(), v()>(F<T, A, v(), cl()>{acts..., bn0, bn1}, g);
+  });
+}
+
+// A backward's two passes over f = F<T, A, V, CL>{acts..., bn0, bn1, training}: the
+// reduction of f's K values (in double: as the cpu backend's sums, and float partials
+// of g (z - mean) erred up to 10x the composite's where a BatchNorm runs over two
+// values) and its finalize for the first nbn of grad0, grad1; then f.apply at every
+// vector, which reads the coefficients the finalize wrote (same stream).
+template <int K, template <typename, typename, int, bool> class F, typename T, typename A,
+          typename... E>  // not P: GCC 12 mistakes plan.P below for the pack
+void backward_pass(const Geometry& g, const at::TensorOptions& opts, bool training, int nbn,
+                   const BnGrad<A>& grad0, const BnGrad<A>& grad1, const Bn<A>& bn0,
+                   const Bn<A>& bn1, const Act<E>&... acts) {
+  if (g.C == 0) return;  // nothing to reduce or apply; dweight, dbias stay zero
+  const cudaStream_t stream = current_stream();
+  dispatch_layout<T>(g.cl, vectorizable<T>(g, acts...), [&](auto cl, auto v) {
+    using Fn = F<T, A, v(), cl()>;
+    const Fn f{acts..., bn0, bn1, training};
+    const Plan plan = reduction_plan(g, v());
+    Tensor part = at::empty({K, plan.P, g.C}, opts.dtype(at::kDouble));
+    if constexpr (cl()) {
+      launch(reduce_cl_kernel<K, v(), double, Fn>, dim3(plan.groups, plan.P),
+             dim3(plan.bx, plan.by), stream, f, g.N, g.C, g.S, part.mutable_data_ptr<double>());
+    } else {
+      launch(reduce_nchw_kernel<K, v(), double, Fn>, dim3(g.C, plan.P), dim3(kThreads), stream,
+             f, g.N, g.C, g.S, part.mutable_data_ptr<double>());
+    }
+    launch(grad_finalize_kernel<K, A>, finalize_grid(g.C), dim3(kThreads), stream,
+           part.const_data_ptr<double>(), plan.P, g.C, static_cast<double>(g.count()), training,
+           nbn, grad0, grad1);
+    pointwise<cl(), v()>(f, g);
   });
 }
 

@@ -143,10 +143,6 @@ __device__ __forceinline__ void store(T* p, const A (&in)[V]) {
 
 // ----------------------------------------------------------------- math
 
-// a * b + c rounded once (an FMA).
-__device__ __forceinline__ float fused_madd(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double fused_madd(double a, double b, double c) { return fma(a, b, c); }
-
 // ReLU that keeps NaN, as torch.relu does (fmax would drop it).
 template <typename A>
 __device__ __forceinline__ A relu(A z) {

@@ -11,7 +11,7 @@
 # c++17: the standard the sources are written to; torch's own extension
 # builds use c++20), OUT (default build/cuda-check).
 # Each .cu's line gives ptxas's count of kernels, registers and spills (the
-# whole report: OUT/<source>.ptxas.log). Exits 0 when everything compiled,
+# whole report: OUT/<source>.log). Exits 0 when everything compiled,
 # 1 on any error, and 0 with a "skipped" line when nvcc is not installed.
 set -euo pipefail
 
@@ -54,38 +54,30 @@ NVCC_FLAGS=(-std="$CXX_STD" -arch="$CUDA_ARCH" -O3 -Xcompiler=-fPIC
             -Xcompiler=-Wno-c++20-extensions)
 CXX_FLAGS=(-std="$CXX_STD" -O2 -fPIC -Wall -Wno-c++20-extensions)
 
-# ptxas's -v report per kernel (registers, spills) goes to a log per source;
-# one summary line per source, every other message as nvcc printed it.
+# Each source's messages go to a log, ptxas's -v report per kernel (registers,
+# spills) included; one summary line per source, every other message as printed.
 ptxas_summary() {
   awk '/Used [0-9]+ registers/ { n++; if ($5 > regs) regs = $5 }
        /bytes spill stores/ { if ($5 > 0) { spilling++; bytes += $5 } }
-       END { printf "%d kernels, at most %d registers, %d spilling (%d bytes)",
-             n, regs, spilling, bytes }' "$1"
+       END { if (n) printf "; %d kernels, at most %d registers, %d spilling (%d bytes)",
+                        n, regs, spilling, bytes }' "$1"
 }
 
 echo "cuda-compile: $("$NVCC" --version | tail -n 1), $CUDA_ARCH, $CXX_STD, torch headers in $TORCH_INCLUDE"
 status=0
-for src in csrc/cuda/*.cu; do
-  obj="$OUT/$(basename "${src%.cu}").o"
-  log="$OUT/$(basename "$src").ptxas.log"
+for src in csrc/cuda/*.cu csrc/cuda/*.cpp; do
+  name="$(basename "$src")"
+  log="$OUT/$name.log"
+  compile=("$CXX" "${CXX_FLAGS[@]}")
+  [[ "$src" == *.cu ]] && compile=("$NVCC" "${NVCC_FLAGS[@]}" -Xptxas=-v)
   start=$SECONDS
-  if "$NVCC" "${NVCC_FLAGS[@]}" -Xptxas=-v "${DEFINES[@]}" "${INCLUDES[@]}" -c "$src" \
-      -o "$obj" 2>"$log"; then
-    echo "cuda-compile: ok   $src ($((SECONDS - start)) s; $(ptxas_summary "$log"))"
+  if "${compile[@]}" "${DEFINES[@]}" "${INCLUDES[@]}" -c "$src" -o "$OUT/${name%.*}.o" 2>"$log"
+  then
+    echo "cuda-compile: ok   $src ($((SECONDS - start)) s$(ptxas_summary "$log"))"
   else
     echo "cuda-compile: FAIL $src"
     status=1
   fi
   grep -vE "^ptxas info|bytes stack frame|^ *$" "$log" >&2 || true
-done
-for src in csrc/cuda/*.cpp; do
-  obj="$OUT/$(basename "${src%.cpp}").o"
-  start=$SECONDS
-  if "$CXX" "${CXX_FLAGS[@]}" "${DEFINES[@]}" "${INCLUDES[@]}" -c "$src" -o "$obj"; then
-    echo "cuda-compile: ok   $src ($((SECONDS - start)) s)"
-  else
-    echo "cuda-compile: FAIL $src"
-    status=1
-  fi
 done
 exit $status

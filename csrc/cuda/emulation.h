@@ -90,7 +90,7 @@ struct Fibers {
   std::vector<void*> sp;
   std::vector<bool> done;
   std::function<void()> body;
-  int current = 0;
+  int current = 0;  // the running fiber: its thread's linear index in the block
   void yield() { resfuse_emu_switch(&sp[current], scheduler); }
 };
 inline thread_local Fibers* fibers = nullptr;
@@ -153,8 +153,6 @@ struct Block {
 };
 inline thread_local Block* block = nullptr;
 
-inline int linear_thread() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
-
 }  // namespace resfuse_emu
 
 inline void __syncthreads() { resfuse_emu::block->barrier.wait(); }
@@ -163,7 +161,7 @@ template <typename T>
 T __shfl_down_sync(unsigned /*mask: all lanes*/, T value, int offset) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a scalar");
   auto& b = *resfuse_emu::block;
-  const int tid = resfuse_emu::linear_thread(), lane = tid % 32;
+  const int tid = resfuse_emu::fibers->current, lane = tid % 32;
   resfuse_emu::Barrier& warp = b.warps[tid / 32];
   std::memcpy(&b.exchange[tid], &value, sizeof(T));
   warp.wait();

@@ -154,17 +154,11 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
     const auto opts = a.options().dtype(c10::CppTypeToScalarType<A>::value);
     const BnBackward<A> bh(mean_h, var_h, weight_h, bias_h, eps_h, opts);
     const BnBackward<A> bt(mean_t, var_t, weight_t, bias_t, eps_t, opts);
-    const auto pg = act<const scalar_t>(gy, g), pa = act<const scalar_t>(a, g),
-               pb = act<const scalar_t>(b, g), px = act<const scalar_t>(x, g);
-    const auto pda = act<scalar_t>(da, g), pdb = act<scalar_t>(db, g), pdx = act<scalar_t>(dx, g);
-    constexpr int VW = vec_width<scalar_t>();
-    const bool vec = vectorizable<VW>(g, pg, pa, pb, px, pda, pdb, pdx);
-    dispatch_layout<VW>(g.cl, vec, [&](auto cl, auto v) {
-      const HighwayBackward<scalar_t, A, v(), cl()> f{pg, pa, pb, px, pda, pdb, pdx,
-                                                      bh.bn(), bt.bn(), training};
-      grad_sums<4, cl(), v(), A>(f, g, opts, training, 2, bh.grad(0, 1), bt.grad(2, 3));
-      pointwise<cl(), v()>(f, g);  // reads the coefficients grad_sums wrote (same stream)
-    });
+    backward_pass<4, HighwayBackward, scalar_t>(
+        g, opts, training, 2, bh.grad(0, 1), bt.grad(2, 3), bh.bn(), bt.bn(),
+        act<const scalar_t>(gy, g), act<const scalar_t>(a, g), act<const scalar_t>(b, g),
+        act<const scalar_t>(x, g), act<scalar_t>(da, g), act<scalar_t>(db, g),
+        act<scalar_t>(dx, g));
     return std::make_tuple(
         da.contiguous(resfuse::format_of(a_in)), db.contiguous(resfuse::format_of(b_in)),
         dx.contiguous(resfuse::format_of(x_in)),

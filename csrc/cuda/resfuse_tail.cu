@@ -263,23 +263,12 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
       }
       bk.emplace(/*mean: v is centred*/ Tensor(), var_k, *weight_k, *bias_k, eps_k, opts);
     }
-    const auto pg = act<const scalar_t>(gy, g), pu = act<const scalar_t>(u, g),
-               ph = act<const scalar_t>(h, g);
-    const auto pv = act<const A>(v, g);
-    const auto pdu = act<scalar_t>(du, g), pdh = act<scalar_t>(dh, g);
-    const auto pdv = act<A>(dv, g);
     const Bn<A> bn_k = carry ? bk->bn() : Bn<A>{nullptr, C};
-    constexpr int VW = vec_width<scalar_t>();
-    const bool vec = vectorizable<VW>(g, pg, pu, ph, pv, pdv, pdu, pdh);
-    dispatch_layout<VW>(g.cl, vec, [&](auto cl_c, auto v_c) {
-      constexpr bool CL = decltype(cl_c)::value;
-      constexpr int V = decltype(v_c)::value;
-      const TailBackward<scalar_t, A, V, CL> f{pg, pu, ph, pv, pdu, pdh, pdv, bd.bn(), bn_k,
-                                               training};
-      const BnGrad<A> grad_d = bd.grad(0, 1), grad_k = carry ? bk->grad(0, 2, sums_k) : grad_d;
-      grad_sums<3, CL, V, A>(f, g, opts, training, carry ? 2 : 1, grad_d, grad_k);
-      pointwise<CL, V>(f, g);  // reads the coefficients grad_sums wrote (same stream)
-    });
+    const BnGrad<A> grad_d = bd.grad(0, 1), grad_k = carry ? bk->grad(0, 2, sums_k) : grad_d;
+    backward_pass<3, TailBackward, scalar_t>(
+        g, opts, training, carry ? 2 : 1, grad_d, grad_k, bd.bn(), bn_k,
+        act<const scalar_t>(gy, g), act<const scalar_t>(u, g), act<const scalar_t>(h, g),
+        act<const A>(v, g), act<scalar_t>(du, g), act<scalar_t>(dh, g), act<A>(dv, g));
     const Tensor du_out = du.contiguous(resfuse::format_of(u_in));
     const Tensor dh_out = dh.contiguous(resfuse::format_of(h_in));
     if (!carry) {  // the carry's four gradients are empty tensors, as the composite's
