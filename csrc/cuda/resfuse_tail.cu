@@ -117,15 +117,6 @@ struct TailBackward {
   }
 };
 
-// The dtype of the carry's products v = W x, dx = W^T dv and dW = dv x^T:
-// double for float32/float64 storage, as the cpu backend's and the
-// composite's (BatchNorm over few values amplifies a float32 product's
-// rounding: dW erred 5x the composite's at two values a channel); float for
-// bf16/fp16, whose storage rounds more than a float32 product.
-at::ScalarType product_type(at::ScalarType storage) {
-  return storage == at::kFloat || storage == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // x in the product dtype, dense in the op's layout, and W as (K, Cx).
 std::pair<Tensor, Tensor> carry_operands(const Tensor& x, const Tensor& w, const Geometry& g,
                                          at::ScalarType prod) {
@@ -206,7 +197,7 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
                                                             running_var_d);
     const Tensor prm_d = bn_params<A>(mean_d, var_d, weight_d, bias_d, eps_d);
     if (carry) {
-      auto [xp, w2] = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
+      auto [xp, w2] = carry_operands(*x_in, *w, g, resfuse::product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xp, w2, g), g);
       std::tie(mean_k, var_k) = AT_DISPATCH_FLOATING_TYPES(vp.scalar_type(), "carry_stats", [&] {
         return stats_or_running<scalar_t>(vp, g, training, running_mean_k, running_var_k);
@@ -243,11 +234,11 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
     const auto opts = u.options().dtype(acc);
     Tensor xa, w2, v, dv, vc64, sums_k;
     // dv in double where the product is (float32/float64 storage), as the cpu backend's
-    const bool dv_double = carry && product_type(u.scalar_type()) == at::kDouble;
+    const bool dv_double = carry && resfuse::product_type(u.scalar_type()) == at::kDouble;
     const BnBackward<A> bd(mean_d, var_d, weight_d, bias_d, eps_d, opts);
     std::optional<BnBackward<A>> bk;
     if (carry) {
-      std::tie(xa, w2) = carry_operands(*x_in, *w, g, product_type(u.scalar_type()));
+      std::tie(xa, w2) = carry_operands(*x_in, *w, g, resfuse::product_type(u.scalar_type()));
       const Tensor vp = fit(carry_product(xa, w2, g), g);
       // BN_k's mean and variance as the forward took them, in double (the
       // batch's of the same v in training): over few values dv cancels to

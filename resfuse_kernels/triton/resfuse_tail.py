@@ -355,7 +355,7 @@ def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
     n, k, hh, ww = u.shape
     s = hh * ww
     carry = x is not None
-    # cuda's product_type: float32 for bf16/fp16 storage, else float64
+    # product_type (csrc/layout.h): float32 for bf16/fp16 storage, else float64
     prod = torch.float32 if u.dtype != cdt else torch.float64
     du, dh = empty_output(u), empty_output(h, dtype=u.dtype)
     if u.numel() == 0:
