@@ -112,8 +112,15 @@ std::vector<double> centred_sum(const std::vector<double>& hi, const std::vector
   return out;
 }
 
+// v as a (C,) tensor of like's dtype (rounded once, as ATen's conversion).
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(like.scalar_type());
+  Tensor out = at::empty({static_cast<int64_t>(v.size())}, like.options());
+  const at::ScalarType dtype = out.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "channel_tensor", [&] {
+    scalar_t* p = out.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < v.size(); ++c) p[c] = static_cast<scalar_t>(v[c]);
+  });
+  return out;
 }
 
 }  // namespace
