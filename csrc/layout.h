@@ -2,13 +2,18 @@
 // resfuse_kernels/ops/_common.py, memory_format): an activation that is
 // channels_last and not also contiguous is channels_last, any other NCHW.
 // An op's outputs take the format of their input (the first activation's,
-// for y). With the op's geometry and the host code over it that both
-// compiled backends share.
+// for y). With the op's geometry, storage dtypes and the host code over
+// them that both compiled backends share.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/mm.h>
+
+// AT_DISPATCH_* over the storage dtypes of the ops: float64, float32, bfloat16, float16.
+#define RESFUSE_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 namespace resfuse {
 

@@ -407,7 +407,7 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& t, const Geometry& g) {
 // a few per BatchNorm, where the kernels of a small call take tens.
 inline std::vector<double> channel_vector(const Tensor& t) {
   std::vector<double> out(t.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "channel_vector", [&] {
+  RESFUSE_DISPATCH(t.scalar_type(), "channel_vector", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
     for (size_t c = 0; c < out.size(); ++c) out[c] = static_cast<double>(p[c * t.stride(0)]);
   });

@@ -115,8 +115,7 @@ std::vector<double> centred_sum(const std::vector<double>& hi, const std::vector
 // v as a (C,) tensor of like's dtype (rounded once, as ATen's conversion).
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& like) {
   Tensor out = at::empty({static_cast<int64_t>(v.size())}, like.options());
-  const at::ScalarType dtype = out.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "channel_tensor", [&] {
+  RESFUSE_DISPATCH(out.scalar_type(), "channel_tensor", [&] {
     scalar_t* p = out.mutable_data_ptr<scalar_t>();
     for (size_t c = 0; c < v.size(); ++c) p[c] = static_cast<scalar_t>(v[c]);
   });
@@ -132,7 +131,7 @@ RESFUSE_HIGHWAY_GATE_FORWARD(highway_gate_forward) {
   Tensor a = dense(a_in, g), b = dense(b_in, g), x = dense(x_in, g);
   Tensor y = at::empty_like(a, a.options().memory_format(g.format()));
   Tensor mean_h, var_h, mean_t, var_t;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "highway_fwd", [&] {
+  RESFUSE_DISPATCH(a.scalar_type(), "highway_fwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     std::tie(mean_h, var_h) = stats_or_running<scalar_t>(a, g, training, running_mean_h, running_var_h);
@@ -159,7 +158,7 @@ RESFUSE_HIGHWAY_GATE_BACKWARD(highway_gate_backward) {
   Tensor a = dense(a_in, g), b = dense(b_in, g), x = dense(x_in, g), gy = dense(grad_in, g);
   Tensor da = at::empty_like(a), db = at::empty_like(a), dx = at::empty_like(a);
   Tensor dweight_h, dbias_h, dweight_t, dbias_t;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "highway_bwd", [&] {
+  RESFUSE_DISPATCH(a.scalar_type(), "highway_bwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     const Affine<A> bn_h(weight_h, bias_h, mean_h, var_h, eps_h);
@@ -244,7 +243,7 @@ RESFUSE_RESFUSE_TAIL_FORWARD(resfuse_tail_forward) {
   Tensor u = dense(u_in, g), h = dense(h_in, g);
   Tensor y = at::empty_like(u, u.options().memory_format(g.format()));
   Tensor mean_d, var_d, mean_k, var_k;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_fwd", [&] {
+  RESFUSE_DISPATCH(u.scalar_type(), "tail_fwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     Tensor v64;  // the carry's v = W x, held in double; BN_k's statistics from it
@@ -282,7 +281,7 @@ RESFUSE_RESFUSE_TAIL_BACKWARD(resfuse_tail_backward) {
   Tensor u = dense(u_in, g), h = dense(h_in, g), gy = dense(grad_in, g);
   Tensor du = at::empty_like(u), dh = at::empty_like(u);
   Tensor dweight_d, dbias_d, dx, dw, dweight_k, dbias_k;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "tail_bwd", [&] {
+  RESFUSE_DISPATCH(u.scalar_type(), "tail_bwd", [&] {
     using A = acc_t<scalar_t>;
     using V = Vec<scalar_t>;
     // The carry: x in the products' dtype, v again as the forward formed

@@ -22,7 +22,6 @@
 // pixel s; Bn::lanes gives the per-channel parameters of those lanes.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -34,10 +33,6 @@
 #include "../layout.h"
 #include "common.cuh"
 #include "ops.h"
-
-// AT_DISPATCH_* over the storage dtypes of the ops: float64, float32, bfloat16, float16.
-#define RESFUSE_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 namespace resfuse_cuda {
 

@@ -44,6 +44,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the carry's products (``W x``, ``W^T dv``, ``dv x^T``)
+    and of dv in the cpu, cuda and Triton backends, for activations of
+    ``dtype``: csrc/layout.h's product_type, which says why."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
 def carry_forward(x: Tensor, w: Tensor) -> Tensor:
     """The 1x1 carry convolution v = W x, for w of shape (K, C) or (K, C, 1, 1)."""
     return F.conv2d(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
@@ -51,7 +58,7 @@ def carry_forward(x: Tensor, w: Tensor) -> Tensor:
 
 def carry_backward(dv: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """The carry's dx = W^T dv and dW = dv x^T (K x C), in float64 for every
-    storage dtype, as the cpu backend's (csrc/cpu/ops.cpp, pixel_product):
+    storage dtype (the kernels' :func:`product_dtype` for float32/float64):
     BatchNorm over few values amplifies their rounding."""
     dv, w2 = dv.double(), w.reshape(w.shape[0], w.shape[1]).double()
     return torch.einsum("kc,nkhw->nchw", w2, dv), torch.einsum("nkhw,nchw->kc", dv, x.double())

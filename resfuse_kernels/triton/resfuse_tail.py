@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import STATS_DTYPE, compute_dtype, empty_output
+from ..ops._common import STATS_DTYPE, compute_dtype, empty_output, product_dtype
 from ._launch import (TAIL, TAIL_CL, TAIL_NCHW, TAIL_STAGES, autotune, batch_stats, bn_grads,
                       bn_params, bn_vectors, cdiv, channel_block, channel_vector, chunk_range,
                       chunk_stats, chunk_tile, compute_type, grid_tiles, in_output_format,
@@ -350,13 +350,10 @@ def resfuse_tail_forward(u, h, weight_d, bias_d, running_mean_d, running_var_d,
 def resfuse_tail_backward(grad_y, u, h, weight_d, bias_d, mean_d, var_d,
                           x, w, weight_k, bias_k, mean_k, var_k,
                           training: bool, eps_d: float, eps_k: float):
-    cdt = compute_dtype(u.dtype)
-    ct = compute_type(u.dtype)
+    ct, prod = compute_type(u.dtype), product_dtype(u.dtype)
     n, k, hh, ww = u.shape
     s = hh * ww
     carry = x is not None
-    # product_type (csrc/layout.h): float32 for bf16/fp16 storage, else float64
-    prod = torch.float32 if u.dtype != cdt else torch.float64
     du, dh = empty_output(u), empty_output(h, dtype=u.dtype)
     if u.numel() == 0:
         grads = [du, dh, torch.zeros_like(weight_d), torch.zeros_like(bias_d)]
